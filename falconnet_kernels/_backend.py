@@ -1,0 +1,117 @@
+"""Which implementation runs each op: the compiled extension, Triton, or the PyTorch reference.
+
+On a CPU tensor the C++ kernels run when the extension is built, else the reference. On a CUDA
+tensor the default per op is the faster of CUDA C++ and Triton as measured (README, "Kernels"),
+falling back to whichever is available. FALCONNET_BACKEND=cuda|triton|torch forces one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+OPS = ("sf_conv", "dw_conv3x3")
+FORCEABLE = ("cuda", "triton", "torch")
+
+# Measured defaults on CUDA devices (benchmarks/results/); see README "Kernels".
+CUDA_DEFAULT = {"sf_conv": "triton", "dw_conv3x3": "triton"}
+
+_ext_error: str | None = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.falconnet_C.*)
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _ext_error = str(exc)
+    warnings.warn(
+        "falconnet_kernels: the compiled extension is not built, so the ops run on the pure-PyTorch "
+        f"reference path ({exc}). Build it with `pip install --no-build-isolation -e .`.",
+        stacklevel=2,
+    )
+
+
+def extension_built() -> bool:
+    return _ext_error is None
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    if _ext_error is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"falconnet_C::{op}_forward", key)
+
+
+def cpp_available(op: str) -> bool:
+    return _has_kernel(op, "CPU")
+
+
+def cuda_available(op: str) -> bool:
+    return _has_kernel(op, "CUDA")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return None
+    return triton.__version__
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get("FALCONNET_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in FORCEABLE:
+        raise ValueError(f"FALCONNET_BACKEND must be one of {FORCEABLE} (or unset), got {value!r}")
+    return value
+
+
+def select(op: str, device: torch.device) -> str:
+    """The backend name that runs `op` on `device`: 'cpp', 'cuda', 'triton' or 'torch'."""
+    forced = forced_backend()
+    if device.type == "cpu":
+        if forced == "torch" or not cpp_available(op):
+            return "torch"
+        return "cpp"
+    if device.type == "cuda":
+        if forced == "torch":
+            return "torch"
+        if forced == "cuda":
+            if not cuda_available(op):
+                raise RuntimeError(
+                    "FALCONNET_BACKEND=cuda, but the CUDA kernels are not built "
+                    f"({_ext_error or 'built without CUDA'}); rebuild with a GPU visible or FORCE_CUDA=1"
+                )
+            return "cuda"
+        if forced == "triton":
+            if triton_version() is None:
+                raise RuntimeError("FALCONNET_BACKEND=triton, but triton cannot be imported")
+            return "triton"
+        preferred = CUDA_DEFAULT[op]
+        for name in (preferred, "cuda" if preferred == "triton" else "triton"):
+            if name == "cuda" and cuda_available(op):
+                return "cuda"
+            if name == "triton" and triton_version() is not None:
+                return "triton"
+        return "torch"
+    return "torch"
+
+
+def info() -> dict:
+    """What is built and what runs: the data behind `falconnet info` and kernels_info()."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    active = {op: {"cpu": select(op, torch.device("cpu"))} for op in OPS}
+    if gpu is not None:
+        for op in OPS:
+            active[op]["cuda"] = select(op, torch.device("cuda"))
+    return {
+        "extension_built": extension_built(),
+        "extension_error": _ext_error,
+        "cpu_kernels": {op: cpp_available(op) for op in OPS},
+        "cuda_kernels": {op: cuda_available(op) for op in OPS},
+        "triton": triton_version(),
+        "gpu": gpu,
+        "forced_backend": os.environ.get("FALCONNET_BACKEND") or None,
+        "active": active,
+        "torch": torch.__version__,
+    }

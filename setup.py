@@ -1,0 +1,119 @@
+"""Build and install falconnet (models, training) and falconnet_kernels (the fused ops).
+
+The C++ CPU ops are always built. The CUDA sources (csrc/cuda/*.cu) are built when a GPU is
+visible to torch and nvcc is found, or when FORCE_CUDA=1 (compiles without a GPU, as CI does).
+FALCONNET_SKIP_CUDA_BUILD=1 skips them. TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0").
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _nvidia_wheel_header_dir() -> str | None:
+    """Torch's CUDA headers include cublas_v2.h and cusparse.h, which a bare CUDA toolkit may lack.
+
+    The nvidia-* wheels that torch depends on ship them. Rather than putting the wheels' whole
+    include folder ahead of the toolkit's (its cuda_runtime.h may be another minor version), link
+    just the cuBLAS and cuSPARSE headers into a folder of our own and add that.
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    names = ("cublas_v2.h", "cusparse.h")
+    if CUDA_HOME and all(os.path.exists(os.path.join(CUDA_HOME, "include", n)) for n in names):
+        return None
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return None
+    found = {}
+    for base in list(nvidia.__path__):
+        for inc in glob.glob(os.path.join(base, "*", "include")):
+            for pattern in ("cublas*.h", "cusparse*.h"):
+                for path in glob.glob(os.path.join(inc, pattern)):
+                    found.setdefault(os.path.basename(path), path)
+    if not all(n in found for n in names):
+        return None
+    out = os.path.join(ROOT, "build", "nvidia_headers")
+    os.makedirs(out, exist_ok=True)
+    for name, path in found.items():
+        link = os.path.join(out, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(path, link)
+    return out
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    with_cuda = (
+        not _flag("FALCONNET_SKIP_CUDA_BUILD")
+        and bool(cuda_sources)
+        and CUDA_HOME is not None
+        and (_flag("FORCE_CUDA") or torch.cuda.is_available())
+    )
+    cxx = ["-O3", "-fopenmp"]
+    if not _flag("FALCONNET_PORTABLE"):
+        cxx.append("-march=native")  # the package is built where it runs; set FALCONNET_PORTABLE=1 for wheels
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        print("falconnet: building the C++ CPU ops only", file=sys.stderr)
+        return [
+            CppExtension(
+                "falconnet_kernels._C",
+                cpp_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    extra = _nvidia_wheel_header_dir()
+    if extra:
+        include_dirs.append(extra)
+    print(f"falconnet: building the C++ CPU ops and the CUDA ops for {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+    return [
+        CUDAExtension(
+            "falconnet_kernels._C",
+            cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("FALCONNET_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx,
+                "nvcc": ["-O3", "-lineinfo"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="falconnet",
+    version="0.1.0",
+    description="FalconNet (LightNet, RepSO, SF-Conv, RefCO) in PyTorch with fused CPU, CUDA and Triton kernels",
+    packages=find_packages(include=["falconnet", "falconnet.*", "falconnet_kernels", "falconnet_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"train": ["tqdm", "matplotlib", "scikit-learn"], "triton": ["triton>=3.0"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+    entry_points={"console_scripts": ["falconnet=falconnet.cli:main"]},
+    zip_safe=False,
+)
