@@ -1,0 +1,27 @@
+"""`falconnet info`: which kernel backends are built and which one runs each op."""
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    import falconnet_kernels
+
+    info = falconnet_kernels.kernels_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"torch {info['torch']}, triton {info['triton'] or 'not installed'}, GPU: {info['gpu'] or 'none'}")
+    built = "built" if info["extension_built"] else f"NOT built ({info['extension_error']})"
+    print(f"compiled extension: {built}")
+    for op, devices in info["active"].items():
+        kernels = [name for name, table in (("cpu", info["cpu_kernels"]), ("cuda", info["cuda_kernels"])) if table[op]]
+        runs = ", ".join(f"{dev}: {backend}" for dev, backend in devices.items())
+        print(f"  {op:<11} compiled for [{', '.join(kernels) or 'none'}]; runs on {runs}")
+    if info["forced_backend"]:
+        print(f"FALCONNET_BACKEND={info['forced_backend']} forces the backend")
+    return 0
