@@ -24,6 +24,7 @@ def _nvidia_wheel_header_dir() -> str | None:
     include folder ahead of the toolkit's (its cuda_runtime.h may be another minor version), link
     just the cuBLAS and cuSPARSE headers into a folder of our own and add that.
     """
+    _locate_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME
 
     names = ("cublas_v2.h", "cusparse.h")
@@ -51,7 +52,19 @@ def _nvidia_wheel_header_dir() -> str | None:
     return out
 
 
+def _locate_cuda_home() -> None:
+    """Point torch at the real toolkit when `nvcc` on PATH is a wrapper script (as on this
+    project's machines), since torch would otherwise guess CUDA_HOME from the wrapper's folder."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
 def _extensions():
+    _locate_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
