@@ -1,0 +1,106 @@
+"""Shapes, timing and roofline helpers shared by the pytest-benchmark files.
+
+Timing on CUDA: every timed call replays a CUDA graph that holds one call of the op (so the
+Python dispatch of the custom op is not what is measured), and the timer synchronizes the
+device before it reads the clock (cuda_sync_timer), so each round covers finished work only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+
+# SPEC section 6: the point-wise shapes of LightNet's Meta Light Blocks, expansion 4, both
+# directions, at the stage resolutions of a 224x224 input: (C_in, C_out, H=W).
+PW_SHAPES = [
+    (32, 128, 56), (128, 32, 56),
+    (64, 256, 28), (256, 64, 28),
+    (128, 512, 14), (512, 128, 14),
+    (256, 1024, 7), (1024, 256, 7),
+]
+# The hidden (expanded) widths where RepSO's folded depthwise conv runs: (C, H=W).
+DW_SHAPES = [(128, 56), (256, 28), (512, 14), (1024, 7)]
+
+BATCH = {"cuda": 128, "cpu": 16}
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
+
+
+def cuda_sync_timer() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None):
+    """Set FALCONNET_BACKEND for the duration (the ops read it at every call)."""
+    old = os.environ.get("FALCONNET_BACKEND")
+    if name is None:
+        os.environ.pop("FALCONNET_BACKEND", None)
+    else:
+        os.environ["FALCONNET_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FALCONNET_BACKEND", None)
+        else:
+            os.environ["FALCONNET_BACKEND"] = old
+
+
+def graphed(fn, warmup: int = 3):
+    """Return a callable that replays a CUDA graph of fn() (warmed up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = None, rounds: int | None = None):
+    """Time fn with pytest-benchmark; fn is captured in a CUDA graph on GPU."""
+    benchmark.extra_info.update(info)
+    with forced_backend(backend):
+        if device == "cuda":
+            try:
+                target = graphed(fn)
+                benchmark.extra_info["cuda_graph"] = True
+            except Exception as exc:  # noqa: BLE001 - fall back to plain launches, and say so
+                torch.cuda.synchronize()
+                benchmark.extra_info["cuda_graph"] = False
+                benchmark.extra_info["graph_error"] = str(exc)[:200]
+                target = fn
+            benchmark.pedantic(target, rounds=rounds or 200, warmup_rounds=10, iterations=1)
+        else:
+            benchmark.pedantic(fn, rounds=rounds or 10, warmup_rounds=2, iterations=1)
+
+
+def environment() -> dict:
+    import platform
+
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env

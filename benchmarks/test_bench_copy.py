@@ -1,0 +1,16 @@
+"""The memory roofline, measured in the same run: a plain device-to-device copy of a large
+buffer (bytes read + bytes written over time). The report divides every kernel's GB/s by it."""
+import pytest
+import torch
+from common import cuda_sync_timer, run_benchmark
+
+
+@pytest.mark.benchmark(group="copy", timer=cuda_sync_timer)
+def test_copy(benchmark, device):
+    n = (1 << 30) if device == "cuda" else (64 << 20)  # elements of bfloat16 / float32
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    src = torch.randn(n, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    info = {"op": "copy", "pass": "fwd", "impl": "copy", "device": device, "shape": f"{n}",
+            "dtype": str(dtype).replace("torch.", ""), "bytes_min": 2 * n * src.element_size(), "flops": 0}
+    run_benchmark(benchmark, lambda: dst.copy_(src), device, info, rounds=50 if device == "cuda" else 10)

@@ -1,0 +1,64 @@
+"""The folded RepSO depthwise 3x3 conv vs nn.Conv2d depthwise (cuDNN / oneDNN), at the hidden
+widths of SPEC section 6, stride 1. GPU: bfloat16 channels_last batch 128; CPU: float32 batch 16."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, run_benchmark
+
+import falconnet_kernels
+
+
+def impls(device: str) -> list[str]:
+    names = ["torch-dw"]
+    info = falconnet_kernels.kernels_info()
+    if device == "cpu" and info["cpu_kernels"]["dw_conv3x3"]:
+        names.append("falconnet-cpp")
+    if device == "cuda":
+        if info["cuda_kernels"]["dw_conv3x3"]:
+            names.append("falconnet-cuda")
+        if info["triton"]:
+            names.append("falconnet-triton")
+    return names
+
+
+@pytest.mark.benchmark(group="dw_conv3x3", timer=cuda_sync_timer)
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"{c}@{h}" for c, h in DW_SHAPES])
+@pytest.mark.parametrize("impl", ["torch-dw", "falconnet-cpp", "falconnet-cuda", "falconnet-triton"])
+def test_dw_conv3x3(benchmark, device, impl, shape, train):
+    if impl not in impls(device):
+        pytest.skip(f"{impl} is not benchmarked on {device}")
+    C, H = shape
+    N, dtype = BATCH[device], DTYPE[device]
+    x = torch.randn(N, C, H, H, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, 3, 3, device=device, dtype=dtype)
+    b = torch.randn(C, device=device, dtype=dtype)
+    x.requires_grad_(train), w.requires_grad_(train), b.requires_grad_(train)
+    if impl == "torch-dw":
+        forward = lambda: F.relu(F.conv2d(x, w, b, padding=1, groups=C))  # noqa: E731
+    else:
+        forward = lambda: falconnet_kernels.dw_conv3x3(x, w, b, 1, "relu")  # noqa: E731
+    P, elem = N * H * H, x.element_size()
+    if train:
+        gy = torch.randn_like(x)
+
+        def fn():
+            return torch.autograd.grad(forward(), (x, w, b), gy)
+
+        bytes_min, flops = P * C * 5 * elem, 3 * 2 * 9 * P * C  # fwd: x, y; bwd: grad_y, x, grad_x
+    else:
+
+        def fn():
+            with torch.no_grad():
+                return forward()
+
+        bytes_min, flops = 2 * P * C * elem, 2 * 9 * P * C
+    info = {
+        "op": "dw_conv3x3", "pass": "fwd+bwd" if train else "fwd", "impl": impl, "device": device,
+        "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last", "batch": N,
+        "shape": f"{C}@{H}", "bytes_min": bytes_min, "flops": flops,
+    }
+    backend = impl.split("-")[1] if impl in ("falconnet-cuda", "falconnet-triton") else None
+    run_benchmark(benchmark, fn, device, info, backend=backend)

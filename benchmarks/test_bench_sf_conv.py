@@ -1,0 +1,100 @@
+"""SF-Conv pair vs the dense 1x1 conv it replaces, per point-wise shape of SPEC section 6.
+
+Implementations, side by side in one run: the fused op on each built backend ("falconnet-cpp",
+"falconnet-cuda", "falconnet-triton"), the dense nn.Conv2d 1x1 (cuDNN / oneDNN: "dense"), and
+SF-Conv in plain PyTorch as grouped conv + channel shuffle + grouped conv ("sf-torch").
+GPU: bfloat16, channels_last, batch 128. CPU: float32, batch 16, channels_last and NCHW.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import BATCH, DTYPE, PW_SHAPES, cuda_sync_timer, run_benchmark
+
+import falconnet_kernels
+from falconnet.layers import SFConv2d
+
+
+def sf_torch(x, w1, w2):
+    """SF-Conv as the paper's layers: grouped 1x1 conv, shuffle (G, c_h), grouped 1x1 conv."""
+    G, c_h, k = w1.shape
+    m = w2.shape[1]
+    N, _, H, W = x.shape
+    h = F.conv2d(x, w1.reshape(G * c_h, k, 1, 1), groups=G)  # channels g*c_h + j
+    h = h.view(N, G, c_h, H, W).transpose(1, 2).reshape(N, c_h * G, H, W)  # channels j*G + g
+    return F.conv2d(h, w2.reshape(c_h * m, G, 1, 1), groups=c_h)
+
+
+def impls(device: str) -> list[str]:
+    names = ["dense", "sf-torch"]
+    info = falconnet_kernels.kernels_info()
+    if device == "cpu" and info["cpu_kernels"]["sf_conv"]:
+        names.append("falconnet-cpp")
+    if device == "cuda":
+        if info["cuda_kernels"]["sf_conv"]:
+            names.append("falconnet-cuda")
+        if info["triton"]:
+            names.append("falconnet-triton")
+    return names
+
+
+LAYOUTS = {"cuda": ["channels_last"], "cpu": ["channels_last", "nchw"]}
+
+
+def _case(device, impl, shape, layout, train):
+    C_in, C_out, H = shape
+    N, dtype = BATCH[device], DTYPE[device]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    layer = SFConv2d(C_in, C_out)
+    w1 = layer.weight1.detach().to(device, dtype).requires_grad_(train)
+    w2 = layer.weight2.detach().to(device, dtype).requires_grad_(train)
+    x = torch.randn(N, C_in, H, H, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(train)
+    G, c_h, k = w1.shape
+    P = N * H * H
+    elem = x.element_size()
+    if impl == "dense":
+        wd = falconnet_kernels.sf_conv_dense_weight(w1.detach(), w2.detach())[:, :, None, None]
+        wd = wd.contiguous(memory_format=fmt).requires_grad_(train)
+        params, forward = (x, wd), (lambda: F.conv2d(x, wd))
+        macs = P * C_in * C_out
+    else:
+        params = (x, w1, w2)
+        forward = (lambda: sf_torch(x, w1, w2)) if impl == "sf-torch" else (lambda: falconnet_kernels.sf_conv(x, w1, w2))
+        macs = P * (C_in * c_h + C_out * G)
+    if train:
+        gy = torch.randn(N, C_out, H, H, device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+        def fn():
+            return torch.autograd.grad(forward(), params, gy)
+
+        bytes_min = P * (3 * C_in + 2 * C_out) * elem  # fwd: x, y; bwd: grad_y, x, grad_x
+        flops = 3 * 2 * macs
+    else:
+
+        def fn():
+            with torch.no_grad():
+                return forward()
+
+        bytes_min = P * (C_in + C_out) * elem
+        flops = 2 * macs
+    info = {
+        "op": "sf_conv", "pass": "fwd+bwd" if train else "fwd", "impl": impl, "device": device,
+        "dtype": str(dtype).replace("torch.", ""), "layout": layout, "batch": N,
+        "shape": f"{C_in}->{C_out}@{H}", "sf_config": {"G": G, "c_h": c_h, "k": k, "m": w2.shape[1]},
+        "bytes_min": bytes_min, "flops": flops,
+    }
+    backend = impl.split("-")[1] if impl.startswith("falconnet-") and impl != "falconnet-cpp" else None
+    return fn, info, backend
+
+
+@pytest.mark.benchmark(group="sf_conv", timer=cuda_sync_timer)
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", PW_SHAPES, ids=[f"{a}-{b}@{h}" for a, b, h in PW_SHAPES])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("impl", ["dense", "sf-torch", "falconnet-cpp", "falconnet-cuda", "falconnet-triton"])
+def test_sf_conv(benchmark, device, impl, shape, layout, train):
+    if impl not in impls(device) or layout not in LAYOUTS[device]:
+        pytest.skip(f"{impl} / {layout} is not benchmarked on {device}")
+    fn, info, backend = _case(device, impl, shape, layout, train)
+    run_benchmark(benchmark, fn, device, info, backend=backend)

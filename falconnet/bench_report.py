@@ -1,0 +1,145 @@
+"""`falconnet bench`: read a pytest-benchmark JSON of benchmarks/, print the table, write a chart.
+
+Every row: median time, achieved GB/s (the op's minimum bytes over the median), that as a share of
+the plain copy measured in the same run, and the speedup over the baseline measured in the same
+run (dense 1x1 conv for sf_conv, PyTorch's depthwise conv for dw_conv3x3).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+BASELINE = {"sf_conv": "dense", "dw_conv3x3": "torch-dw"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("results", help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-json=FILE)")
+    parser.add_argument("--png", default=None, help="write a bar chart of the speedups to this PNG file")
+    parser.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
+
+
+def load_rows(path: str) -> tuple[list[dict], dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"falconnet bench: results file {path!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"falconnet bench: {path!r} is not a pytest-benchmark JSON file ({exc})") from None
+    if "benchmarks" not in data:
+        raise SystemExit(f"falconnet bench: {path!r} has no 'benchmarks' list; is it pytest-benchmark output?")
+    rows = []
+    for b in data["benchmarks"]:
+        info = dict(b.get("extra_info") or {})
+        if "op" not in info:
+            continue
+        info["median_s"] = b["stats"]["median"]
+        info["gbps"] = info["bytes_min"] / info["median_s"] / 1e9 if info.get("bytes_min") else None
+        rows.append(info)
+    return rows, data.get("machine_info", {})
+
+
+def analyse(rows: list[dict]) -> dict:
+    """Speedups over the baseline and shares of the copy roofline, per op and pass."""
+    copy = [r for r in rows if r["op"] == "copy"]
+    copy_gbps = max((r["gbps"] for r in copy), default=None)
+    keyed = defaultdict(dict)
+    for r in rows:
+        if r["op"] != "copy":
+            keyed[(r["op"], r["pass"], r["device"], r.get("layout"), r["shape"])][r["impl"]] = r
+    tables = defaultdict(list)
+    for (op, pas, device, layout, shape), impls in keyed.items():
+        base = impls.get(BASELINE[op])
+        for impl, r in sorted(impls.items()):
+            r = dict(r)
+            r["speedup"] = base["median_s"] / r["median_s"] if base else None
+            r["copy_share"] = r["gbps"] / copy_gbps if copy_gbps and r["gbps"] else None
+            tables[(op, pas, device, layout)].append(r)
+    geomeans = {}
+    for key, rs in tables.items():
+        per_impl = defaultdict(list)
+        for r in rs:
+            if r["speedup"]:
+                per_impl[r["impl"]].append(r["speedup"])
+        geomeans[key] = {i: math.exp(sum(map(math.log, v)) / len(v)) for i, v in per_impl.items()}
+    return {"copy_gbps": copy_gbps, "tables": tables, "geomeans": geomeans}
+
+
+def render(analysis: dict, machine: dict) -> str:
+    env = machine.get("falconnet", {})
+    lines = [
+        f"device: {env.get('gpu') or machine.get('cpu', {}).get('brand_raw', 'cpu')}; torch {env.get('torch')}, "
+        f"triton {env.get('triton')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}; date {env.get('date')}",
+    ]
+    if analysis["copy_gbps"]:
+        lines.append(f"plain copy (roofline, same run): {analysis['copy_gbps']:.0f} GB/s")
+    for key in sorted(analysis["tables"], key=str):
+        op, pas, device, layout = key
+        lines += ["", f"## {op} {pas} on {device}, {layout}", "",
+                  "| shape | impl | median us | GB/s | % copy | speedup vs " + BASELINE[op] + " |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in sorted(analysis["tables"][key], key=lambda r: (_shape_key(r["shape"]), r["impl"])):
+            share = f"{100 * r['copy_share']:.0f}" if r["copy_share"] else "-"
+            speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+            gbps = f"{r['gbps']:.0f}" if r["gbps"] else "-"
+            lines.append(f"| {r['shape']} | {r['impl']} | {1e6 * r['median_s']:.1f} | {gbps} | {share} | {speed} |")
+        gm = analysis["geomeans"][key]
+        lines.append("")
+        lines.append("geomean speedup: " + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(gm.items())))
+    return "\n".join(lines)
+
+
+def _shape_key(shape: str):
+    head = shape.split("@")[0].split("->")
+    return tuple(int(v) for v in head) + (int(shape.split("@")[1]),)
+
+
+def write_png(analysis: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(analysis["tables"], key=str)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(11, 3.2 * max(1, len(keys))), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        rows = [r for r in analysis["tables"][key] if r["speedup"]]
+        shapes = sorted({r["shape"] for r in rows}, key=_shape_key)
+        impls = sorted({r["impl"] for r in rows})
+        width = 0.8 / max(1, len(impls))
+        for i, impl in enumerate(impls):
+            vals = [next((r["speedup"] for r in rows if r["shape"] == s and r["impl"] == impl), 0) for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=impl)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=8)
+        ax.set_ylabel("speedup")
+        ax.set_title(" ".join(str(k) for k in key), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)  # atomic: a crash leaves the old chart, never half a file
+
+
+def run(args) -> int:
+    rows, machine = load_rows(args.results)
+    if not rows:
+        print(f"falconnet bench: {args.results} holds no falconnet benchmark rows", file=sys.stderr)
+        return 1
+    analysis = analyse(rows)
+    text = render(analysis, machine)
+    print(text)
+    if args.markdown:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.markdown)))
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.markdown)
+    if args.png:
+        write_png(analysis, args.png)
+        print(f"chart written to {args.png}")
+    return 0
