@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build, test and benchmark on a GPU machine in one go (about 6-8 minutes on an H100/H200).
+# Results go to $OUT (default ./gpu_results): build.log, tests.log, bench_gpu.json, bench_gpu.md,
+# bench_gpu.png, env.txt. Commit the JSON/Markdown/PNG under benchmarks/results/.
+#   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: tests only, no benchmarks)
+set -u
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
+
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
+stamp "building the extension"
+if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -50 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
+fi
+stamp "built"; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
+
+stamp "tests (CUDA and Triton on the GPU)"
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -x --timeout=120 -p no:cacheprovider \
+  tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py -k "cuda or triton or Cuda or Triton" \
+  > "$OUT/tests.log" 2>&1
+echo "tests exit code: $?" >> "$OUT/tests.log"
+tail -25 "$OUT/tests.log"
+[ "${1:-}" = "--quick" ] && exit 0
+
+stamp "benchmarks"
+timeout ${BENCH_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider benchmarks/ --bench-device cuda \
+  --benchmark-json="$OUT/bench_gpu.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
+  > "$OUT/bench.log" 2>&1
+echo "benchmarks exit code: $?" >> "$OUT/bench.log"
+tail -5 "$OUT/bench.log"
+$PY -m falconnet.cli bench "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" --png "$OUT/bench_gpu.png" | tail -80
+stamp "done"
