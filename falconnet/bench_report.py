@@ -13,7 +13,7 @@ import sys
 import tempfile
 from collections import defaultdict
 
-BASELINE = {"sf_conv": "dense", "dw_conv3x3": "torch-dw"}
+BASELINE = {"sf_conv": "dense", "dw_conv3x3": "torch-dw", "model": "resnet18"}
 
 
 def add_arguments(parser) -> None:
