@@ -1,0 +1,124 @@
+"""RepSO's training forward, exact, with one depthwise conv (SPEC 3a, docs/repso_training.md).
+
+sum_b bn_b(conv_b(x)) + identity_bn(x) with training-mode BatchNorms equals one KxK depthwise conv
+of x whose kernel and bias are folded from each branch's batch statistics. Those statistics come
+from the K*K shifted means and the K*K x K*K shifted covariance of x (falconnet_kernels.repso_moments,
+one pass over x): a branch with kernel k (embedded in KxK) has batch mean k.mean and biased
+variance k^T cov k. Autograd runs through the fold into the branch weights and BN affine
+parameters, and through the moments op into x, so every gradient is that of the seven-branch path.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from falconnet_kernels.repso_moments import repso_moments, stats_dtype
+
+
+def _window_size(weights: Sequence[Tensor]) -> int:
+    K = 1
+    for i, w in enumerate(weights):
+        if w.dim() != 4 or w.shape[1] != 1 or w.shape[2] % 2 == 0 or w.shape[3] % 2 == 0:
+            raise ValueError(f"weights[{i}] must be a depthwise (C, 1, kh, kw) kernel with odd kh, kw, got {tuple(w.shape)}")
+        K = max(K, w.shape[2], w.shape[3])
+    return K
+
+
+def _embed(weight: Tensor, K: int) -> Tensor:
+    """(C, 1, kh, kw) -> (C, K*K): zero-padded to KxK around the same centre (the branch's padding
+    (kh//2, kw//2) keeps its output aligned with a KxK conv of padding K//2)."""
+    dh, dw = (K - weight.shape[2]) // 2, (K - weight.shape[3]) // 2
+    return F.pad(weight, (dw, dw, dh, dh)).reshape(weight.shape[0], K * K)
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    # nn.BatchNorm's own rule
+    return bn.training or bn.running_mean is None
+
+
+def _bn_update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """The running-statistics update nn.BatchNorm2d makes in a training forward."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    if bn.running_mean is None:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _scale_shift(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tensor], dtype) -> tuple[Tensor, Tensor]:
+    """BN as y = scale * z + shift; batch statistics when given, else the running ones."""
+    if mean is None:
+        mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight.to(dtype)
+        return scale, bn.bias.to(dtype) - mean * scale
+    return scale, -mean * scale
+
+
+def repso_train_forward(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    bns: Sequence[nn.BatchNorm2d],
+    identity_bn: Optional[nn.BatchNorm2d] = None,
+) -> Tensor:
+    """sum_b bns[b](conv2d(x, weights[b], padding=(kh//2, kw//2), groups=C)) + identity_bn(x), exactly,
+    with one conv; BatchNorms in training mode use batch statistics and update their running
+    statistics (and num_batches_tracked) in place, as nn.BatchNorm2d does. Stride 1."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if len(weights) != len(bns):
+        raise ValueError(f"weights and bns must pair up, got {len(weights)} weights and {len(bns)} BatchNorms")
+    N, C, H, W = x.shape
+    for i, w in enumerate(weights):
+        if w.shape[0] != C:
+            raise ValueError(f"weights[{i}] must have {C} output channels (depthwise over x), got {tuple(w.shape)}")
+    K = _window_size(weights)
+    dtype = stats_dtype(x.dtype)
+    kernels = [_embed(w.to(dtype), K) for w in weights]
+    all_bns = list(bns)
+    if identity_bn is not None:
+        centre = torch.zeros(C, K * K, dtype=dtype, device=x.device)
+        centre[:, (K * K) // 2] = 1
+        kernels.append(centre)
+        all_bns.append(identity_bn)
+
+    count = N * H * W
+    if any(_uses_batch_stats(bn) for bn in all_bns):
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        mean_s, cov_s = repso_moments(x, K)  # (C, K*K), (C, K*K, K*K)
+
+    folded = x.new_zeros((C, K * K), dtype=dtype)
+    bias = x.new_zeros((C,), dtype=dtype)
+    for k, bn in zip(kernels, all_bns):
+        if _uses_batch_stats(bn):
+            mean = (k * mean_s).sum(-1)
+            # biased variance k^T cov k; clamp: rounding can leave a constant branch slightly negative
+            var = torch.einsum("cp,cpq,cq->c", k, cov_s, k).clamp_min(0)
+            _bn_update_running(bn, mean.detach(), var.detach(), count)
+            scale, shift = _scale_shift(bn, mean, var, dtype)
+        else:
+            scale, shift = _scale_shift(bn, None, None, dtype)
+        folded = folded + scale.unsqueeze(-1) * k
+        bias = bias + shift
+
+    weight = folded.view(C, 1, K, K).to(x.dtype)
+    bias = bias.to(x.dtype)
+    if K == 3:
+        import falconnet_kernels
+
+        return falconnet_kernels.dw_conv3x3(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=K // 2, groups=C)

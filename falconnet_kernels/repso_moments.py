@@ -1,0 +1,194 @@
+"""Shifted-window moments of a feature map: the statistics that make RepSO's training exact with one conv.
+
+For one channel of x (N, C, H, W), let xp be x zero-padded by P = K // 2 and s_p the K x K window
+shift of xp at offset p (p = 0 .. K*K-1, row-major), so that a depthwise KxK conv with kernel k is
+z = sum_p k[p] s_p. Over the M = N*H*W output positions:
+
+    mean[c, p]   = E[s_p]                                      (C, K*K)
+    cov[c, p, q] = E[s_p s_q] - E[s_p] E[s_q]                  (C, K*K, K*K), symmetric
+
+so any branch's batch mean and (biased) variance are k.mean and k^T cov k (docs/repso_training.md).
+The op returns the covariance, not the raw second moment E[s_p s_q]: raw moments lose about
+(mean/std)^2 digits when the variance is formed from them later in float32.
+
+torch.ops.falconnet.repso_moments(x, K) -> (mean, cov) is a custom op with a fake kernel, autograd
+(torch.ops.falconnet.repso_moments_backward: grad_x from grad_mean and grad_cov in one pass) and a
+FLOP formula. Statistics are float64 for float64 input and float32 otherwise (as BatchNorm keeps
+bf16 statistics in float32). Backends: C++ on CPU when built, Triton on CUDA, else the reference;
+FALCONNET_BACKEND=torch forces the reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from . import _backend
+
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the moments for input of `dtype`: float64 stays, anything narrower gets float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_repso_moments(x: Tensor, K: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if K < 1 or K % 2 == 0:
+        raise ValueError(f"K (the window size) must be a positive odd integer, got {K}")
+    if x.dtype not in _SUPPORTED:
+        raise ValueError(f"x must have one of the dtypes {_SUPPORTED}, got {x.dtype}")
+    if x.shape[0] * x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"x must have at least one position per channel, got shape {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the definition of the op (tests and docs use it).
+
+
+def _windows(x: Tensor, K: int) -> Tensor:
+    """(C, K*K, M): the K*K zero-padded shifts of each channel, positions flattened over (N, H, W)."""
+    N, C, H, W = x.shape
+    cols = F.unfold(x, K, padding=K // 2)  # (N, C*K*K, H*W)
+    return cols.view(N, C, K * K, H * W).permute(1, 2, 0, 3).reshape(C, K * K, N * H * W)
+
+
+def repso_moments_ref(x: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """mean (C, K*K) and covariance (C, K*K, K*K) of the K*K shifts, two-pass in the stats dtype."""
+    s = _windows(x.to(stats_dtype(x.dtype)), K)
+    mean = s.mean(dim=-1)
+    centred = s - mean.unsqueeze(-1)
+    cov = centred @ centred.transpose(1, 2) / s.shape[-1]
+    return mean, cov
+
+
+def repso_moments_backward_ref(grad_mean: Tensor, grad_cov: Tensor, x: Tensor, mean: Tensor, K: int) -> Tensor:
+    """grad_x = fold over p of (grad_mean[p] + sum_q (G + G^T)[p, q] (s_q - mean[q])) / M.
+
+    d mean[p] / d s_p = 1/M and d cov[p, q] / d s_p = (s_q - mean[q]) / M (the mean terms of the
+    covariance have zero total derivative); col2im (F.fold) sends each shift back to x.
+    """
+    N, C, H, W = x.shape
+    M = N * H * W
+    s = _windows(x.to(mean.dtype), K)
+    g_sym = grad_cov + grad_cov.transpose(1, 2)
+    grad_s = (grad_mean.unsqueeze(-1) + g_sym @ (s - mean.unsqueeze(-1))) / M  # (C, K*K, M)
+    cols = grad_s.view(C, K * K, N, H * W).permute(2, 0, 1, 3).reshape(N, C * K * K, H * W)
+    return F.fold(cols, (H, W), K, padding=K // 2).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops.
+
+
+def _cpp_built() -> bool:
+    """The C++ kernels are in the extension only once it has been rebuilt with csrc/cpu/repso_moments.cpp."""
+    try:
+        return _backend._has_kernel("repso_moments", "CPU")
+    except RuntimeError:  # an extension built before this op existed lacks the schema
+        return False
+
+
+def _select(device: torch.device) -> str:
+    """'cpp', 'triton' or 'torch' for this device (the extension's own op names are repso_moments_*)."""
+    forced = _backend.forced_backend()
+    if forced == "torch":
+        return "torch"
+    if device.type == "cpu":
+        return "cpp" if _cpp_built() else "torch"
+    if device.type == "cuda" and _backend.triton_version() is not None:
+        return "triton"
+    return "torch"
+
+
+def _backend_for(x: Tensor) -> str:
+    # FALCONNET_BACKEND=triton on a CPU tensor runs the Triton kernels under TRITON_INTERPRET=1 (tests)
+    if x.device.type == "cpu" and _backend.forced_backend() == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return _select(x.device)
+
+
+@torch.library.custom_op("falconnet::repso_moments", mutates_args=())
+def repso_moments_op(x: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    check_repso_moments(x, K)
+    backend = _backend_for(x)
+    if backend == "cpp":
+        return torch.ops.falconnet_C.repso_moments_forward(x, K)
+    if backend == "triton":
+        from . import triton_repso_moments
+
+        return triton_repso_moments.repso_moments_forward(x, K)
+    return repso_moments_ref(x, K)
+
+
+@repso_moments_op.register_fake
+def _(x, K):
+    check_repso_moments(x, K)
+    C, dtype = x.shape[1], stats_dtype(x.dtype)
+    return x.new_empty((C, K * K), dtype=dtype), x.new_empty((C, K * K, K * K), dtype=dtype)
+
+
+@torch.library.custom_op("falconnet::repso_moments_backward", mutates_args=())
+def repso_moments_backward_op(grad_mean: Tensor, grad_cov: Tensor, x: Tensor, mean: Tensor, K: int) -> Tensor:
+    grad_mean = grad_mean.to(mean.dtype).contiguous()
+    grad_cov = grad_cov.to(mean.dtype).contiguous()
+    backend = _backend_for(x)
+    if backend == "cpp":
+        return torch.ops.falconnet_C.repso_moments_backward(grad_mean, grad_cov, x, mean, K)
+    if backend == "triton":
+        from . import triton_repso_moments
+
+        return triton_repso_moments.repso_moments_backward(grad_mean, grad_cov, x, mean, K)
+    return repso_moments_backward_ref(grad_mean, grad_cov, x, mean, K)
+
+
+@repso_moments_backward_op.register_fake
+def _(grad_mean, grad_cov, x, mean, K):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, K = inputs
+    ctx.save_for_backward(x, output[0])
+    ctx.K = K
+
+
+def _backward(ctx, grad_mean, grad_cov):
+    x, mean = ctx.saved_tensors
+    if grad_mean is None:
+        grad_mean = torch.zeros_like(mean)
+    if grad_cov is None:
+        grad_cov = mean.new_zeros(mean.shape + mean.shape[-1:])
+    return torch.ops.falconnet.repso_moments_backward(grad_mean, grad_cov, x, mean, ctx.K), None
+
+
+repso_moments_op.register_autograd(_backward, setup_context=_setup)
+
+
+def repso_moments_macs(x_shape, K: int) -> int:
+    """Forward: K*K sums and K*K*(K*K+1)/2 products per position and channel."""
+    N, C, H, W = x_shape
+    KK = K * K
+    return N * C * H * W * (KK + KK * (KK + 1) // 2)
+
+
+@register_flop_formula(torch.ops.falconnet.repso_moments)
+def _(x_shape, K, *args, out_shape=None, **kwargs) -> int:
+    return 2 * repso_moments_macs(x_shape, K)
+
+
+@register_flop_formula(torch.ops.falconnet.repso_moments_backward)
+def _(grad_mean_shape, grad_cov_shape, x_shape, mean_shape, K, *args, out_shape=None, **kwargs) -> int:
+    # one K*K x K*K product with the centred shifts per position (the col2im sum is free)
+    N, C, H, W = x_shape
+    return 2 * N * C * H * W * (K * K) ** 2
+
+
+def repso_moments(x: Tensor, K: int = 3) -> tuple[Tensor, Tensor]:
+    """mean (C, K*K) and covariance (C, K*K, K*K) of the K*K zero-padded window shifts of x."""
+    return torch.ops.falconnet.repso_moments(x, K)
