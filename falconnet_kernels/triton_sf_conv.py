@@ -1,0 +1,391 @@
+"""Fused SF-Conv pair in Triton: y = act(W2' . shuffle . W1' x + bias) + residual, one kernel.
+
+The two numbers, per pixel (k, c_h, G, m as in ../shared/SPEC.md section 4; C_in = G*k,
+C_out = c_h*m, r = k/c_h):
+  * multiply-accumulates: C_in*c_h (stage 1) + C_out*G (stage 2); the 8 FalconNet shapes need
+    768 (32->128) to 32768 (1024->256) MACs per pixel, 4-16x fewer than the dense 1x1 conv;
+  * fewest bytes: (C_in + C_out) * itemsize (x read once, y written once; + C_out for a
+    residual). At bf16 that is 25 FLOP/byte at most, far under an H100's ~300 FLOP/byte
+    tensor-core balance point: every shape is memory-bound, and the kernel's job is to stream
+    x and y once at copy speed while the arithmetic hides under the loads.
+
+Design. Both stages are block-diagonal: stage 1 is G blocks of (k -> c_h), stage 2, after the
+(G, c_h) -> (c_h, G) transpose of the hidden tensor, is c_h blocks of (G -> m). Each program takes
+BLOCK_P pixels and runs both stages as *batched* tensor-core products (3-D tl.dot):
+  stage 1: x (NB1, BLOCK_P, GPK*k) @ W1 (NB1, GPK*k, GPK*c_h) -> H, batch = group(s)
+  shuffle: H (NB1, P, GPK, c_h) -> (c_h, P, NB1*GPK)   (tl.reshape/tl.permute: a register /
+           shared-memory relayout; H never touches global memory)
+  stage 2: H (c_h, BLOCK_P, GC) @ W2 (c_h, GC, m) -> y accumulated over chunks of GC groups.
+Why batched products and not 2-D ones: a 2-D product must cover either all of a chunk's hidden
+columns (then stage 2 multiplies by a matrix that is (c_h-1)/c_h zeros, as dear as the dense conv)
+or all outputs of a few j (then stage 1 is as dear). Batching over the block index keeps the
+arithmetic at the exact count times the padding below, which is at most 4x at FalconNet's
+shapes, so the tensor cores stay far under the memory time.
+Tensor-core products need every dimension >= 16: k and c_h below 16 are packed GPK groups per
+batch element as a small block-diagonal (GPK*k x GPK*c_h, zeros off the blocks), m is padded to
+16, and a group chunk GC holds at least 16 groups (padded with zero groups when G < 16).
+Non-power-of-two k, c_h, m, G are padded to powers of two through masks: padded weights load
+as zeros and padded channels are neither read nor written. Pixels are addressed as
+p = n*H*W + hw with strides (sN, sC, sHW), so NCHW and channels_last share one kernel; for
+channels_last (the benchmarked layout) the offset is p*C + c, contiguous over the channels.
+
+Backward (one kernel): recompute H (and, for relu/relu6, the full forward z for the mask), then
+per chunk: grad_H = grad_z @ W2^T (batched over j), grad_x = grad_H @ W1^T (batched over groups,
+written once), and the weight gradients x^T grad_H and grad_z^T H reduced over the pixel tile
+on the tensor cores, then added across programs with fp32 atomics (cast to the weight dtype at
+the end). grad_bias is the per-tile column sum of grad_z, added the same way.
+
+Precision: bf16/fp16 operands with fp32 accumulation; the hidden tile is rounded to the input
+dtype before stage 2 (as a two-matmul PyTorch version would do). float32 inputs use
+input_precision="ieee" (true fp32 products, not tf32) so that fp32 results match a float64
+reference to ~1e-6; fp32 is not the benchmarked path.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_ACTIVATION_CODE = {"none": 0, "relu": 1, "relu6": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# @triton.jit helpers and kernels
+
+
+@triton.jit
+def _pixel_offset(p, HW, s_n, s_hw, PIX_LINEAR: tl.constexpr):
+    """Element offset of pixel p = n*HW + hw; channels_last has s_n == HW*s_hw, so p*s_hw."""
+    if PIX_LINEAR:
+        return p * s_hw
+    n = p // HW
+    return n * s_n + (p - n * HW) * s_hw
+
+
+@triton.jit
+def _x_chunk_channels(g0, G, K, NB1: tl.constexpr, GPK: tl.constexpr, KP: tl.constexpr):
+    """Input channels g*k + i of groups [g0, g0 + NB1*GPK) as (NB1, 1, GPK*KP), column (g_local, i)."""
+    b = tl.arange(0, NB1)[:, None, None]
+    r = tl.arange(0, GPK * KP)[None, None, :]
+    g = g0 + b * GPK + r // KP
+    i = r % KP
+    return (g * K + i).to(tl.int64), (i < K) & (g < G)
+
+
+@triton.jit
+def _w1_blockdiag(w1_ptr, g0, G, C_H, K,
+                  NB1: tl.constexpr, GPK: tl.constexpr, KP: tl.constexpr, CHP: tl.constexpr):
+    """W1 for the chunk as (NB1, GPK*KP, GPK*CHP), block-diagonal over the GPK packed groups."""
+    b = tl.arange(0, NB1)[:, None, None]
+    r = tl.arange(0, GPK * KP)[None, :, None]
+    c = tl.arange(0, GPK * CHP)[None, None, :]
+    g = g0 + b * GPK + r // KP
+    i = r % KP
+    j = c % CHP
+    ok = (r // KP == c // CHP) & (i < K) & (j < C_H) & (g < G)
+    offs = (g * C_H + j) * K + i
+    return tl.load(w1_ptr + offs, mask=ok, other=0.0), offs, ok
+
+
+@triton.jit
+def _w2_chunk(w2_ptr, g0, G, C_H, M, CHP: tl.constexpr, GC: tl.constexpr, MP: tl.constexpr):
+    """W2 for the chunk as (CHP, GC, MP): batch j, rows g - g0, columns t."""
+    j = tl.arange(0, CHP)[:, None, None]
+    g = g0 + tl.arange(0, GC)[None, :, None]
+    t = tl.arange(0, MP)[None, None, :]
+    ok = (j < C_H) & (g < G) & (t < M)
+    offs = (j * M + t) * G + g
+    return tl.load(w2_ptr + offs, mask=ok, other=0.0), offs, ok
+
+
+@triton.jit
+def _to_stage2(h1, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr, CHP: tl.constexpr):
+    """(NB1, P, GPK*CHP) with columns (g_local, j) -> (CHP, P, NB1*GPK): the SF-Conv shuffle."""
+    h = tl.reshape(h1, (NB1, BLOCK_P, GPK, CHP))
+    h = tl.permute(h, (3, 1, 0, 2))
+    return tl.reshape(h, (CHP, BLOCK_P, NB1 * GPK))
+
+
+@triton.jit
+def _from_stage2(h2, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr, CHP: tl.constexpr):
+    """Inverse of _to_stage2."""
+    h = tl.reshape(h2, (CHP, BLOCK_P, NB1, GPK))
+    h = tl.permute(h, (2, 1, 3, 0))
+    return tl.reshape(h, (NB1, BLOCK_P, GPK * CHP))
+
+
+@triton.jit
+def _sf_conv_z(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
+               BLOCK_P: tl.constexpr, KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr,
+               GPK: tl.constexpr, NB1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """z = SF(x) for one pixel tile, as (CHP, BLOCK_P, MP) in fp32 (before bias/activation)."""
+    GC: tl.constexpr = NB1 * GPK
+    acc = tl.zeros((CHP, BLOCK_P, MP), dtype=tl.float32)
+    for g0 in range(0, G, GC):
+        chan, chan_ok = _x_chunk_channels(g0, G, K, NB1, GPK, KP)
+        x_ok = chan_ok & p_ok[None, :, None]
+        x1 = tl.load(x_ptr + pix_x[None, :, None] + chan * s_xc, mask=x_ok, other=0.0)
+        w1, _, _ = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
+        h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION)
+        h2 = _to_stage2(h1, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
+        w2, _, _ = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
+        acc = tl.dot(h2, w2, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _out_channels(C_H, M, CHP: tl.constexpr, MP: tl.constexpr):
+    """Output channel index j*m + t as (1, CHP, MP) and its validity mask."""
+    j = tl.arange(0, CHP)[None, :, None]
+    t = tl.arange(0, MP)[None, None, :]
+    return j * M + t, (j < C_H) & (t < M)
+
+
+@triton.jit
+def _sf_conv_fwd_kernel(
+    x_ptr, w1_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr,
+    P, HW, G, C_H, K, M,
+    s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    X_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr,
+    KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr, GPK: tl.constexpr, NB1: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
+    acc = _sf_conv_z(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
+                     BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION)
+    z = tl.permute(acc, (1, 0, 2))  # (BLOCK_P, CHP, MP)
+    ch, ch_ok = _out_channels(C_H, M, CHP, MP)
+    ok = ch_ok & p_ok[:, None, None]
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+    if HAS_RES:
+        pix_r = _pixel_offset(p, HW, s_rn, s_rhw, R_LINEAR)[:, None, None]
+        z += tl.load(res_ptr + pix_r + ch.to(tl.int64) * s_rc, mask=ok, other=0.0).to(tl.float32)
+    pix_y = _pixel_offset(p, HW, s_yn, s_yhw, Y_LINEAR)[:, None, None]
+    tl.store(y_ptr + pix_y + ch.to(tl.int64) * s_yc, z.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _sf_conv_bwd_kernel(
+    gy_ptr, x_ptr, w1_ptr, w2_ptr, bias_ptr, gx_ptr, gw1_ptr, gw2_ptr, gb_ptr,
+    P, HW, G, C_H, K, M,
+    s_gyn, s_gyc, s_gyhw, s_xn, s_xc, s_xhw, s_gxn, s_gxc, s_gxhw,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    GY_LINEAR: tl.constexpr, X_LINEAR: tl.constexpr, GX_LINEAR: tl.constexpr,
+    KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr, GPK: tl.constexpr, NB1: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    GC: tl.constexpr = NB1 * GPK
+    pid = tl.program_id(0)
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
+    pix_gx = _pixel_offset(p, HW, s_gxn, s_gxhw, GX_LINEAR)
+    ch, ch_ok = _out_channels(C_H, M, CHP, MP)
+    ok = ch_ok & p_ok[:, None, None]
+    pix_gy = _pixel_offset(p, HW, s_gyn, s_gyhw, GY_LINEAR)[:, None, None]
+    gz = tl.load(gy_ptr + pix_gy + ch.to(tl.int64) * s_gyc, mask=ok, other=0.0)  # (BLOCK_P, CHP, MP)
+    if ACT != 0:
+        # the activation's 0/1 derivative needs the pre-activation z: recompute the forward
+        z = tl.permute(_sf_conv_z(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
+                                  BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION), (1, 0, 2))
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        if ACT == 1:
+            keep = z > 0.0
+        else:
+            keep = (z > 0.0) & (z < 6.0)
+        gz = tl.where(keep, gz, 0.0).to(gy_ptr.dtype.element_ty)
+    gb = tl.sum(gz.to(tl.float32), axis=0)  # (CHP, MP)
+    ch2 = tl.reshape(ch, (CHP, MP))
+    tl.atomic_add(gb_ptr + ch2, gb, mask=tl.reshape(ch_ok, (CHP, MP)))
+
+    gz3 = tl.permute(gz, (1, 0, 2))  # (CHP, BLOCK_P, MP)
+    gz3_t = tl.permute(gz, (1, 2, 0))  # (CHP, MP, BLOCK_P)
+    for g0 in range(0, G, GC):
+        chan, chan_ok = _x_chunk_channels(g0, G, K, NB1, GPK, KP)
+        x_ok = chan_ok & p_ok[None, :, None]
+        x1 = tl.load(x_ptr + pix_x[None, :, None] + chan * s_xc, mask=x_ok, other=0.0)
+        w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
+        h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION)
+        h2 = _to_stage2(h1, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
+        # grad_w2[j, t, g] = sum_p grad_z[p, j, t] * H[p, g, j]
+        gw2 = tl.dot(gz3_t, h2, input_precision=DOT_PRECISION)  # (CHP, MP, GC)
+        tl.atomic_add(gw2_ptr + tl.permute(w2_offs, (0, 2, 1)), gw2, mask=tl.permute(w2_ok, (0, 2, 1)))
+        # grad_H[g, j] = sum_t grad_z[j, t] * w2[j, t, g]
+        gh2 = tl.dot(gz3, tl.permute(w2, (0, 2, 1)), input_precision=DOT_PRECISION)  # (CHP, BLOCK_P, GC)
+        gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)  # (NB1, BLOCK_P, GPK*CHP)
+        gx = tl.dot(gh1, tl.permute(w1, (0, 2, 1)), input_precision=DOT_PRECISION)  # (NB1, BLOCK_P, GPK*KP)
+        tl.store(gx_ptr + pix_gx[None, :, None] + chan * s_gxc, gx.to(gx_ptr.dtype.element_ty), mask=x_ok)
+        # grad_w1[g, j, i] = sum_p grad_H[p, g, j] * x[p, g*k + i]   (block-diagonal part only)
+        gw1 = tl.dot(tl.permute(x1, (0, 2, 1)), gh1, input_precision=DOT_PRECISION)  # (NB1, GPK*KP, GPK*CHP)
+        tl.atomic_add(gw1_ptr + w1_offs, gw1, mask=w1_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiling plan and autotuning
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _plan(G: int, c_h: int, k: int, m: int) -> dict:
+    """Padded block sizes for (G, c_h, k, m); every tl.dot dimension comes out >= 16."""
+    KP, CHP, MP = _pow2(k), _pow2(c_h), max(16, _pow2(m))
+    GPK = max(1, 16 // min(KP, CHP))  # groups packed per stage-1 product: GPK*k, GPK*c_h >= 16
+    # groups per chunk: >= 16 (stage 2's reduction dimension), at most ~256 input channels so
+    # that the x, hidden and output tiles stay in registers
+    GC = max(16, GPK, min(_pow2(G), 256 // KP))
+    return dict(KP=KP, CHP=CHP, MP=MP, GPK=GPK, NB1=GC // GPK)
+
+
+def _tile_floats_per_thread(meta: dict, block_p: int, num_warps: int, backward: bool) -> float:
+    """Rough count of live fp32-equivalent values per thread: x chunk, hidden chunk, output tile."""
+    GC = meta["NB1"] * meta["GPK"]
+    per_pixel = GC * meta["KP"] + GC * meta["CHP"] + meta["CHP"] * meta["MP"] * (2 if backward else 1)
+    return block_p * per_pixel / (32 * num_warps)
+
+
+_REG_BUDGET = 160  # values per thread; beyond this the tile spills
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("FALCONNET_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _default_config(meta: dict, backward: bool) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) without autotuning: the largest pixel tile that fits the budget."""
+    for block_p in (128, 64, 32):
+        for num_warps in (4, 8):
+            if _tile_floats_per_thread(meta, block_p, num_warps, backward) <= _REG_BUDGET:
+                return block_p, num_warps
+    return 16, 8
+
+
+def _prune(backward: bool):
+    def prune(configs, named_args, **kwargs):
+        meta = {name: named_args[name] if name in named_args else kwargs[name] for name in ("KP", "CHP", "MP", "GPK", "NB1")}
+        kept = [c for c in configs
+                if _tile_floats_per_thread(meta, c.kwargs["BLOCK_P"], c.num_warps, backward) <= _REG_BUDGET]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)]
+    return prune
+
+
+# Short lists: each config compiles once per shape, and the GPU check has minutes, not hours.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=2)
+    for bp, w in ((32, 4), (64, 4), (64, 8), (128, 8), (16, 4))
+]
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=2)
+    for bp, w in ((32, 4), (64, 8), (16, 4))
+]
+_KEY = ["P", "G", "C_H", "K", "M", "HAS_RES", "ACT"]
+_sf_conv_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune(False)})(
+    _sf_conv_fwd_kernel
+)
+_sf_conv_bwd_tuned = triton.autotune(
+    _BWD_CONFIGS, key=["P", "G", "C_H", "K", "M", "ACT"], reset_to_zero=["gw1_ptr", "gw2_ptr", "gb_ptr"],
+    prune_configs_by={"early_config_prune": _prune(True)},
+)(_sf_conv_bwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _out_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
+    """(t, s_n, s_c, s_hw, pixel_linear) for an NCHW-contiguous or channels_last tensor.
+
+    Pixel hw = h*W + w sits at hw*s_hw; pixel_linear means n*HW + hw sits at (n*HW + hw)*s_hw.
+    Strides of size-1 dimensions are arbitrary in PyTorch, so they are ignored here.
+    """
+    N, C, H, W = t.shape
+    s_n, s_c, s_h, s_w = t.stride()
+    s_hw = s_w if W > 1 else s_h
+    if H > 1 and W > 1 and s_h != W * s_w:
+        t = t.contiguous()
+        return _pixel_strides(t)
+    linear = N == 1 or s_n == H * W * s_hw
+    return t, s_n, s_c, s_hw, linear
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32/fp64: true IEEE products (tf32 would cost ~3e-4 relative error); 16-bit: ignored
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def sf_conv_forward(x, w1, w2, bias, residual, activation):
+    """y = act(sf(x; w1, w2) + bias) + residual; x NCHW-contiguous or channels_last."""
+    G, c_h, k = w1.shape
+    m = w2.shape[1]
+    N, C_in, H, W = x.shape
+    C_out = c_h * m
+    y = torch.empty((N, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
+    P = N * H * W
+    if P == 0:
+        return y
+    x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
+    _, s_yn, s_yc, s_yhw, y_lin = _pixel_strides(y)
+    if residual is not None:
+        residual, s_rn, s_rc, s_rhw, r_lin = _pixel_strides(residual)
+    else:
+        s_rn = s_rc = s_rhw = 0
+        r_lin = True
+    meta = _plan(G, c_h, k, m)
+    args = (x, w1, w2, bias if bias is not None else x, residual if residual is not None else x, y,
+            P, H * W, G, c_h, k, m, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
+                 X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
+    if _autotune_enabled():
+        _sf_conv_fwd_tuned[lambda cfg: (triton.cdiv(P, cfg["BLOCK_P"]),)](*args, **flags)
+    else:
+        block_p, num_warps = _default_config(meta, backward=False)
+        _sf_conv_fwd_kernel[(triton.cdiv(P, block_p),)](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
+    return y
+
+
+def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
+    """(grad_x, grad_w1, grad_w2, grad_bias) of sf_conv_forward; grad_bias has shape (C_out,)."""
+    G, c_h, k = w1.shape
+    m = w2.shape[1]
+    N, C_in, H, W = x.shape
+    C_out = c_h * m
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_out_format(x))
+    # fp32 accumulators: tiles add into them with atomics; cast to the weight dtype at the end
+    gw1 = torch.zeros(w1.shape, device=x.device, dtype=torch.float32)
+    gw2 = torch.zeros(w2.shape, device=x.device, dtype=torch.float32)
+    gb = torch.zeros((C_out,), device=x.device, dtype=torch.float32)
+    P = N * H * W
+    if P > 0:
+        grad_y, s_gyn, s_gyc, s_gyhw, gy_lin = _pixel_strides(grad_y)
+        x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
+        _, s_gxn, s_gxc, s_gxhw, gx_lin = _pixel_strides(grad_x)
+        meta = _plan(G, c_h, k, m)
+        args = (grad_y, x, w1, w2, bias if bias is not None else x, grad_x, gw1, gw2, gb,
+                P, H * W, G, c_h, k, m, s_gyn, s_gyc, s_gyhw, s_xn, s_xc, s_xhw, s_gxn, s_gxc, s_gxhw)
+        flags = dict(HAS_BIAS=bias is not None, ACT=_ACTIVATION_CODE[activation],
+                     GY_LINEAR=gy_lin, X_LINEAR=x_lin, GX_LINEAR=gx_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
+        if _autotune_enabled():
+            _sf_conv_bwd_tuned[lambda cfg: (triton.cdiv(P, cfg["BLOCK_P"]),)](*args, **flags)
+        else:
+            block_p, num_warps = _default_config(meta, backward=True)
+            _sf_conv_bwd_kernel[(triton.cdiv(P, block_p),)](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
+    return grad_x, gw1.to(w1.dtype), gw2.to(w2.dtype), gb.to(w2.dtype)
