@@ -1,0 +1,256 @@
+// Shared pieces of the CPU kernels: activation, SIMD vectors, memory layouts, pixel-tile I/O.
+//
+// Vectors are GCC/Clang vector extensions 64 bytes wide: with -march=native on an AVX-512 CPU each
+// is one zmm register, elsewhere the compiler splits it into two ymm or four xmm registers. That
+// keeps one source for every x86 and ARM build without at::vec's CPU_CAPABILITY dispatch (the
+// extension is compiled once, for the machine it runs on; setup.py passes -march=native).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string_view>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace falconnet::cpu {
+
+// ---------------------------------------------------------------------------------------------
+// Activation
+
+enum class Activation { kNone, kRelu, kRelu6 };
+
+inline Activation parse_activation(std::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "relu6") return Activation::kRelu6;
+  TORCH_CHECK(false, "activation must be one of 'none', 'relu', 'relu6', got '", name, "'");
+}
+
+template <typename A>
+inline A activate(A z, Activation act) {
+  if (act == Activation::kNone) return z;
+  A r = z > A(0) ? z : A(0);
+  if (act == Activation::kRelu6) r = r < A(6) ? r : A(6);
+  return r;
+}
+
+// d act(z)/dz as the 0/1 mask PyTorch's relu / relu6 use (0 at the kinks).
+template <typename A>
+inline A activation_mask(A z, Activation act) {
+  if (act == Activation::kNone) return A(1);
+  if (act == Activation::kRelu) return z > A(0) ? A(1) : A(0);
+  return (z > A(0) && z < A(6)) ? A(1) : A(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD vectors
+
+template <typename A>
+struct Simd {
+  typedef A vec __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / static_cast<int>(sizeof(A));
+  static inline vec load(const A* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof(vec));
+    return v;
+  }
+  static inline void store(A* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+  static inline vec zero() { return vec{}; }
+  static inline vec splat(A s) { return vec{} + s; }
+  // Sum of the lanes as a tree (log2(lanes) adds), not a serial chain.
+  static inline A sum(vec v) {
+    A tmp[lanes];
+    std::memcpy(tmp, &v, sizeof(vec));
+    for (int width = lanes / 2; width >= 1; width /= 2)
+      for (int i = 0; i < width; ++i) tmp[i] += tmp[i + width];
+    return tmp[0];
+  }
+};
+
+// The type the kernels compute and accumulate in: float for bfloat16 storage.
+template <typename S>
+using compute_t = at::opmath_type<S>;
+
+// ---------------------------------------------------------------------------------------------
+// Memory layouts of an (N, C, H, W) tensor
+
+enum class Layout { kNCHW, kNHWC };
+
+// The kernels read NCHW-contiguous or channels_last tensors; anything else is copied once.
+inline at::Tensor collapsible(const at::Tensor& t) {
+  if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
+  return t.contiguous();
+}
+
+inline Layout layout_of(const at::Tensor& t) {
+  return t.is_contiguous() ? Layout::kNCHW : Layout::kNHWC;
+}
+
+// The output's memory format follows x: channels_last when x is channels_last and not also
+// plain contiguous (the rule of falconnet_kernels/ops.py's fake kernels).
+inline at::MemoryFormat output_format(const at::Tensor& x) {
+  return (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks (at the boundary, once; errors name the argument)
+
+inline void check_float_dtype(const at::Tensor& x, const char* name) {
+  auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, name,
+              " must be float32, float64 or bfloat16 on the CPU, got ", dt);
+}
+
+inline void check_like(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device() == x.device(), name, " must be on the same device as x (", x.device(), "), got ",
+              t->device());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), name, " must have the same dtype as x (", x.scalar_type(),
+              "), got ", t->scalar_type());
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the C++ CPU kernel, got ", t.device());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pixel tiles: the kernels work on T consecutive pixels of the flattened (N*H*W) pixel index at a
+// time, held channel-major in a small buffer (buf[c*T + p]) so that the SIMD lanes run over
+// pixels. NCHW rows are already pixel-contiguous (a tile is a few memcpy-like row segments, split
+// where it crosses an image); channels_last tiles are transposed on the way in and out.
+
+struct PixelView {
+  int64_t C;   // channels
+  int64_t HW;  // pixels per image
+  Layout layout;
+};
+
+#if defined(__AVX512F__)
+// 16x16 float transpose in registers: rows r[i] (16 floats each) -> columns.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  // r[4q + s] now holds, in each 128-bit lane L, row-group L's... regroup 128-bit blocks.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+
+// dst[c*T + p] = src pixel (p0 + p), channel c, for p < count; zero for count <= p < T.
+template <typename S, typename A>
+void load_tile(const S* src, const PixelView& v, int64_t p0, int count, A* dst, int T) {
+  const int64_t C = v.C;
+  if (v.layout == Layout::kNHWC) {
+    const S* base = src + p0 * C;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
+      if (count == T && T % 16 == 0 && C % 16 == 0) {
+        for (int p = 0; p < T; p += 16)
+          for (int64_t c = 0; c < C; c += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(base + (p + i) * C + c);
+            transpose16x16(r);
+            for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c + i) * T + p, r[i]);
+          }
+        return;
+      }
+    }
+#endif
+    for (int p = 0; p < count; ++p)
+      for (int64_t c = 0; c < C; ++c) dst[c * T + p] = static_cast<A>(base[p * C + c]);
+  } else {
+    int done = 0;
+    while (done < count) {
+      const int64_t p = p0 + done;
+      const int64_t n = p / v.HW, hw = p % v.HW;
+      const int len = static_cast<int>(std::min<int64_t>(count - done, v.HW - hw));
+      const S* s = src + n * C * v.HW + hw;
+      for (int64_t c = 0; c < C; ++c) {
+        const S* row = s + c * v.HW;
+        A* d = dst + c * T + done;
+        for (int i = 0; i < len; ++i) d[i] = static_cast<A>(row[i]);
+      }
+      done += len;
+    }
+  }
+  if (count < T)
+    for (int64_t c = 0; c < C; ++c) std::fill(dst + c * T + count, dst + (c + 1) * T, A(0));
+}
+
+// dst pixel (p0 + p), channel c = src[c*T + p], for p < count.
+template <typename S, typename A>
+void store_tile(S* dst, const PixelView& v, int64_t p0, int count, const A* src, int T) {
+  const int64_t C = v.C;
+  if (v.layout == Layout::kNHWC) {
+    S* base = dst + p0 * C;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
+      if (count == T && T % 16 == 0 && C % 16 == 0) {
+        for (int p = 0; p < T; p += 16)
+          for (int64_t c = 0; c < C; c += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (c + i) * T + p);
+            transpose16x16(r);
+            for (int i = 0; i < 16; ++i) _mm512_storeu_ps(base + (p + i) * C + c, r[i]);
+          }
+        return;
+      }
+    }
+#endif
+    for (int p = 0; p < count; ++p)
+      for (int64_t c = 0; c < C; ++c) base[p * C + c] = static_cast<S>(src[c * T + p]);
+  } else {
+    int done = 0;
+    while (done < count) {
+      const int64_t p = p0 + done;
+      const int64_t n = p / v.HW, hw = p % v.HW;
+      const int len = static_cast<int>(std::min<int64_t>(count - done, v.HW - hw));
+      S* d0 = dst + n * C * v.HW + hw;
+      for (int64_t c = 0; c < C; ++c) {
+        S* row = d0 + c * v.HW;
+        const A* s = src + c * T + done;
+        for (int i = 0; i < len; ++i) row[i] = static_cast<S>(s[i]);
+      }
+      done += len;
+    }
+  }
+}
+
+// A weight tensor in the compute type, contiguous (a no-op for float32/float64 weights).
+inline at::Tensor weight_in_compute_type(const at::Tensor& w) {
+  auto dt = w.scalar_type() == at::kBFloat16 ? at::kFloat : w.scalar_type();
+  return w.to(dt).contiguous();
+}
+
+}  // namespace falconnet::cpu

@@ -1,0 +1,405 @@
+// SF-Conv pair on the CPU: y = act(W2 . shuffle . W1 x + bias) + residual, forward and backward.
+//
+// Two numbers (per pixel; P = N*H*W pixels; w1: (G, c_h, k), w2: (c_h, m, G), C_in = G*k,
+// C_out = c_h*m):
+//   FLOPs forward  = 2 * (C_in*c_h + C_out*G)       (dense 1x1: 2 * C_in*C_out)
+//   bytes forward  = (C_in + C_out) * sizeof(T)     (+ C_out*sizeof(T) with a residual)
+// e.g. 32 -> 128 (k = c_h = 8, G = 4, m = 16): 1536 FLOP vs 640 bytes in float32, 2.4 FLOP/byte,
+// against 8192 FLOP for the dense conv. On 2 cores (~2 x 16 float FMA lanes x 2 pipes) that is
+// far under the machine balance, so the fused op should be memory-bound and the dense one not.
+//   backward: 4 * the forward MACs (+ 2x the forward again when an activation needs z), bytes
+//   = (C_in [x] + C_out [grad_y] + C_in [grad_x]) * sizeof(T); grad_w1/grad_w2 are tiny.
+//
+// Loop order and layout, and why:
+// * Work unit = a tile of T consecutive pixels of the flattened N*H*W index (so 7x7 images do
+//   not waste lanes: a tile may span images). Tiles are distributed over threads by
+//   at::parallel_for; each thread owns private scratch buffers.
+// * Inside a tile everything is channel-major with the SIMD lanes over pixels: buf[c*T + p].
+//   Both stages are then small GEMMs "weights (rows x K) times tile (K x T)" whose B rows are
+//   contiguous vectors and whose A entries are broadcast scalars: stage 1 per group g
+//   (c_h x k) . (k x T), stage 2 per hidden channel j (m x G) . (G x T). No shape of the
+//   FalconNet range (k, c_h, m, G in 4..64) would fill a vector along a channel axis, but every
+//   shape fills it along pixels.
+// * The hidden tile is written as hidden[j][g][p]: the layout stage 2 reads as contiguous rows.
+//   It is G*c_h*T values (<= 64 KiB for C_in = 1024), L1/L2-resident, never written to memory.
+// * NCHW rows are pixel-contiguous already (a tile load is a row copy); channels_last tiles are
+//   transposed on the fly with 16x16 in-register transposes (AVX-512) on the way in and out.
+// * The epilogue (bias, activation, residual) runs on the output tile while it is in cache.
+// * Backward recomputes the hidden tile (and z when the activation needs its mask) instead of
+//   storing it. grad_w1 / grad_w2 / grad_bias are reductions over pixels: each thread keeps them
+//   with the SIMD lanes unreduced (acc[..][lane]) so the inner loop stays a plain vector FMA,
+//   and the lanes and threads are summed once at the end.
+#include "cpu/common.h"
+
+#include <torch/library.h>
+
+namespace falconnet::cpu {
+namespace {
+
+// C[r][0:T] = sum_q A[r*a_rs + q*a_cs] * B[q*b_rs + 0:T], for R rows (R <= 8): one register
+// block of R x NV vector accumulators; each B row is loaded once and used R times.
+template <typename A, int NV, int R>
+inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const A* __restrict b, int64_t b_rs,
+                       int K, A* __restrict c, int64_t c_rs) {
+  using V = Simd<A>;
+  constexpr int L = V::lanes;
+  typename V::vec acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int q = 0; q < K; ++q) {
+    typename V::vec bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + q * b_rs + v * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const A s = a[r * a_rs + q * a_cs];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * s;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) V::store(c + r * c_rs + v * L, acc[r][v]);
+}
+
+template <typename A, int NV>
+void gemm_rows(int R, const A* a, int64_t a_rs, int64_t a_cs, const A* b, int64_t b_rs, int K, A* c, int64_t c_rs) {
+  constexpr int RB = NV >= 2 ? 8 : 12;  // accumulators RB*NV <= 24 of the 32 vector registers
+  int r = 0;
+  for (; r + RB <= R; r += RB) gemm_block<A, NV, RB>(a + r * a_rs, a_rs, a_cs, b, b_rs, K, c + r * c_rs, c_rs);
+  const int rest = R - r;
+  a += r * a_rs;
+  c += r * c_rs;
+  switch (rest) {
+#define FALCONNET_CASE(n)                                              \
+  case n:                                                              \
+    if constexpr (n < RB) gemm_block<A, NV, n>(a, a_rs, a_cs, b, b_rs, K, c, c_rs); \
+    break;
+    FALCONNET_CASE(1)
+    FALCONNET_CASE(2)
+    FALCONNET_CASE(3)
+    FALCONNET_CASE(4)
+    FALCONNET_CASE(5)
+    FALCONNET_CASE(6)
+    FALCONNET_CASE(7)
+    FALCONNET_CASE(8)
+    FALCONNET_CASE(9)
+    FALCONNET_CASE(10)
+    FALCONNET_CASE(11)
+#undef FALCONNET_CASE
+    default:
+      break;
+  }
+}
+
+// acc[(r*o_rs + q*o_cs)*L + lane] += sum_v X[r][v*L + lane] * Y[q][v*L + lane]: the pixel
+// reduction of a weight gradient, lanes kept apart. RA x RB register block.
+template <typename A, int NV, int RA, int RB>
+inline void outer_block(const A* __restrict x, int64_t x_rs, const A* __restrict y, int64_t y_rs, A* __restrict acc,
+                        int64_t o_rs, int64_t o_cs) {
+  using V = Simd<A>;
+  constexpr int L = V::lanes;
+  typename V::vec xv[RA][NV], yv[RB][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RA; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) xv[r][v] = V::load(x + r * x_rs + v * L);
+#pragma GCC unroll 8
+  for (int q = 0; q < RB; ++q)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) yv[q][v] = V::load(y + q * y_rs + v * L);
+#pragma GCC unroll 8
+  for (int r = 0; r < RA; ++r)
+#pragma GCC unroll 8
+    for (int q = 0; q < RB; ++q) {
+      A* o = acc + (r * o_rs + q * o_cs) * L;
+      typename V::vec s = V::load(o);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) s += xv[r][v] * yv[q][v];
+      V::store(o, s);
+    }
+}
+
+template <typename A, int NV, int RA>
+inline void outer_row_block(int Q, const A* x, int64_t x_rs, const A* y, int64_t y_rs, A* acc, int64_t o_rs,
+                            int64_t o_cs) {
+  int q = 0;
+  for (; q + 4 <= Q; q += 4) outer_block<A, NV, RA, 4>(x, x_rs, y + q * y_rs, y_rs, acc + q * o_cs * Simd<A>::lanes, o_rs, o_cs);
+  A* o = acc + q * o_cs * Simd<A>::lanes;
+  const A* yq = y + q * y_rs;
+  switch (Q - q) {
+    case 1: outer_block<A, NV, RA, 1>(x, x_rs, yq, y_rs, o, o_rs, o_cs); break;
+    case 2: outer_block<A, NV, RA, 2>(x, x_rs, yq, y_rs, o, o_rs, o_cs); break;
+    case 3: outer_block<A, NV, RA, 3>(x, x_rs, yq, y_rs, o, o_rs, o_cs); break;
+    default: break;
+  }
+}
+
+// For r < R, q < Q: acc[(r*o_rs + q*o_cs)*L + lane] += sum over the tile's pixels in that lane.
+template <typename A, int NV>
+void outer_acc(int R, int Q, const A* x, int64_t x_rs, const A* y, int64_t y_rs, A* acc, int64_t o_rs, int64_t o_cs) {
+  constexpr int L = Simd<A>::lanes;
+  int r = 0;
+  for (; r + 4 <= R; r += 4) outer_row_block<A, NV, 4>(Q, x + r * x_rs, x_rs, y, y_rs, acc + r * o_rs * L, o_rs, o_cs);
+  const A* xr = x + r * x_rs;
+  A* o = acc + r * o_rs * L;
+  switch (R - r) {
+    case 1: outer_row_block<A, NV, 1>(Q, xr, x_rs, y, y_rs, o, o_rs, o_cs); break;
+    case 2: outer_row_block<A, NV, 2>(Q, xr, x_rs, y, y_rs, o, o_rs, o_cs); break;
+    case 3: outer_row_block<A, NV, 3>(Q, xr, x_rs, y, y_rs, o, o_rs, o_cs); break;
+    default: break;
+  }
+}
+
+struct SfShape {
+  int64_t G, c_h, k, m, C_in, C_out;
+};
+
+// Stage 1 (hidden[j][g][:] = w1[g] . x_g) then stage 2 (out[j*m + t][:] = w2[j] . hidden[j]).
+template <typename A, int NV>
+inline void sf_tile(const SfShape& s, const A* w1, const A* w2, const A* xt, A* hidden, A* out) {
+  constexpr int T = NV * Simd<A>::lanes;
+  for (int64_t g = 0; g < s.G; ++g)
+    gemm_rows<A, NV>(s.c_h, w1 + g * s.c_h * s.k, s.k, 1, xt + g * s.k * T, T, s.k, hidden + g * T, s.G * T);
+  for (int64_t j = 0; j < s.c_h; ++j)
+    gemm_rows<A, NV>(s.m, w2 + j * s.m * s.G, s.G, 1, hidden + j * s.G * T, T, s.G, out + j * s.m * T, T);
+}
+
+SfShape sf_shape_of(const at::Tensor& w1, const at::Tensor& w2) {
+  SfShape s;
+  s.G = w1.size(0);
+  s.c_h = w1.size(1);
+  s.k = w1.size(2);
+  s.m = w2.size(1);
+  s.C_in = s.G * s.k;
+  s.C_out = s.c_h * s.m;
+  return s;
+}
+
+void check_sf_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                     const c10::optional<at::Tensor>& bias) {
+  check_cpu(x, "x");
+  check_float_dtype(x, "x");
+  TORCH_CHECK(x.dim() == 4, "x must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
+  TORCH_CHECK(w1.dim() == 3, "w1 must have shape (G, c_h, k), got ", w1.sizes());
+  TORCH_CHECK(w2.dim() == 3, "w2 must have shape (c_h, m, G), got ", w2.sizes());
+  check_like(w1, x, "w1");
+  check_like(w2, x, "w2");
+  check_like(bias, x, "bias");
+  const int64_t G = w1.size(0), c_h = w1.size(1), k = w1.size(2);
+  TORCH_CHECK(w2.size(0) == c_h && w2.size(2) == G, "w2 must have shape (c_h=", c_h, ", m, G=", G,
+              ") to match w1 ", w1.sizes(), ", got ", w2.sizes());
+  TORCH_CHECK(x.size(1) == G * k, "x must have C_in = G*k = ", G * k, " channels (w1 is ", w1.sizes(), "), got ",
+              x.size(1));
+  const int64_t C_out = c_h * w2.size(1);
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C_out, "bias must have shape (", C_out, ",), got ",
+                bias->sizes());
+}
+
+// NV = vectors per tile row: 2 gives T = 32 float / 16 double pixels, enough reuse of each
+// broadcast weight (2 FMAs) while R*NV accumulators stay in registers.
+constexpr int kNV = 2;
+
+template <typename S>
+void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c, const at::Tensor* bias,
+                     const at::Tensor* residual, Activation act, at::Tensor& y, const SfShape& s) {
+  using A = compute_t<S>;
+  constexpr int T = kNV * Simd<A>::lanes;
+  const int64_t N = x.size(0), HW = x.size(2) * x.size(3), P = N * HW;
+  const int64_t tiles = (P + T - 1) / T;
+  const PixelView xin{s.C_in, HW, layout_of(x)}, yout{s.C_out, HW, layout_of(y)};
+  PixelView rin{s.C_out, HW, Layout::kNCHW};
+  if (residual) rin.layout = layout_of(*residual);
+  const S* xp = x.data_ptr<S>();
+  S* yp = y.data_ptr<S>();
+  const S* rp = residual ? residual->data_ptr<S>() : nullptr;
+  const A* w1 = w1c.data_ptr<A>();
+  const A* w2 = w2c.data_ptr<A>();
+  std::vector<A> bias_c;
+  if (bias) {
+    const at::Tensor b = bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
+    bias_c.assign(b.data_ptr<A>(), b.data_ptr<A>() + s.C_out);
+  }
+  // Grain: ~4 tiles keeps scheduling overhead negligible but still splits 7x7 batches.
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
+    if (rp) res.resize(s.C_out * T);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t p0 = tile * T;
+      const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
+      load_tile(xp, xin, p0, count, xt.data(), T);
+      sf_tile<A, kNV>(s, w1, w2, xt.data(), hidden.data(), out.data());
+      if (rp) load_tile(rp, rin, p0, count, res.data(), T);
+      for (int64_t c = 0; c < s.C_out; ++c) {
+        A* o = out.data() + c * T;
+        const A b = bias ? bias_c[c] : A(0);
+        if (act == Activation::kNone) {
+          for (int p = 0; p < T; ++p) o[p] += b;
+        } else if (act == Activation::kRelu) {
+          for (int p = 0; p < T; ++p) o[p] = std::max(o[p] + b, A(0));
+        } else {
+          for (int p = 0; p < T; ++p) o[p] = std::min(std::max(o[p] + b, A(0)), A(6));
+        }
+        if (rp) {
+          const A* r = res.data() + c * T;
+          for (int p = 0; p < T; ++p) o[p] += r[p];
+        }
+      }
+      store_tile(yp, yout, p0, count, out.data(), T);
+    }
+  });
+}
+
+at::Tensor sf_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2,
+                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual_in,
+                               c10::string_view activation) {
+  check_sf_inputs(x_in, w1, w2, bias);
+  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
+  const SfShape s = sf_shape_of(w1, w2);
+  const at::Tensor x = collapsible(x_in);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  c10::optional<at::Tensor> residual;
+  if (residual_in.has_value()) {
+    check_like(residual_in, x, "residual");
+    TORCH_CHECK(residual_in->sizes() == at::IntArrayRef({N, s.C_out, H, W}), "residual must have the output's shape (",
+                N, ", ", s.C_out, ", ", H, ", ", W, "), got ", residual_in->sizes());
+    residual = collapsible(*residual_in);
+  }
+  at::Tensor y = at::empty({N, s.C_out, H, W}, x.options().memory_format(output_format(x_in)));
+  if (y.numel() == 0) return y;
+  const at::Tensor w1c = weight_in_compute_type(w1), w2c = weight_in_compute_type(w2);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "sf_conv_forward_cpu", [&] {
+    sf_forward_impl<scalar_t>(x, w1c, w2c, bias ? &*bias : nullptr, residual ? &*residual : nullptr, act, y, s);
+  });
+  return y;
+}
+
+template <typename S>
+void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c,
+                      const at::Tensor* bias, Activation act, at::Tensor& grad_x, at::Tensor& gw1_out,
+                      at::Tensor& gw2_out, at::Tensor& gb_out, const SfShape& s) {
+  using A = compute_t<S>;
+  constexpr int L = Simd<A>::lanes;
+  constexpr int T = kNV * L;
+  const int64_t N = x.size(0), HW = x.size(2) * x.size(3), P = N * HW;
+  const int64_t tiles = (P + T - 1) / T;
+  const PixelView xin{s.C_in, HW, layout_of(x)}, gyin{s.C_out, HW, layout_of(grad_y)},
+      gxout{s.C_in, HW, layout_of(grad_x)};
+  const S* xp = x.data_ptr<S>();
+  const S* gyp = grad_y.data_ptr<S>();
+  S* gxp = grad_x.data_ptr<S>();
+  const A* w1 = w1c.data_ptr<A>();
+  const A* w2 = w2c.data_ptr<A>();
+  std::vector<A> bias_c(s.C_out, A(0));
+  if (bias) {
+    const at::Tensor b = bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
+    std::copy(b.data_ptr<A>(), b.data_ptr<A>() + s.C_out, bias_c.begin());
+  }
+  const int64_t n_w1 = s.G * s.c_h * s.k, n_w2 = s.c_h * s.m * s.G;
+  // Reduced weight gradients (compute type), summed over the threads' partial results.
+  std::vector<A> gw1(n_w1, A(0)), gw2(n_w2, A(0)), gb(s.C_out, A(0));
+  std::mutex merge;
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), gz(s.C_out * T), z, ghid(s.G * s.c_h * T),
+        gxt(s.C_in * T);
+    if (act != Activation::kNone) z.resize(s.C_out * T);
+    // Lane-wise partial sums: [weight index][lane].
+    std::vector<A> acc_w1(n_w1 * L, A(0)), acc_w2(n_w2 * L, A(0)), acc_b(s.C_out * T, A(0));
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t p0 = tile * T;
+      const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
+      load_tile(xp, xin, p0, count, xt.data(), T);
+      load_tile(gyp, gyin, p0, count, gz.data(), T);  // zero beyond count: padded pixels add nothing
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm_rows<A, kNV>(s.c_h, w1 + g * s.c_h * s.k, s.k, 1, xt.data() + g * s.k * T, T, s.k,
+                          hidden.data() + g * T, s.G * T);
+      if (act != Activation::kNone) {
+        for (int64_t j = 0; j < s.c_h; ++j)
+          gemm_rows<A, kNV>(s.m, w2 + j * s.m * s.G, s.G, 1, hidden.data() + j * s.G * T, T, s.G,
+                            z.data() + j * s.m * T, T);
+        for (int64_t c = 0; c < s.C_out; ++c) {
+          const A b = bias_c[c];
+          A* gr = gz.data() + c * T;
+          const A* zr = z.data() + c * T;
+          for (int p = 0; p < T; ++p) gr[p] *= activation_mask(zr[p] + b, act);
+        }
+      }
+      for (int64_t c = 0; c < s.C_out * T; ++c) acc_b[c] += gz[c];
+      // grad_w2[j, t, g] += sum_p gz[j*m + t][p] * hidden[j][g][p]
+      for (int64_t j = 0; j < s.c_h; ++j)
+        outer_acc<A, kNV>(s.m, s.G, gz.data() + j * s.m * T, T, hidden.data() + j * s.G * T, T,
+                          acc_w2.data() + j * s.m * s.G * L, s.G, 1);
+      // grad_hidden[j][g] = sum_t w2[j, t, g] * gz[j*m + t]
+      for (int64_t j = 0; j < s.c_h; ++j)
+        gemm_rows<A, kNV>(s.G, w2 + j * s.m * s.G, 1, s.G, gz.data() + j * s.m * T, T, s.m,
+                          ghid.data() + j * s.G * T, T);
+      // grad_w1[g, j, i] += sum_p grad_hidden[j][g][p] * x[g*k + i][p]
+      for (int64_t g = 0; g < s.G; ++g)
+        outer_acc<A, kNV>(s.c_h, s.k, ghid.data() + g * T, s.G * T, xt.data() + g * s.k * T, T,
+                          acc_w1.data() + g * s.c_h * s.k * L, s.k, 1);
+      // grad_x[g*k + i] = sum_j w1[g, j, i] * grad_hidden[j][g]
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm_rows<A, kNV>(s.k, w1 + g * s.c_h * s.k, 1, s.k, ghid.data() + g * T, s.G * T, s.c_h,
+                          gxt.data() + g * s.k * T, T);
+      store_tile(gxp, gxout, p0, count, gxt.data(), T);
+    }
+    std::vector<A> part_w1(n_w1), part_w2(n_w2), part_b(s.C_out);
+    for (int64_t i = 0; i < n_w1; ++i) part_w1[i] = Simd<A>::sum(Simd<A>::load(acc_w1.data() + i * L));
+    for (int64_t i = 0; i < n_w2; ++i) part_w2[i] = Simd<A>::sum(Simd<A>::load(acc_w2.data() + i * L));
+    for (int64_t c = 0; c < s.C_out; ++c) {
+      A t = 0;
+      for (int p = 0; p < T; ++p) t += acc_b[c * T + p];
+      part_b[c] = t;
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t i = 0; i < n_w1; ++i) gw1[i] += part_w1[i];
+    for (int64_t i = 0; i < n_w2; ++i) gw2[i] += part_w2[i];
+    for (int64_t c = 0; c < s.C_out; ++c) gb[c] += part_b[c];
+  });
+  auto to_out = [](const std::vector<A>& v, at::Tensor& out) {
+    at::Tensor t = at::from_blob(const_cast<A*>(v.data()), {static_cast<int64_t>(v.size())},
+                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    out.view({-1}).copy_(t);
+  };
+  to_out(gw1, gw1_out);
+  to_out(gw2, gw2_out);
+  to_out(gb, gb_out);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_sf_inputs(x_in, w1, w2, bias);
+  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
+  const SfShape s = sf_shape_of(w1, w2);
+  const at::Tensor x = collapsible(x_in);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  check_cpu(grad_y_in, "grad_y");
+  TORCH_CHECK(grad_y_in.scalar_type() == x.scalar_type(), "grad_y must have the same dtype as x (", x.scalar_type(),
+              "), got ", grad_y_in.scalar_type());
+  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({N, s.C_out, H, W}), "grad_y must have the output's shape (", N,
+              ", ", s.C_out, ", ", H, ", ", W, "), got ", grad_y_in.sizes());
+  const at::Tensor grad_y = collapsible(grad_y_in);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(output_format(x_in)));
+  at::Tensor gw1 = at::zeros(w1.sizes(), w1.options());
+  at::Tensor gw2 = at::zeros(w2.sizes(), w2.options());
+  at::Tensor gb = at::zeros({s.C_out}, w2.options());
+  if (N * H * W == 0) return {grad_x, gw1, gw2, gb};
+  const at::Tensor w1c = weight_in_compute_type(w1), w2c = weight_in_compute_type(w2);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "sf_conv_backward_cpu", [&] {
+    sf_backward_impl<scalar_t>(grad_y, x, w1c, w2c, bias ? &*bias : nullptr, act, grad_x, gw1, gw2, gb, s);
+  });
+  return {grad_x, gw1, gw2, gb};
+}
+
+}  // namespace
+}  // namespace falconnet::cpu
+
+TORCH_LIBRARY_IMPL(falconnet_C, CPU, m) {
+  m.impl("sf_conv_forward", &falconnet::cpu::sf_conv_forward_cpu);
+  m.impl("sf_conv_backward", &falconnet::cpu::sf_conv_backward_cpu);
+}
