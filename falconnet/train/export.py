@@ -15,6 +15,8 @@ TorchScript module recomputes it per call (a few thousand multiplies per layer).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -74,8 +76,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int =
     # the exporter writes its own file: let it write a temporary one, then publish it atomically
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         tmp_path = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(program, (example,), tmp_path, dynamo=True, opset_version=opset,
-                          input_names=["images"], output_names=["logits"], external_data=False, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+            torch.onnx.export(program, (example,), tmp_path, dynamo=True, opset_version=opset,
+                              input_names=["images"], output_names=["logits"], external_data=False, verbose=False)
         with open(tmp_path, "rb") as f:
             data = f.read()
     import onnx
