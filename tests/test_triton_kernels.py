@@ -1,0 +1,235 @@
+"""Triton kernels (falconnet_kernels/triton_sf_conv.py, triton_dw_conv3x3.py) against the float64
+reference (falconnet_kernels/reference.py).
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (small shapes; the
+interpreter executes each program in NumPy). On a GPU they run for real on CUDA tensors, in
+float32, bfloat16 and float16, and also at the 8 point-wise and 4 depthwise benchmark shapes of
+SPEC section 6 at batch 2.
+
+Tolerances, on ||out - ref64|| / ||ref64||:
+  * float32: the kernels use IEEE fp32 products (input_precision="ieee") and fp32 accumulation,
+    so the error is a few fp32 ulps times sqrt(reduction length): far under 1e-5.
+  * bfloat16 / float16: at most 3x the error of PyTorch's own reference computed in the same
+    dtype on the same device (the flash-attention idiom), with a floor of 2**-8 (bf16) / 2**-11
+    (fp16) for the cases where PyTorch happens to be nearly exact.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
+
+import pytest  # noqa: E402
+
+from falconnet_kernels import reference as ref  # noqa: E402
+from falconnet_kernels import triton_dw_conv3x3 as tdw  # noqa: E402
+from falconnet_kernels import triton_sf_conv as tsf  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
+FP32_TOL = 1e-5
+LOWP_FLOOR = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """Autotuning compiles every config for every shape: tests use the launchers' default config
+    (test_autotuned_configs covers the autotuned path)."""
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+
+
+def rel_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out.double() - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+
+
+def assert_matches(name, outs, refs64, refs_lowp, dtype):
+    """outs: kernel results; refs64: float64 reference; refs_lowp: PyTorch reference in `dtype`."""
+    for i, (out, r64, rlow) in enumerate(zip(outs, refs64, refs_lowp)):
+        assert out.shape == r64.shape, f"{name}[{i}]: shape {tuple(out.shape)} != {tuple(r64.shape)}"
+        assert out.dtype == dtype, f"{name}[{i}]: dtype {out.dtype} != {dtype}"
+        err = rel_err(out, r64)
+        tol = FP32_TOL if dtype == torch.float32 else max(LOWP_FLOOR[dtype], 3 * rel_err(rlow, r64))
+        assert err <= tol, f"{name}[{i}]: relative error {err:.3g} > {tol:.3g}"
+
+
+def poison_allocator():
+    """On CUDA, hand the next allocations memory full of NaN, so an unwritten element shows."""
+    if ON_GPU:
+        junk = torch.full((1 << 24,), float("nan"), device=DEVICE)
+        del junk
+
+
+def _to(t, dtype, fmt):
+    return None if t is None else t.to(DEVICE, dtype).contiguous(memory_format=fmt)
+
+
+def _f64(t):
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# SF-Conv
+
+
+def _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt):
+    G, m = C_in // k, C_out // c_h
+    x = torch.randn(N, C_in, H, W)
+    w1 = torch.randn(G, c_h, k) / k**0.5
+    w2 = torch.randn(c_h, m, G) / G**0.5
+    b = torch.randn(C_out) if bias else None
+    res = torch.randn(N, C_out, H, W) if residual else None
+    gy = torch.randn(N, C_out, H, W)
+    return [_to(t, dtype, fmt) if t is not None and t.dim() == 4 else (None if t is None else t.to(DEVICE, dtype))
+            for t in (x, w1, w2, b, res, gy)]
+
+
+def check_sf_conv(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt):
+    x, w1, w2, b, res, gy = _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt)
+    poison_allocator()
+    y = tsf.sf_conv_forward(x, w1, w2, b, res, activation)
+    grads = tsf.sf_conv_backward(gy, x, w1, w2, b, activation)
+    y64 = ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), _f64(res), activation)
+    g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), activation)
+    if dtype == torch.float32:
+        y_low, g_low = y64, g64
+    else:
+        y_low = ref.sf_conv_ref(x, w1, w2, b, res, activation)
+        g_low = ref.sf_conv_backward_ref(gy, x, w1, w2, b, activation)
+    case = f"sf_conv {C_in}->{C_out} k={k} c_h={c_h} {activation} {dtype} {fmt}"
+    assert_matches(case + " forward", [y], [y64], [y_low], dtype)
+    assert_matches(case + " backward", grads, g64, g_low, dtype)
+    # output layout follows x: channels_last in, channels_last out
+    expect_cl = fmt == torch.channels_last and not x.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+
+
+# (C_in, k, c_h, C_out): the default configs of three FalconNet shapes, r = 2, and a
+# non-power-of-two one (k=3, c_h=2, m=5, G=4) that exercises every padding mask
+SF_CASES = [
+    # C_in, k, c_h, C_out, bias, residual, activation, layout
+    (32, 8, 8, 128, True, True, "relu", torch.channels_last),
+    (128, 4, 4, 32, False, False, "none", torch.contiguous_format),
+    (64, 16, 16, 256, True, False, "relu6", torch.channels_last),
+    (256, 8, 8, 64, False, True, "none", torch.channels_last),
+    (64, 8, 4, 32, True, False, "relu", torch.contiguous_format),
+    (12, 3, 2, 10, True, True, "relu6", torch.contiguous_format),
+    (12, 4, 2, 10, False, False, "relu", torch.channels_last),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SF_CASES, ids=lambda c: f"{c[0]}-{c[3]}-k{c[1]}-ch{c[2]}-{c[6]}")
+def test_sf_conv(case, dtype):
+    C_in, k, c_h, C_out, bias, residual, activation, fmt = case
+    check_sf_conv(2, C_in, k, c_h, C_out, 5, 7, bias, residual, activation, dtype, fmt)
+
+
+def test_sf_conv_mixed_layouts():
+    """x channels_last with an NCHW residual and grad_y (ops.py passes each as it comes)."""
+    x, w1, w2, b, res, gy = _sf_inputs(2, 32, 8, 8, 128, 3, 4, True, True, torch.float32, torch.channels_last)
+    res, gy = res.contiguous(), gy.contiguous()
+    y = tsf.sf_conv_forward(x, w1, w2, b, res, "relu")
+    gx, *_ = tsf.sf_conv_backward(gy, x, w1, w2, b, "relu")
+    assert rel_err(y, ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), _f64(res), "relu")) < FP32_TOL
+    g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), "relu")
+    assert rel_err(gx, g64[0]) < FP32_TOL
+
+
+def test_sf_conv_batch_zero():
+    x, w1, w2, b, _, _ = _sf_inputs(0, 32, 8, 8, 128, 5, 7, True, False, torch.float32, torch.channels_last)
+    y = tsf.sf_conv_forward(x, w1, w2, b, None, "relu")
+    assert y.shape == (0, 128, 5, 7)
+    gx, gw1, gw2, gb = tsf.sf_conv_backward(y, x, w1, w2, b, "relu")
+    assert gx.shape == x.shape and gb.shape == (128,)
+    assert gw1.abs().sum() == 0 and gw2.abs().sum() == 0 and gb.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise 3x3
+
+
+def check_dw_conv3x3(N, C, H, W, stride, bias, activation, dtype, fmt):
+    x = _to(torch.randn(N, C, H, W), dtype, fmt)
+    w = torch.randn(C, 1, 3, 3).to(DEVICE, dtype)
+    b = torch.randn(C).to(DEVICE, dtype) if bias else None
+    poison_allocator()
+    y = tdw.dw_conv3x3_forward(x, w, b, stride, activation)
+    gy = _to(torch.randn(y.shape), dtype, fmt)
+    grads = tdw.dw_conv3x3_backward(gy, x, w, b, stride, activation)
+    y64 = ref.dw_conv3x3_ref(_f64(x), _f64(w), _f64(b), stride, activation)
+    g64 = ref.dw_conv3x3_backward_ref(_f64(gy), _f64(x), _f64(w), _f64(b), stride, activation)
+    if dtype == torch.float32:
+        y_low, g_low = y64, g64
+    else:
+        y_low = ref.dw_conv3x3_ref(x, w, b, stride, activation)
+        g_low = ref.dw_conv3x3_backward_ref(gy, x, w, b, stride, activation)
+    case = f"dw_conv3x3 C={C} {H}x{W} stride {stride} {activation} {dtype} {fmt}"
+    assert_matches(case + " forward", [y], [y64], [y_low], dtype)
+    assert_matches(case + " backward", grads, g64, g_low, dtype)
+    expect_cl = fmt == torch.channels_last and not x.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+
+
+DW_CASES = [
+    # C, H, W, stride, bias, activation, layout
+    (12, 5, 7, 1, True, "relu", torch.channels_last),
+    (12, 5, 7, 2, True, "relu6", torch.contiguous_format),
+    (70, 6, 6, 2, False, "none", torch.channels_last),
+    (8, 9, 4, 1, False, "none", torch.contiguous_format),
+    (16, 1, 1, 1, True, "relu6", torch.channels_last),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: f"C{c[0]}-{c[1]}x{c[2]}-s{c[3]}-{c[5]}")
+def test_dw_conv3x3(case, dtype):
+    C, H, W, stride, bias, activation, fmt = case
+    check_dw_conv3x3(2, C, H, W, stride, bias, activation, dtype, fmt)
+
+
+def test_dw_conv3x3_batch_zero():
+    x = torch.randn(0, 8, 5, 5, device=DEVICE)
+    w = torch.randn(8, 1, 3, 3, device=DEVICE)
+    y = tdw.dw_conv3x3_forward(x, w, None, 2, "relu")
+    assert y.shape == (0, 8, 3, 3)
+    gx, gw, gb = tdw.dw_conv3x3_backward(y, x, w, None, 2, "relu")
+    assert gx.shape == x.shape and gw.abs().sum() == 0 and gb.shape == (8,)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the benchmark shapes (SPEC section 6) at batch 2, bf16 channels_last
+
+
+PW_SHAPES = [  # (C_in, C_out, H, k, c_h): default config r = 1, k the valid k nearest sqrt(C_out)
+    (32, 128, 56, 8, 8), (128, 32, 56, 4, 4), (64, 256, 28, 16, 16), (256, 64, 28, 8, 8),
+    (128, 512, 14, 16, 16), (512, 128, 14, 8, 8), (256, 1024, 7, 32, 32), (1024, 256, 7, 16, 16),
+]
+DW_SHAPES = [(128, 56), (256, 28), (512, 14), (1024, 7)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", PW_SHAPES, ids=lambda s: f"{s[0]}-{s[1]}@{s[2]}")
+def test_sf_conv_benchmark_shapes(shape):
+    C_in, C_out, H, k, c_h = shape
+    check_sf_conv(2, C_in, k, c_h, C_out, H, H, True, True, "relu", torch.bfloat16, torch.channels_last)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=lambda s: f"{s[0]}@{s[1]}")
+def test_dw_conv3x3_benchmark_shapes(shape):
+    C, H = shape
+    check_dw_conv3x3(2, C, H, H, 1, True, "relu", torch.bfloat16, torch.channels_last)
+
+
+@pytest.mark.cuda
+def test_autotuned_configs(monkeypatch):
+    """The autotuned launch path (every config of the short lists runs once here)."""
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "1")
+    check_sf_conv(2, 512, 8, 8, 128, 14, 14, False, False, "none", torch.bfloat16, torch.channels_last)
+    check_dw_conv3x3(2, 256, 28, 28, 1, True, "relu", torch.bfloat16, torch.channels_last)
