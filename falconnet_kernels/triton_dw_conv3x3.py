@@ -267,7 +267,7 @@ def dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation):
 
     # 1. weight and bias gradients: about 4 slabs per SM over all channel blocks
     block_c = _block_c(C)
-    block_q = max(16, 2048 // block_c)
+    block_q = max(16, 2048 // block_c)  # 10 fp32 accumulator tiles live: 8 warps keep them in registers
     c_blocks = triton.cdiv(C, block_c)
     tiles = triton.cdiv(total, block_q)
     slabs = max(1, min(tiles, 4 * _num_sms(x.device) // c_blocks))
@@ -276,7 +276,7 @@ def dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation):
     _dw_bwd_weight_kernel[(slabs, c_blocks)](
         grad_y, x, weight, bias if bias is not None else weight, grad_z, gw, gb,
         C, H, W, Wo, Ho * Wo, total, tiles_per_program, *grad_y.stride(), *x.stride(),
-        STRIDE=stride, HAS_BIAS=bias is not None, ACT=act, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4,
+        STRIDE=stride, HAS_BIAS=bias is not None, ACT=act, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=8,
     )
 
     # 2. grad_x, gathered per input pixel

@@ -117,20 +117,29 @@ def _from_stage2(h2, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr
 
 
 @triton.jit
-def _sf_conv_z(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
-               BLOCK_P: tl.constexpr, KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr,
-               GPK: tl.constexpr, NB1: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z = SF(x) for one pixel tile, as (CHP, BLOCK_P, MP) in fp32 (before bias/activation)."""
+def _hidden_chunk(x_ptr, w1, pix_x, p_ok, g0, G, K, s_xc,
+                  BLOCK_P: tl.constexpr, KP: tl.constexpr, CHP: tl.constexpr, GPK: tl.constexpr,
+                  NB1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Stage 1 for groups [g0, g0 + GC): returns (x tile, its channels, its mask, H as (CHP, P, GC))."""
+    chan, chan_ok = _x_chunk_channels(g0, G, K, NB1, GPK, KP)
+    x_ok = chan_ok & p_ok[None, :, None]
+    x1 = tl.load(x_ptr + pix_x[None, :, None] + chan * s_xc, mask=x_ok, other=0.0)
+    h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION)
+    return x1, chan, x_ok, _to_stage2(h1, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
+
+
+@triton.jit
+def _sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
+                       BLOCK_P: tl.constexpr, KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr,
+                       GPK: tl.constexpr, NB1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """z = SF(x) for one pixel tile when G spans several chunks: (CHP, BLOCK_P, MP) in fp32."""
     GC: tl.constexpr = NB1 * GPK
     acc = tl.zeros((CHP, BLOCK_P, MP), dtype=tl.float32)
     for g0 in range(0, G, GC):
-        chan, chan_ok = _x_chunk_channels(g0, G, K, NB1, GPK, KP)
-        x_ok = chan_ok & p_ok[None, :, None]
-        x1 = tl.load(x_ptr + pix_x[None, :, None] + chan * s_xc, mask=x_ok, other=0.0)
-        w1, _, _ = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
-        h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION)
-        h2 = _to_stage2(h1, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
-        w2, _, _ = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
+        w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
+        x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, g0, G, K, s_xc,
+                                            BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
         acc = tl.dot(h2, w2, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -151,28 +160,48 @@ def _sf_conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     X_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr,
     KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr, GPK: tl.constexpr, NB1: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < P
-    pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
-    acc = _sf_conv_z(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
-                     BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION)
-    z = tl.permute(acc, (1, 0, 2))  # (BLOCK_P, CHP, MP)
+    """Persistent: program i takes pixel tiles i, i + grid, ...; with one group chunk the weights
+    are loaded once per program and the next tile's x load overlaps this tile's math."""
+    GC: tl.constexpr = NB1 * GPK
     ch, ch_ok = _out_channels(C_H, M, CHP, MP)
-    ok = ch_ok & p_ok[:, None, None]
     if HAS_BIAS:
-        z += tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    if ONE_CHUNK:
+        w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, 0, G, C_H, K, NB1, GPK, KP, CHP)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, 0, G, C_H, M, CHP, GC, MP)
+    for tile in range(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
+        p = tl.arange(0, BLOCK_P).to(tl.int64) + tile * BLOCK_P
+        p_ok = p < P
+        pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
+        if ONE_CHUNK:
+            x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, 0, G, K, s_xc,
+                                               BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
+            acc = tl.dot(h2, w2, input_precision=DOT_PRECISION)
+        else:
+            acc = _sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
+                                     BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION)
+        z = tl.permute(acc, (1, 0, 2))  # (BLOCK_P, CHP, MP)
+        ok = ch_ok & p_ok[:, None, None]
+        if HAS_BIAS:
+            z += bias
+        if ACT == 1:
+            z = tl.maximum(z, 0.0)
+        elif ACT == 2:
+            z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+        if HAS_RES:
+            pix_r = _pixel_offset(p, HW, s_rn, s_rhw, R_LINEAR)[:, None, None]
+            z += tl.load(res_ptr + pix_r + ch.to(tl.int64) * s_rc, mask=ok, other=0.0).to(tl.float32)
+        pix_y = _pixel_offset(p, HW, s_yn, s_yhw, Y_LINEAR)[:, None, None]
+        tl.store(y_ptr + pix_y + ch.to(tl.int64) * s_yc, z.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _activation_mask(z, ACT: tl.constexpr):
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACT == 2:
-        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
-    if HAS_RES:
-        pix_r = _pixel_offset(p, HW, s_rn, s_rhw, R_LINEAR)[:, None, None]
-        z += tl.load(res_ptr + pix_r + ch.to(tl.int64) * s_rc, mask=ok, other=0.0).to(tl.float32)
-    pix_y = _pixel_offset(p, HW, s_yn, s_yhw, Y_LINEAR)[:, None, None]
-    tl.store(y_ptr + pix_y + ch.to(tl.int64) * s_yc, z.to(y_ptr.dtype.element_ty), mask=ok)
+        return z > 0.0
+    return (z > 0.0) & (z < 6.0)
 
 
 @triton.jit
@@ -183,54 +212,75 @@ def _sf_conv_bwd_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     GY_LINEAR: tl.constexpr, X_LINEAR: tl.constexpr, GX_LINEAR: tl.constexpr,
     KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr, GPK: tl.constexpr, NB1: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Persistent like the forward. With one group chunk the weight gradients of all the
+    program's tiles accumulate in registers and reach memory with one atomic add per program."""
     GC: tl.constexpr = NB1 * GPK
-    pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < P
-    pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
-    pix_gx = _pixel_offset(p, HW, s_gxn, s_gxhw, GX_LINEAR)
     ch, ch_ok = _out_channels(C_H, M, CHP, MP)
-    ok = ch_ok & p_ok[:, None, None]
-    pix_gy = _pixel_offset(p, HW, s_gyn, s_gyhw, GY_LINEAR)[:, None, None]
-    gz = tl.load(gy_ptr + pix_gy + ch.to(tl.int64) * s_gyc, mask=ok, other=0.0)  # (BLOCK_P, CHP, MP)
-    if ACT != 0:
-        # the activation's 0/1 derivative needs the pre-activation z: recompute the forward
-        z = tl.permute(_sf_conv_z(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
-                                  BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION), (1, 0, 2))
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-        if ACT == 1:
-            keep = z > 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    gb = tl.zeros((CHP, MP), dtype=tl.float32)
+    if ONE_CHUNK:
+        w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, 0, G, C_H, K, NB1, GPK, KP, CHP)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, 0, G, C_H, M, CHP, GC, MP)
+        gw1 = tl.zeros((NB1, GPK * KP, GPK * CHP), dtype=tl.float32)
+        gw2 = tl.zeros((CHP, MP, GC), dtype=tl.float32)
+    for tile in range(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
+        p = tl.arange(0, BLOCK_P).to(tl.int64) + tile * BLOCK_P
+        p_ok = p < P
+        pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
+        pix_gx = _pixel_offset(p, HW, s_gxn, s_gxhw, GX_LINEAR)
+        ok = ch_ok & p_ok[:, None, None]
+        pix_gy = _pixel_offset(p, HW, s_gyn, s_gyhw, GY_LINEAR)[:, None, None]
+        gz = tl.load(gy_ptr + pix_gy + ch.to(tl.int64) * s_gyc, mask=ok, other=0.0)  # (BLOCK_P, CHP, MP)
+        if ONE_CHUNK:
+            x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, 0, G, K, s_xc,
+                                               BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
+            if ACT != 0:
+                # the activation's 0/1 derivative needs the pre-activation z
+                z = tl.permute(tl.dot(h2, w2, input_precision=DOT_PRECISION), (1, 0, 2))
+                if HAS_BIAS:
+                    z += bias
+                gz = tl.where(_activation_mask(z, ACT), gz, 0.0).to(gy_ptr.dtype.element_ty)
+            gb += tl.sum(gz.to(tl.float32), axis=0)
+            gz3 = tl.permute(gz, (1, 0, 2))  # (CHP, BLOCK_P, MP)
+            # grad_w2[j, t, g] = sum_p grad_z[p, j, t] * H[p, g, j]
+            gw2 = tl.dot(tl.permute(gz, (1, 2, 0)), h2, gw2, input_precision=DOT_PRECISION)
+            # grad_H[g, j] = sum_t grad_z[j, t] * w2[j, t, g], back in stage-1 layout
+            gh2 = tl.dot(gz3, tl.permute(w2, (0, 2, 1)), input_precision=DOT_PRECISION)
+            gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)  # (NB1, BLOCK_P, GPK*CHP)
+            gx = tl.dot(gh1, tl.permute(w1, (0, 2, 1)), input_precision=DOT_PRECISION)
+            tl.store(gx_ptr + pix_gx[None, :, None] + chan * s_gxc, gx.to(gx_ptr.dtype.element_ty), mask=x_ok)
+            # grad_w1[g, j, i] = sum_p grad_H[p, g, j] * x[p, g*k + i]   (block-diagonal part used)
+            gw1 = tl.dot(tl.permute(x1, (0, 2, 1)), gh1, gw1, input_precision=DOT_PRECISION)
         else:
-            keep = (z > 0.0) & (z < 6.0)
-        gz = tl.where(keep, gz, 0.0).to(gy_ptr.dtype.element_ty)
-    gb = tl.sum(gz.to(tl.float32), axis=0)  # (CHP, MP)
-    ch2 = tl.reshape(ch, (CHP, MP))
-    tl.atomic_add(gb_ptr + ch2, gb, mask=tl.reshape(ch_ok, (CHP, MP)))
-
-    gz3 = tl.permute(gz, (1, 0, 2))  # (CHP, BLOCK_P, MP)
-    gz3_t = tl.permute(gz, (1, 2, 0))  # (CHP, MP, BLOCK_P)
-    for g0 in range(0, G, GC):
-        chan, chan_ok = _x_chunk_channels(g0, G, K, NB1, GPK, KP)
-        x_ok = chan_ok & p_ok[None, :, None]
-        x1 = tl.load(x_ptr + pix_x[None, :, None] + chan * s_xc, mask=x_ok, other=0.0)
-        w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
-        h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION)
-        h2 = _to_stage2(h1, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
-        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
-        # grad_w2[j, t, g] = sum_p grad_z[p, j, t] * H[p, g, j]
-        gw2 = tl.dot(gz3_t, h2, input_precision=DOT_PRECISION)  # (CHP, MP, GC)
-        tl.atomic_add(gw2_ptr + tl.permute(w2_offs, (0, 2, 1)), gw2, mask=tl.permute(w2_ok, (0, 2, 1)))
-        # grad_H[g, j] = sum_t grad_z[j, t] * w2[j, t, g]
-        gh2 = tl.dot(gz3, tl.permute(w2, (0, 2, 1)), input_precision=DOT_PRECISION)  # (CHP, BLOCK_P, GC)
-        gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)  # (NB1, BLOCK_P, GPK*CHP)
-        gx = tl.dot(gh1, tl.permute(w1, (0, 2, 1)), input_precision=DOT_PRECISION)  # (NB1, BLOCK_P, GPK*KP)
-        tl.store(gx_ptr + pix_gx[None, :, None] + chan * s_gxc, gx.to(gx_ptr.dtype.element_ty), mask=x_ok)
-        # grad_w1[g, j, i] = sum_p grad_H[p, g, j] * x[p, g*k + i]   (block-diagonal part only)
-        gw1 = tl.dot(tl.permute(x1, (0, 2, 1)), gh1, input_precision=DOT_PRECISION)  # (NB1, GPK*KP, GPK*CHP)
+            if ACT != 0:
+                z = tl.permute(_sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
+                                                  BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION), (1, 0, 2))
+                if HAS_BIAS:
+                    z += bias
+                gz = tl.where(_activation_mask(z, ACT), gz, 0.0).to(gy_ptr.dtype.element_ty)
+            gb += tl.sum(gz.to(tl.float32), axis=0)
+            gz3 = tl.permute(gz, (1, 0, 2))
+            gz3_t = tl.permute(gz, (1, 2, 0))
+            for g0 in range(0, G, GC):
+                w1c, w1c_offs, w1c_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
+                x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1c, pix_x, p_ok, g0, G, K, s_xc,
+                                                   BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
+                w2c, w2c_offs, w2c_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
+                gw2c = tl.dot(gz3_t, h2, input_precision=DOT_PRECISION)
+                tl.atomic_add(gw2_ptr + tl.permute(w2c_offs, (0, 2, 1)), gw2c, mask=tl.permute(w2c_ok, (0, 2, 1)))
+                gh2 = tl.dot(gz3, tl.permute(w2c, (0, 2, 1)), input_precision=DOT_PRECISION)
+                gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
+                gx = tl.dot(gh1, tl.permute(w1c, (0, 2, 1)), input_precision=DOT_PRECISION)
+                tl.store(gx_ptr + pix_gx[None, :, None] + chan * s_gxc, gx.to(gx_ptr.dtype.element_ty), mask=x_ok)
+                gw1c = tl.dot(tl.permute(x1, (0, 2, 1)), gh1, input_precision=DOT_PRECISION)
+                tl.atomic_add(gw1_ptr + w1c_offs, gw1c, mask=w1c_ok)
+    tl.atomic_add(gb_ptr + tl.reshape(ch, (CHP, MP)), gb, mask=tl.reshape(ch_ok, (CHP, MP)))
+    if ONE_CHUNK:
         tl.atomic_add(gw1_ptr + w1_offs, gw1, mask=w1_ok)
+        tl.atomic_add(gw2_ptr + tl.permute(w2_offs, (0, 2, 1)), gw2, mask=tl.permute(w2_ok, (0, 2, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,14 +291,17 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+_CHUNK_CHANNELS = 512  # input channels per group chunk (a module constant so tests can shrink it)
+
+
 def _plan(G: int, c_h: int, k: int, m: int) -> dict:
     """Padded block sizes for (G, c_h, k, m); every tl.dot dimension comes out >= 16."""
     KP, CHP, MP = _pow2(k), _pow2(c_h), max(16, _pow2(m))
     GPK = max(1, 16 // min(KP, CHP))  # groups packed per stage-1 product: GPK*k, GPK*c_h >= 16
-    # groups per chunk: >= 16 (stage 2's reduction dimension), at most ~256 input channels so
-    # that the x, hidden and output tiles stay in registers
-    GC = max(16, GPK, min(_pow2(G), 256 // KP))
-    return dict(KP=KP, CHP=CHP, MP=MP, GPK=GPK, NB1=GC // GPK)
+    # groups per chunk: >= 16 (stage 2's reduction dimension), at most ~512 input channels so
+    # that the x, hidden and output tiles stay in registers; one chunk keeps the weights resident
+    GC = max(16, GPK, min(_pow2(G), _CHUNK_CHANNELS // KP))
+    return dict(KP=KP, CHP=CHP, MP=MP, GPK=GPK, NB1=GC // GPK, ONE_CHUNK=GC >= G)
 
 
 def _tile_floats_per_thread(meta: dict, block_p: int, num_warps: int, backward: bool) -> float:
@@ -327,6 +380,15 @@ def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
     return t, s_n, s_c, s_hw, linear
 
 
+_PROGRAMS_PER_SM = 2
+
+
+def _grid(P: int, device: torch.device):
+    """Persistent launch: at most _PROGRAMS_PER_SM programs per SM, each loops over pixel tiles."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return lambda cfg: (min(triton.cdiv(P, cfg["BLOCK_P"]), _PROGRAMS_PER_SM * sms),)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32/fp64: true IEEE products (tf32 would cost ~3e-4 relative error); 16-bit: ignored
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -355,10 +417,11 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
                  X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
     if _autotune_enabled():
-        _sf_conv_fwd_tuned[lambda cfg: (triton.cdiv(P, cfg["BLOCK_P"]),)](*args, **flags)
+        _sf_conv_fwd_tuned[_grid(P, x.device)](*args, **flags)
     else:
         block_p, num_warps = _default_config(meta, backward=False)
-        _sf_conv_fwd_kernel[(triton.cdiv(P, block_p),)](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
+        grid = _grid(P, x.device)({"BLOCK_P": block_p})
+        _sf_conv_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return y
 
 
@@ -384,8 +447,9 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         flags = dict(HAS_BIAS=bias is not None, ACT=_ACTIVATION_CODE[activation],
                      GY_LINEAR=gy_lin, X_LINEAR=x_lin, GX_LINEAR=gx_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
         if _autotune_enabled():
-            _sf_conv_bwd_tuned[lambda cfg: (triton.cdiv(P, cfg["BLOCK_P"]),)](*args, **flags)
+            _sf_conv_bwd_tuned[_grid(P, x.device)](*args, **flags)
         else:
             block_p, num_warps = _default_config(meta, backward=True)
-            _sf_conv_bwd_kernel[(triton.cdiv(P, block_p),)](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
+            grid = _grid(P, x.device)({"BLOCK_P": block_p})
+            _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return grad_x, gw1.to(w1.dtype), gw2.to(w2.dtype), gb.to(w2.dtype)

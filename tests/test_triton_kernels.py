@@ -130,6 +130,16 @@ def test_sf_conv(case, dtype):
     check_sf_conv(2, C_in, k, c_h, C_out, 5, 7, bias, residual, activation, dtype, fmt)
 
 
+@pytest.mark.parametrize("case", [(256, 8, 8, 64, "relu"), (60, 3, 2, 10, "relu6")], ids=str)
+def test_sf_conv_several_group_chunks(case, monkeypatch):
+    """Wide inputs are processed in chunks of groups (weights reloaded per chunk, weight gradients
+    added per chunk): shrink the chunk so that small shapes take that path too."""
+    monkeypatch.setattr(tsf, "_CHUNK_CHANNELS", 64)
+    C_in, k, c_h, C_out, activation = case
+    assert not tsf._plan(C_in // k, c_h, k, C_out // c_h)["ONE_CHUNK"]
+    check_sf_conv(2, C_in, k, c_h, C_out, 3, 5, True, True, activation, torch.float32, torch.channels_last)
+
+
 def test_sf_conv_mixed_layouts():
     """x channels_last with an NCHW residual and grad_y (ops.py passes each as it comes)."""
     x, w1, w2, b, res, gy = _sf_inputs(2, 32, 8, 8, 128, 3, 4, True, True, torch.float32, torch.channels_last)
