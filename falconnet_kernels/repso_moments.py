@@ -28,6 +28,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _backend
 
+# the C++ kernels' namespace (development builds of csrc/cpu/repso_moments.cpp load as falconnet_dev)
+CPP_NAMESPACE = "falconnet_C"
+
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -89,28 +92,33 @@ def repso_moments_backward_ref(grad_mean: Tensor, grad_cov: Tensor, x: Tensor, m
 def _cpp_built() -> bool:
     """The C++ kernels are in the extension only once it has been rebuilt with csrc/cpu/repso_moments.cpp."""
     try:
-        return _backend._has_kernel("repso_moments", "CPU")
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{CPP_NAMESPACE}::repso_moments_forward", "CPU")
     except RuntimeError:  # an extension built before this op existed lacks the schema
         return False
 
 
-def _select(device: torch.device) -> str:
+def _select(device: torch.device, dtype: torch.dtype) -> str:
     """'cpp', 'triton' or 'torch' for this device (the extension's own op names are repso_moments_*)."""
     forced = _backend.forced_backend()
     if forced == "torch":
         return "torch"
     if device.type == "cpu":
         return "cpp" if _cpp_built() else "torch"
-    if device.type == "cuda" and _backend.triton_version() is not None:
-        return "triton"
+    if device.type == "cuda" and _backend.triton_version() is not None and dtype != torch.float64:
+        return "triton"  # float64 stays on the reference: the Triton kernels accumulate in float32
     return "torch"
 
 
 def _backend_for(x: Tensor) -> str:
     # FALCONNET_BACKEND=triton on a CPU tensor runs the Triton kernels under TRITON_INTERPRET=1 (tests)
-    if x.device.type == "cpu" and _backend.forced_backend() == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+    if (
+        x.device.type == "cpu"
+        and x.dtype != torch.float64
+        and _backend.forced_backend() == "triton"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+    ):
         return "triton"
-    return _select(x.device)
+    return _select(x.device, x.dtype)
 
 
 @torch.library.custom_op("falconnet::repso_moments", mutates_args=())
@@ -118,7 +126,7 @@ def repso_moments_op(x: Tensor, K: int) -> tuple[Tensor, Tensor]:
     check_repso_moments(x, K)
     backend = _backend_for(x)
     if backend == "cpp":
-        return torch.ops.falconnet_C.repso_moments_forward(x, K)
+        return getattr(torch.ops, CPP_NAMESPACE).repso_moments_forward(x, K)
     if backend == "triton":
         from . import triton_repso_moments
 
@@ -139,7 +147,7 @@ def repso_moments_backward_op(grad_mean: Tensor, grad_cov: Tensor, x: Tensor, me
     grad_cov = grad_cov.to(mean.dtype).contiguous()
     backend = _backend_for(x)
     if backend == "cpp":
-        return torch.ops.falconnet_C.repso_moments_backward(grad_mean, grad_cov, x, mean, K)
+        return getattr(torch.ops, CPP_NAMESPACE).repso_moments_backward(grad_mean, grad_cov, x, mean, K)
     if backend == "triton":
         from . import triton_repso_moments
 

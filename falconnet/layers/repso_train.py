@@ -57,6 +57,21 @@ def _bn_update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int
         bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
+def _branch_moments(kernel: Tensor, mean_s: Tensor, cov_s: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch means and biased variances (B, C) of the branches with (B, C, K*K) kernels k:
+    k.mean_s and k^T cov_s k.
+
+    The quadratic form is one batched (K*K x K*K) @ (K*K x B) product per channel: einsum's path
+    (B separate batched products of one row) or a broadcast (B, C, K*K, K*K) temporary each cost
+    more than the whole conv on a CPU. The clamp: rounding can leave the variance of a
+    (near-)constant branch slightly negative, where BatchNorm's is >= 0.
+    """
+    mean = (kernel * mean_s).sum(-1)
+    k = kernel.permute(1, 2, 0)  # (C, K*K, B)
+    var = (torch.bmm(cov_s, k) * k).sum(1).t().clamp_min(0)
+    return mean, var
+
+
 def _scale_shift(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tensor], dtype) -> tuple[Tensor, Tensor]:
     """BN as y = scale * z + shift; batch statistics when given, else the running ones."""
     if mean is None:
@@ -96,24 +111,28 @@ def repso_train_forward(
         all_bns.append(identity_bn)
 
     count = N * H * W
-    if any(_uses_batch_stats(bn) for bn in all_bns):
+    batch = [_uses_batch_stats(bn) for bn in all_bns]
+    if any(batch):
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         mean_s, cov_s = repso_moments(x, K)  # (C, K*K), (C, K*K, K*K)
 
-    folded = x.new_zeros((C, K * K), dtype=dtype)
-    bias = x.new_zeros((C,), dtype=dtype)
-    for k, bn in zip(kernels, all_bns):
-        if _uses_batch_stats(bn):
-            mean = (k * mean_s).sum(-1)
-            # biased variance k^T cov k; clamp: rounding can leave a constant branch slightly negative
-            var = torch.einsum("cp,cpq,cq->c", k, cov_s, k).clamp_min(0)
+    # All branches at once: (B, C, K*K) kernels.
+    stacked = torch.stack(kernels)
+    if any(batch):
+        means, variances = _branch_moments(stacked, mean_s, cov_s)  # (B, C) each
+    scales, shifts = [], []
+    for b, bn in enumerate(all_bns):
+        if batch[b]:
+            mean, var = means[b], variances[b]
             _bn_update_running(bn, mean.detach(), var.detach(), count)
             scale, shift = _scale_shift(bn, mean, var, dtype)
         else:
             scale, shift = _scale_shift(bn, None, None, dtype)
-        folded = folded + scale.unsqueeze(-1) * k
-        bias = bias + shift
+        scales.append(scale)
+        shifts.append(shift)
+    folded = (torch.stack(scales).unsqueeze(-1) * stacked).sum(0)
+    bias = torch.stack(shifts).sum(0)
 
     weight = folded.view(C, 1, K, K).to(x.dtype)
     bias = bias.to(x.dtype)

@@ -1,0 +1,236 @@
+"""Triton kernels for the shifted-window moments (falconnet_kernels/repso_moments.py), forward and backward.
+
+Both work on tiles of BLOCK_C channels x BLOCK_P positions (positions flattened over N, H, W) and
+read x through its strides, so NCHW and channels_last inputs run without a copy. Each turns the
+per-channel work into batched matrix products (one per channel of the tile):
+
+- forward: with V[c, p, pos] = the K*K shifts at the tile's positions, sum_pos V V^T gives the
+  K*K x K*K second moments and sum_pos V the first. Per-program partial sums (float32) are added
+  in float64 on the host side, then centred.
+- backward: with T[c, pos, d] = w(v + d) at the (2K-1)^2 lags d and A[c, d, p] = G[p, p + d]
+  (G = grad_cov + grad_cov^T), grad_x(v) = 1/M sum_{valid p} (c_p + (T A)[v, p]).
+
+Precision. bf16/fp16 input: values are exact in the 16-bit type and products exact in float32,
+so the forward runs on tensor cores unshifted; the backward's float32 matrix A is split into a
+high and a low bf16 part (two tensor-core products, ~2^-16 relative error, far below bf16
+rounding). float32 input: the values are shifted by a per-channel sample (see the C++ kernel's
+note on cancellation) and the products run in full float32 (input_precision="ieee").
+Only Triton 3.6 APIs are used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moments_fwd_kernel(
+    x_ptr, shift_ptr, sum_ptr, prod_ptr,
+    C, H, W, n_pos, chunk,
+    sN, sC, sH, sW,
+    K: tl.constexpr, KK_PAD: tl.constexpr, SHIFT: tl.constexpr, DOT16: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    P: tl.constexpr = K // 2
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, KK_PAD)
+    c_ok = offs_c < C
+    k_ok = offs_k < K * K
+    di = offs_k // K - P
+    dj = offs_k % K - P
+    if SHIFT:
+        a = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    acc = tl.zeros((BLOCK_C, KK_PAD, KK_PAD), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float32)
+    HW = H * W
+    start = pid_s * chunk
+    for p0 in range(start, tl.minimum(start + chunk, n_pos), BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        n = offs_p // HW
+        rem = offs_p % HW
+        i = rem // W
+        j = rem % W
+        # [BLOCK_C, KK_PAD, BLOCK_P]: channel, shift, position
+        ii = i[None, None, :] + di[None, :, None]
+        jj = j[None, None, :] + dj[None, :, None]
+        live = c_ok[:, None, None] & k_ok[None, :, None] & (offs_p < n_pos)[None, None, :]
+        inside = live & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+        ptrs = x_ptr + offs_c[:, None, None] * sC + n[None, None, :] * sN + ii * sH + jj * sW
+        v = tl.load(ptrs, mask=inside, other=0.0)
+        if SHIFT:
+            # w = xp - a everywhere in the padded window (padding included), 0 off the tile
+            v = tl.where(live, v.to(tl.float32) - a[:, None, None], 0.0)
+            acc = tl.dot(v, tl.permute(v, (0, 2, 1)), acc, input_precision="ieee")
+        elif DOT16:
+            acc = tl.dot(v, tl.permute(v, (0, 2, 1)), acc)
+        else:
+            v = v.to(tl.float32)
+            acc = tl.dot(v, tl.permute(v, (0, 2, 1)), acc, input_precision="ieee")
+        acc_s += tl.sum(v.to(tl.float32), axis=2)
+    base = pid_s * C + offs_c
+    tl.store(sum_ptr + base[:, None] * KK_PAD + offs_k[None, :], acc_s, mask=c_ok[:, None])
+    out = prod_ptr + (base[:, None, None] * KK_PAD + offs_k[None, :, None]) * KK_PAD + offs_k[None, None, :]
+    tl.store(out, acc, mask=c_ok[:, None, None])
+
+
+@triton.jit
+def _moments_bwd_kernel(
+    x_ptr, gx_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr,
+    C, H, W, n_pos, inv_M,
+    sN, sC, sH, sW, gN, gC, gH, gW,
+    K: tl.constexpr, KK_PAD: tl.constexpr, LAG_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT16: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    P: tl.constexpr = K // 2
+    L: tl.constexpr = 2 * K - 1
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, LAG_PAD)
+    offs_k = tl.arange(0, KK_PAD)
+    c_ok = offs_c < C
+    p_ok = offs_p < n_pos
+    HW = H * W
+    n = offs_p // HW
+    rem = offs_p % HW
+    i = rem // W
+    j = rem % W
+    # T[c, pos, d] = w(v + d), lags d = (di, dj) in [-(K-1), K-1]^2
+    ii = i[None, :, None] + (offs_d // L - (K - 1))[None, None, :]
+    jj = j[None, :, None] + (offs_d % L - (K - 1))[None, None, :]
+    live = c_ok[:, None, None] & p_ok[None, :, None] & (offs_d < L * L)[None, None, :]
+    inside = live & (ii >= -P) & (ii < H + P) & (jj >= -P) & (jj < W + P)
+    in_x = inside & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+    ptrs = x_ptr + offs_c[:, None, None] * sC + n[None, :, None] * sN + ii * sH + jj * sW
+    t = tl.load(ptrs, mask=in_x, other=0.0)
+    a_off = (offs_c[:, None, None] * LAG_PAD + offs_d[None, :, None]) * KK_PAD + offs_k[None, None, :]
+    a_mask = c_ok[:, None, None]
+    if SPLIT:
+        # 16-bit x is exact in its type: two tensor-core products with A = A_hi + A_lo
+        a_hi = tl.load(a_hi_ptr + a_off, mask=a_mask, other=0.0)
+        a_lo = tl.load(a_lo_ptr + a_off, mask=a_mask, other=0.0)
+        if DOT16:
+            r = tl.dot(t, a_hi)
+            r = tl.dot(t, a_lo, r)
+        else:
+            t = t.to(tl.float32)
+            r = tl.dot(t, a_hi.to(tl.float32), input_precision="ieee")
+            r = tl.dot(t, a_lo.to(tl.float32), r, input_precision="ieee")
+    else:
+        a = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+        t = tl.where(inside, t.to(tl.float32) - a[:, None, None], 0.0)
+        a_full = tl.load(a_hi_ptr + a_off, mask=a_mask, other=0.0)
+        r = tl.dot(t, a_full, input_precision="ieee")
+    cst = tl.load(cst_ptr + offs_c[:, None] * KK_PAD + offs_k[None, :], mask=c_ok[:, None], other=0.0)
+    # shift p contributes where its output position v - p + P is in the image
+    oi = i[:, None] - (offs_k // K)[None, :] + P
+    oj = j[:, None] - (offs_k % K)[None, :] + P
+    valid = (offs_k < K * K)[None, :] & (oi >= 0) & (oi < H) & (oj >= 0) & (oj < W)  # [BLOCK_P, KK_PAD]
+    g = tl.sum(tl.where(valid[None, :, :], r + cst[:, None, :], 0.0), axis=2) * inv_M
+    out = gx_ptr + offs_c[:, None] * gC + n[None, :] * gN + i[None, :] * gH + j[None, :] * gW
+    tl.store(out, g.to(gx_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel shift: the centre sample of the first image (float32)."""
+    N, C, H, W = x.shape
+    return x[0, :, H // 2, W // 2].float().contiguous()
+
+
+def _blocks(x: torch.Tensor) -> tuple[int, int]:
+    # channel tiles of 16 keep the batched products' accumulators in registers
+    return 16, 32
+
+
+def _dot16() -> bool:
+    # The interpreter (TRITON_INTERPRET=1, numpy) has no bf16 matmul: there the 16-bit products
+    # run in float32, which gives the same values (16-bit products are exact in float32).
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton repso_moments kernels take float32, bfloat16 or float16 x, got {x.dtype}")
+
+
+def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    N, C, H, W = x.shape
+    KK, KK_PAD = K * K, _pow2(K * K)
+    n_pos = N * H * W
+    _check(x)
+    shift_values = x.dtype == torch.float32
+    BLOCK_C, BLOCK_P = _blocks(x)
+    n_cblocks = triton.cdiv(C, BLOCK_C)
+    if x.is_cuda:
+        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:
+        target = 4
+    n_split = max(1, min(triton.cdiv(n_pos, BLOCK_P), triton.cdiv(target, n_cblocks)))
+    chunk = triton.cdiv(triton.cdiv(n_pos, n_split), BLOCK_P) * BLOCK_P
+    n_split = triton.cdiv(n_pos, chunk)
+    shift = _shift(x) if shift_values else torch.zeros(C, device=x.device, dtype=torch.float32)
+    sums = torch.empty((n_split, C, KK_PAD), device=x.device, dtype=torch.float32)
+    prods = torch.empty((n_split, C, KK_PAD, KK_PAD), device=x.device, dtype=torch.float32)
+    _moments_fwd_kernel[(n_cblocks, n_split)](
+        x, shift, sums, prods, C, H, W, n_pos, chunk, *x.stride(),
+        K=K, KK_PAD=KK_PAD, SHIFT=shift_values, DOT16=_dot16(), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+    )
+    ew = sums.sum(0, dtype=torch.float64)[:, :KK] / n_pos
+    second = prods.sum(0, dtype=torch.float64)[:, :KK, :KK] / n_pos
+    cov = second - ew.unsqueeze(-1) * ew.unsqueeze(-2)
+    mean = ew + shift.double().unsqueeze(-1)
+    return mean.float(), cov.float()
+
+
+def _lag_matrix(g_sym: torch.Tensor, K: int, lag_pad: int, kk_pad: int) -> torch.Tensor:
+    """A[c, d, p] = G[c, p, p + d] where p + d is in the window, else 0: (C, lag_pad, kk_pad)."""
+    C = g_sym.shape[0]
+    L = 2 * K - 1
+    p = torch.arange(K * K, device=g_sym.device)
+    q = torch.arange(K * K, device=g_sym.device)
+    d = ((q // K)[None, :] - (p // K)[:, None] + K - 1) * L + ((q % K)[None, :] - (p % K)[:, None] + K - 1)  # (p, q)
+    A = g_sym.new_zeros((C, lag_pad, kk_pad))
+    A[:, d, p[:, None].expand_as(d)] = g_sym  # every (p, q) has its own (d, p)
+    return A
+
+
+def repso_moments_backward(
+    grad_mean: torch.Tensor, grad_cov: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, K: int
+) -> torch.Tensor:
+    N, C, H, W = x.shape
+    KK, KK_PAD, LAG_PAD = K * K, _pow2(K * K), _pow2((2 * K - 1) ** 2)
+    n_pos = N * H * W
+    _check(x)
+    split = x.dtype in (torch.bfloat16, torch.float16)
+    g_sym = (grad_cov + grad_cov.transpose(1, 2)).double()
+    mean64 = mean.double()
+    # the shift: the centre mean for float32 (centres the stencil's terms), none for 16-bit x
+    shift = mean64[:, KK // 2] if not split else torch.zeros(C, device=x.device, dtype=torch.float64)
+    cst = grad_mean.double() - (g_sym @ (mean64 - shift[:, None]).unsqueeze(-1)).squeeze(-1)
+    cst_pad = torch.zeros((C, KK_PAD), device=x.device, dtype=torch.float32)
+    cst_pad[:, :KK] = cst.float()
+    A = _lag_matrix(g_sym, K, LAG_PAD, KK_PAD)
+    if split:
+        a_hi = A.to(x.dtype)
+        a_lo = (A - a_hi.double()).to(x.dtype)
+    else:
+        a_hi, a_lo = A.float(), A.float()
+    gx = torch.empty_like(x)
+    BLOCK_C, BLOCK_P = _blocks(x)
+    grid = (triton.cdiv(C, BLOCK_C), triton.cdiv(n_pos, BLOCK_P))
+    _moments_bwd_kernel[grid](
+        x, gx, a_hi.contiguous(), a_lo.contiguous(), cst_pad, shift.float().contiguous(),
+        C, H, W, n_pos, 1.0 / n_pos, *x.stride(), *gx.stride(),
+        K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, DOT16=_dot16(), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+    )
+    return gx
