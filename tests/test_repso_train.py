@@ -1,0 +1,260 @@
+"""RepSO's one-conv training forward (falconnet/layers/repso_train.py) against the branch-by-branch
+sum it replaces, and the shifted-window moments op (falconnet_kernels/repso_moments.py) against its
+reference, on every backend this machine has (C++, reference, Triton under the interpreter)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from falconnet.layers.repso import TABLE3_CONFIGS, RepSO
+from falconnet.layers.repso_train import repso_train_forward
+from falconnet_kernels import repso_moments as rm
+
+ROWS = sorted(row for row in TABLE3_CONFIGS if row != "A")  # row A has no branch: the identity map
+
+
+def cpp_built() -> bool:
+    return rm._cpp_built()
+
+
+BACKENDS = ["torch", "cpp", "triton"]
+
+
+def use_backend(monkeypatch, backend: str) -> None:
+    if backend == "cpp":
+        if not cpp_built():
+            pytest.skip("the C++ extension was built without csrc/cpu/repso_moments.cpp")
+        monkeypatch.delenv("FALCONNET_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FALCONNET_BACKEND", backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_repso(C: int, row: str = "T", dtype=torch.float64, momentum=0.1) -> RepSO:
+    """A RepSO of a Table 3 row with random weights and BatchNorm parameters/statistics."""
+    module = RepSO(C, **TABLE3_CONFIGS[row]).to(dtype).train()
+    bns = [b.bn for b in module.branches] + ([module.identity_bn] if module.identity_bn is not None else [])
+    with torch.no_grad():
+        for b in module.branches:
+            b.conv.weight.normal_(0, 0.5)
+        for bn in bns:
+            bn.momentum = momentum
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def branch_sum(module: RepSO, x: torch.Tensor) -> torch.Tensor:
+    """The definition: sum_b bn_b(conv_b(x)) + identity_bn(x), straight from the modules."""
+    out = sum(b.bn(b.conv(x)) for b in module.branches)
+    if module.identity_bn is not None:
+        out = out + module.identity_bn(x)
+    return out
+
+
+def fused(module: RepSO, x: torch.Tensor) -> torch.Tensor:
+    return repso_train_forward(
+        x, [b.conv.weight for b in module.branches], [b.bn for b in module.branches], module.identity_bn
+    )
+
+
+def parameters(module: RepSO) -> list[torch.nn.Parameter]:
+    params = [b.conv.weight for b in module.branches]
+    for b in module.branches:
+        params += [b.bn.weight, b.bn.bias]
+    if module.identity_bn is not None:
+        params += [module.identity_bn.weight, module.identity_bn.bias]
+    return params
+
+
+def buffers(module: RepSO) -> list[torch.Tensor]:
+    return [buf for name, buf in module.named_buffers()]
+
+
+def run(fn, module: RepSO, x: torch.Tensor, grad_y: torch.Tensor):
+    """(output, grads for x and every parameter, buffers after the step) of fn."""
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(module, x)
+    grads = torch.autograd.grad(y, [x] + parameters(module), grad_y.to(y.dtype))
+    return y.detach(), list(grads), [b.clone() for b in buffers(module)]
+
+
+def max_err(a, b) -> float:
+    return max((u.double() - v.double()).abs().max().item() for u, v in zip(a, b))
+
+
+def scale(t) -> float:
+    return max(v.double().abs().max().item() for v in t)
+
+
+# ---------------------------------------------------------------------------------------------
+# the moments op
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("K", [1, 3, 5, 7])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5), (1, 17, 4, 9), (3, 2, 1, 2)], ids=str)
+def test_moments_match_reference(monkeypatch, backend, K, shape):
+    use_backend(monkeypatch, backend)
+    dtypes = [torch.float32] if backend == "triton" else [torch.float64, torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        # an offset mean: the kernels must not lose the covariance to cancellation
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 5).to(dtype)
+        if backend == "triton":
+            x = x.contiguous(memory_format=torch.channels_last)
+        mean, cov = rm.repso_moments(x, K)
+        ref_mean, ref_cov = rm.repso_moments_ref(x.double(), K)
+        assert mean.dtype == rm.stats_dtype(dtype) and cov.shape == (shape[1], K * K, K * K)
+        # float64: about 1e-15 relative. C++ accumulates in double: float32 output rounding, a few
+        # ulps. Triton accumulates 32-position tiles in float32: ~32 ulps of sum |w_p w_q|.
+        tol = 1e-12 if dtype == torch.float64 else (4e-6 if backend == "triton" else 4e-7)
+        assert (mean.double() - ref_mean).abs().max() <= tol * ref_mean.abs().max()
+        assert (cov.double() - ref_cov).abs().max() <= tol * ref_cov.abs().max()
+        g_mean, g_cov = torch.randn_like(ref_mean), torch.randn_like(ref_cov)
+        gx = torch.ops.falconnet.repso_moments_backward(g_mean.to(mean.dtype), g_cov.to(mean.dtype), x, mean, K)
+        ref_gx = rm.repso_moments_backward_ref(g_mean, g_cov, x.double(), ref_mean, K)
+        # grad_x is stored in x's dtype: its rounding (2^-8 for bf16, 2^-24 for float32) bounds the error
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+        assert (gx.double() - ref_gx).abs().max() <= tol * ref_gx.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_moments_gradcheck(monkeypatch, backend):
+    use_backend(monkeypatch, backend)
+    x = torch.randn(2, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: rm.repso_moments(t, 3), (x,))
+
+
+def test_moments_opcheck_and_flops():
+    x = torch.randn(2, 4, 5, 5)
+    torch.library.opcheck(torch.ops.falconnet.repso_moments, (x, 3))
+    with FlopCounterMode(display=False) as counter:
+        rm.repso_moments(x, 3)
+    assert counter.get_total_flops() == 2 * rm.repso_moments_macs(x.shape, 3)
+
+
+def test_moments_bad_input():
+    with pytest.raises(ValueError, match="K"):
+        rm.repso_moments(torch.randn(1, 2, 3, 3), 2)
+    with pytest.raises(ValueError, match="4-D"):
+        rm.repso_moments(torch.randn(2, 3, 3), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# exactness of the one-conv training forward
+
+
+@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_float64_every_table3_row(monkeypatch, row, backend):
+    """Output, every gradient and the updated running statistics equal the branch sum to ~1e-10."""
+    use_backend(monkeypatch, backend)
+    module = make_repso(3, row)
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64) * 1.5 + 0.5  # odd H, W
+    grad_y = torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    twin = copy.deepcopy(module)
+    y0, g0, b0 = run(branch_sum, module, x, grad_y)
+    y1, g1, b1 = run(fused, twin, x, grad_y)
+    assert (y1 - y0).abs().max() <= 1e-10 * max(1.0, scale([y0]))
+    assert max_err(g1, g0) <= 1e-10 * max(1.0, scale(g0))
+    assert max_err(b1, b0) <= 1e-12 * max(1.0, scale(b0))  # includes num_batches_tracked
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 2), (2, 4, 1, 1), (1, 4, 3, 3), (1, 4, 2, 1)], ids=str)
+def test_float64_smallest_batches(shape):
+    """Batch 1 and 1x1 images: wherever BatchNorm itself has more than one value per channel."""
+    module = make_repso(4, "T")
+    x, grad_y = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    twin = copy.deepcopy(module)
+    y0, g0, b0 = run(branch_sum, module, x, grad_y)
+    y1, g1, b1 = run(fused, twin, x, grad_y)
+    assert max_err([y1], [y0]) <= 1e-10 * max(1.0, scale([y0]))
+    assert max_err(g1, g0) <= 1e-9 * max(1.0, scale(g0))  # BN on 2 values: gradients up to ~1/eps^0.5
+    assert max_err(b1, b0) <= 1e-12 * max(1.0, scale(b0))
+
+
+def test_one_value_per_channel_is_an_error_as_in_batchnorm():
+    module = make_repso(2, "T")
+    x = torch.randn(1, 2, 1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        branch_sum(module, x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(module, x)
+
+
+def test_momentum_none_and_eval_mode_branches():
+    """Cumulative-average BatchNorms over several steps, and a module in eval mode (running statistics)."""
+    module = make_repso(3, "T", momentum=None)
+    twin = copy.deepcopy(module)
+    for step in range(3):
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64) + step
+        grad_y = torch.randn_like(x)
+        y0, g0, b0 = run(branch_sum, module, x, grad_y)
+        y1, g1, b1 = run(fused, twin, x, grad_y)
+        assert max_err([y1] + g1 + b1, [y0] + g0 + b0) <= 1e-10 * max(1.0, scale(g0 + b0))
+    module.eval(), twin.eval()
+    y0, g0, b0 = run(branch_sum, module, x, grad_y)
+    y1, g1, b1 = run(fused, twin, x, grad_y)
+    assert max_err([y1] + g1 + b1, [y0] + g0 + b0) <= 1e-10 * max(1.0, scale(g0))
+
+
+@pytest.mark.parametrize("row", ["T", "N"])  # the default, and a row with 5x5 (K = 5, not the 3x3 op)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
+def test_low_precision_within_pytorchs_own_error(monkeypatch, row, dtype, backend):
+    """Against the float64 branch sum, the one-conv path's error stays within a small multiple of
+    the error of PyTorch's own branch sum at the same precision (the flash-attention idiom)."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        dtype = torch.float32  # the interpreter has no bf16 matmul; the 16-bit path runs on a GPU
+    use_backend(monkeypatch, backend)
+    module = make_repso(8, row)
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64) + 0.5
+    grad_y = torch.randn_like(x)
+    y_ref, g_ref, b_ref = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    low = module.to(dtype)
+    y_pt, g_pt, b_pt = run(branch_sum, copy.deepcopy(low), x.to(dtype), grad_y)
+    y_fu, g_fu, b_fu = run(fused, copy.deepcopy(low), x.to(dtype), grad_y)
+    ulp = torch.finfo(dtype).eps
+    for ours, theirs, ref in ((y_fu, y_pt, y_ref), *zip(g_fu, g_pt, g_ref)):
+        err_pt = max_err([theirs], [ref])
+        err_fu = max_err([ours], [ref])
+        # 3x PyTorch's own error, plus a floor of a few output ulps where PyTorch happens to be exact
+        assert err_fu <= 3 * err_pt + 4 * ulp * max(1.0, scale([ref])), (err_fu, err_pt)
+    # running statistics: BatchNorm's own float32/bf16 rounding of the update
+    assert max_err(b_fu, b_ref) <= 3 * max_err(b_pt, b_ref) + 4 * ulp * scale(b_ref)
+
+
+def test_triton_interpreter_float32_end_to_end(monkeypatch):
+    use_backend(monkeypatch, "triton")
+    module = make_repso(5, "T").float()
+    x = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
+    # float32 on both sides: a few hundred ulps of the largest value (BN's 1/std amplifies)
+    assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
+    assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("row", ["T", "N"])
+def test_cuda_bfloat16_channels_last(row):
+    module = make_repso(32, row).cuda()
+    x = (torch.randn(4, 32, 14, 14, dtype=torch.float64) + 0.5).cuda()
+    grad_y = torch.randn_like(x)
+    y_ref, g_ref, _ = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    low = module.to(torch.bfloat16)
+    xl = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    y_pt, g_pt, _ = run(branch_sum, copy.deepcopy(low), xl, grad_y)
+    y_fu, g_fu, _ = run(fused, copy.deepcopy(low), xl, grad_y)
+    for ours, theirs, ref in ((y_fu, y_pt, y_ref), *zip(g_fu, g_pt, g_ref)):
+        assert max_err([ours], [ref]) <= 3 * max_err([theirs], [ref]) + 2**-6 * max(1.0, scale([ref]))
+
