@@ -328,7 +328,11 @@ def _fits(meta: dict, block_p: int, num_warps: int, backward: bool) -> bool:
 
 
 def _default_config(meta: dict, backward: bool) -> tuple[int, int]:
-    """(BLOCK_P, num_warps) without autotuning: the largest pixel tile that fits the budget."""
+    """(BLOCK_P, num_warps) without autotuning: the largest pixel tile that fits the budget.
+    Under the interpreter: the smallest tile, so that the tests' small shapes still give each
+    persistent program several tiles (the loop and the cross-tile accumulation get exercised)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 16, 4
     for block_p, num_warps in ((64, 8), (32, 8), (16, 8)):
         if _fits(meta, block_p, num_warps, backward):
             return block_p, num_warps
@@ -387,13 +391,15 @@ def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
     return t, s_n, s_c, s_hw, linear
 
 
-_PROGRAMS_PER_SM = 2
+# Persistent launch: at most this many programs per SM, each looping over pixel tiles. The
+# forward wants several resident programs per SM for loads in flight; the backward fewer, since
+# each program ends with one atomic add of its whole weight-gradient tile.
+_PROGRAMS_PER_SM = {False: 4, True: 2}
 
 
-def _grid(P: int, device: torch.device):
-    """Persistent launch: at most _PROGRAMS_PER_SM programs per SM, each loops over pixel tiles."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return lambda cfg: (min(triton.cdiv(P, cfg["BLOCK_P"]), _PROGRAMS_PER_SM * sms),)
+def _grid(P: int, device: torch.device, backward: bool):
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return lambda cfg: (min(triton.cdiv(P, cfg["BLOCK_P"]), _PROGRAMS_PER_SM[backward] * sms),)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -424,10 +430,10 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
                  X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
     if _autotune_enabled():
-        _sf_conv_fwd_tuned[_grid(P, x.device)](*args, **flags)
+        _sf_conv_fwd_tuned[_grid(P, x.device, False)](*args, **flags)
     else:
         block_p, num_warps = _default_config(meta, backward=False)
-        grid = _grid(P, x.device)({"BLOCK_P": block_p})
+        grid = _grid(P, x.device, False)({"BLOCK_P": block_p})
         _sf_conv_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return y
 
@@ -454,9 +460,9 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         flags = dict(HAS_BIAS=bias is not None, ACT=_ACTIVATION_CODE[activation],
                      GY_LINEAR=gy_lin, X_LINEAR=x_lin, GX_LINEAR=gx_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
         if _autotune_enabled():
-            _sf_conv_bwd_tuned[_grid(P, x.device)](*args, **flags)
+            _sf_conv_bwd_tuned[_grid(P, x.device, True)](*args, **flags)
         else:
             block_p, num_warps = _default_config(meta, backward=True)
-            grid = _grid(P, x.device)({"BLOCK_P": block_p})
+            grid = _grid(P, x.device, True)({"BLOCK_P": block_p})
             _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return grad_x, gw1.to(w1.dtype), gw2.to(w2.dtype), gb.to(w2.dtype)
