@@ -204,7 +204,7 @@ def _block_c(C: int) -> int:
 # (BLOCK_Q, BLOCK_C, num_warps); short lists, each config compiles once per shape
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_Q": q, "BLOCK_C": c}, num_warps=w)
-    for q, c, w in ((64, 64, 4), (128, 64, 8), (32, 128, 4), (64, 128, 8), (256, 32, 8))
+    for q, c, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (256, 32, 8), (128, 32, 4), (32, 128, 4))
 ]
 _DW_KEY = ["C", "H", "W", "total", "STRIDE", "HAS_BIAS", "ACT"]
 _dw_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_DW_KEY)(_dw_fwd_kernel)
