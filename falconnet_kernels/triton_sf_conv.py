@@ -25,7 +25,9 @@ Tensor-core products need every dimension >= 16: k and c_h below 16 are packed G
 batch element as a small block-diagonal (GPK*k x GPK*c_h, zeros off the blocks), m is padded to
 16, and a group chunk GC holds at least 16 groups (padded with zero groups when G < 16).
 Non-power-of-two k, c_h, m, G are padded to powers of two through masks: padded weights load
-as zeros and padded channels are neither read nor written. Pixels are addressed as
+as zeros and padded channels are neither read nor written. (G, c_h, k, m) are compile-time
+constants, so at power-of-two shapes the channel masks fold away and the loads and stores of a
+pixel's channels stay 16-byte vectors. Pixels are addressed as
 p = n*H*W + hw with strides (sN, sC, sHW), so NCHW and channels_last share one kernel; for
 channels_last (the benchmarked layout) the offset is p*C + c, contiguous over the channels.
 
@@ -155,7 +157,7 @@ def _out_channels(C_H, M, CHP: tl.constexpr, MP: tl.constexpr):
 @triton.jit
 def _sf_conv_fwd_kernel(
     x_ptr, w1_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr,
-    P, HW, G, C_H, K, M,
+    P, HW, G: tl.constexpr, C_H: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
     s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     X_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr,
@@ -207,7 +209,7 @@ def _activation_mask(z, ACT: tl.constexpr):
 @triton.jit
 def _sf_conv_bwd_kernel(
     gy_ptr, x_ptr, w1_ptr, w2_ptr, bias_ptr, gx_ptr, gw1_ptr, gw2_ptr, gb_ptr,
-    P, HW, G, C_H, K, M,
+    P, HW, G: tl.constexpr, C_H: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
     s_gyn, s_gyc, s_gyhw, s_xn, s_xc, s_xhw, s_gxn, s_gxc, s_gxhw,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     GY_LINEAR: tl.constexpr, X_LINEAR: tl.constexpr, GX_LINEAR: tl.constexpr,
