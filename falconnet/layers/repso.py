@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from falconnet_kernels import dw_conv3x3
 
 from .activation import apply_activation, check_activation, split_for_fusion
