@@ -67,6 +67,16 @@ def test_falconnet_uses_refco_in_stage3_only():
     assert all(any(isinstance(m, RepSO) for m in s.modules()) for s in model.stages)
 
 
+def test_head_api():
+    model = falconnet.create_model("lightnet_irb", num_classes=10, head_width=64).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 64, 1, 1)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 64)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+
+
 def test_xavier_init():
     model = falconnet.create_model("lightnet_irb", num_classes=100)
     w = model.classifier.weight

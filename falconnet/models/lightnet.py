@@ -95,6 +95,7 @@ class LightNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stages and the 1x1 head conv: (N, head_width, H/32, W/32)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"LightNet expects input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         x = self.stem(x)
@@ -102,6 +103,19 @@ class LightNet(nn.Module):
             x = stage(x)
         return self.head(x)
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.dropout(self.pool(x).flatten(1))
+        return x if pre_logits else self.classifier(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh Xavier-initialised classifier for `num_classes` (fine-tuning, timm convention)."""
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes).to(self.classifier.weight.device)
+        nn.init.xavier_uniform_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
