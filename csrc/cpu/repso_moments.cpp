@@ -31,15 +31,33 @@ inline Vec4 load4(const double* p) {
   return v;
 }
 
-// Fill a (H+2P) x (W+2P) plane with w = x - a inside and -a in the padding.
+// Small images make short inner loops, so G images of one channel are interleaved column by
+// column: plane[r][t * G + g] is padded position (r, t) of image g, and every row loop runs over
+// W * G values. Fill it with w = x - a inside and -a in the padding; lanes g >= n_img (the last,
+// partial group) stay 0, which adds nothing to any sum.
+// About 128 values per row, in groups of equal size (16 images at Wp = 9: two groups of 8, not 14 + 2).
+inline int64_t lanes_for(int64_t N, int64_t Wp) {
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(N, 128 / Wp));
+  const int64_t groups = (N + most - 1) / most;
+  return (N + groups - 1) / groups;
+}
+
 template <typename scalar_t>
-void shifted_padded_plane(const scalar_t* x, int64_t H, int64_t W, int64_t P, double a, double* plane) {
-  const int64_t Wp = W + 2 * P;
-  std::fill(plane, plane + (H + 2 * P) * Wp, -a);
-  for (int64_t i = 0; i < H; ++i) {
-    double* row = plane + (i + P) * Wp + P;
-    const scalar_t* xr = x + i * W;
-    for (int64_t j = 0; j < W; ++j) row[j] = static_cast<double>(xr[j]) - a;
+void fill_planes(const scalar_t* x, int64_t image_stride, int64_t n_img, int64_t G, int64_t H, int64_t W, int64_t P,
+                 double a, double* plane) {
+  const int64_t Wp = W + 2 * P, WpG = Wp * G;
+  for (int64_t r = 0; r < H + 2 * P; ++r) {
+    double* row = plane + r * WpG;
+    for (int64_t t = 0; t < Wp; ++t)
+      for (int64_t g = 0; g < G; ++g) row[t * G + g] = g < n_img ? -a : 0.0;
+  }
+  for (int64_t g = 0; g < n_img; ++g) {
+    const scalar_t* xi = x + g * image_stride;
+    for (int64_t i = 0; i < H; ++i) {
+      double* row = plane + (i + P) * WpG + P * G + g;
+      const scalar_t* xr = xi + i * W;
+      for (int64_t j = 0; j < W; ++j) row[j * G] = static_cast<double>(xr[j]) - a;
+    }
   }
 }
 
@@ -61,29 +79,46 @@ void moments_forward_kernel(const scalar_t* x, int64_t N, int64_t C, int64_t H, 
   std::vector<int64_t> slot(Hp);
   int64_t n_slots = 1;
   for (int64_t r = 0; r < Hp; ++r) slot[r] = (r >= K - 1 && r < H) ? 0 : n_slots++;
-  const int64_t lag_block = K * L * Wp;  // one slot: (D, d + K-1, t)
+  const int64_t G = lanes_for(N, Wp), WpG = Wp * G;
+  const int64_t lag_block = K * L * WpG;  // one slot: (D, d + K-1, t, g)
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<double> plane(plane_size), lag(n_slots * lag_block), sums(n_slots * Wp), ew(KK);
+    std::vector<double> plane(plane_size * G), lag(n_slots * lag_block), sums(n_slots * WpG), ew(KK);
+    std::vector<double> lag_cols(n_slots * K * L * Wp), sum_cols(n_slots * Wp);
     for (int64_t c = c0; c < c1; ++c) {
       const double a = static_cast<double>(x[(c * H + H / 2) * W + W / 2]);
       std::fill(lag.begin(), lag.end(), 0.0);
       std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t n = 0; n < N; ++n) {
-        shifted_padded_plane(x + (n * C + c) * H * W, H, W, P, a, plane.data());
+      for (int64_t n0 = 0; n0 < N; n0 += G) {
+        fill_planes(x + (n0 * C + c) * H * W, C * H * W, std::min(G, N - n0), G, H, W, P, a, plane.data());
         for (int64_t r = 0; r < Hp; ++r) {
-          const double* row = plane.data() + r * Wp;
-          double* s = sums.data() + slot[r] * Wp;
-          for (int64_t t = 0; t < Wp; ++t) s[t] += row[t];
+          const double* row = plane.data() + r * WpG;
+          double* s = sums.data() + slot[r] * WpG;
+          for (int64_t u = 0; u < WpG; ++u) s[u] += row[u];
           for (int64_t D = 0; D < K && r + D < Hp; ++D) {
-            const double* other = plane.data() + (r + D) * Wp;
+            const double* other = plane.data() + (r + D) * WpG;
             for (int64_t d = -(K - 1); d <= K - 1; ++d) {
               if (D == 0 && d < 0) continue;  // the mirror of d > 0 (assembled by symmetry)
-              double* acc = lag.data() + slot[r] * lag_block + (D * L + d + K - 1) * Wp;
-              const int64_t t0 = std::max<int64_t>(0, -d), t1 = std::min<int64_t>(Wp, Wp - d);
-              for (int64_t t = t0; t < t1; ++t) acc[t] += row[t] * other[t + d];
+              double* acc = lag.data() + slot[r] * lag_block + (D * L + d + K - 1) * WpG;
+              const int64_t u0 = std::max<int64_t>(0, -d) * G, u1 = std::min<int64_t>(Wp, Wp - d) * G;
+              const double* shifted = other + d * G;
+              for (int64_t u = u0; u < u1; ++u) acc[u] += row[u] * shifted[u];
             }
           }
         }
+      }
+      // fold the lanes (images) into per-column totals, with independent sums per column
+      for (int64_t k = 0; k < n_slots * K * L; ++k) {
+        const double* src = lag.data() + k * WpG;
+        double* dst = lag_cols.data() + k * Wp;
+        for (int64_t t = 0; t < Wp; ++t) dst[t] = 0.0;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t t = 0; t < Wp; ++t) dst[t] += src[t * G + g];
+      }
+      for (int64_t k = 0; k < n_slots; ++k) {
+        double* dst = sum_cols.data() + k * Wp;
+        for (int64_t t = 0; t < Wp; ++t) dst[t] = 0.0;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t t = 0; t < Wp; ++t) dst[t] += sums[k * WpG + t * G + g];
       }
       // assemble: sum each accumulator over its column window and its row window's slots
       auto window_sum = [&](const double* base, int64_t stride, int64_t pi, int64_t pj) {
@@ -96,7 +131,7 @@ void moments_forward_kernel(const scalar_t* x, int64_t N, int64_t C, int64_t H, 
         return total;
       };
       for (int64_t p = 0; p < KK; ++p) {
-        ew[p] = window_sum(sums.data(), Wp, p / K, p % K) / M;
+        ew[p] = window_sum(sum_cols.data(), Wp, p / K, p % K) / M;
         mean_out[c * KK + p] = static_cast<stat_t>(ew[p] + a);
       }
       for (int64_t p = 0; p < KK; ++p) {
@@ -108,7 +143,7 @@ void moments_forward_kernel(const scalar_t* x, int64_t N, int64_t C, int64_t H, 
             std::swap(pj, qj);
           }
           const int64_t D = qi - pi, d = qj - pj;
-          const double second = window_sum(lag.data() + (D * L + d + K - 1) * Wp, lag_block, pi, pj) / M;
+          const double second = window_sum(lag_cols.data() + (D * L + d + K - 1) * Wp, K * L * Wp, pi, pj) / M;
           const stat_t v = static_cast<stat_t>(second - ew[p] * ew[q]);
           cov_out[(c * KK + p) * KK + q] = v;
           cov_out[(c * KK + q) * KK + p] = v;
@@ -152,8 +187,9 @@ void moments_backward_kernel(const stat_t* grad_mean, const stat_t* grad_cov, co
   std::vector<int64_t> q_stencil(KK);
   for (int64_t q = 0; q < KK; ++q) q_stencil[q] = (q / K) * L + q % K;
 
+  const int64_t lanes = lanes_for(N, Wp), WpG = Wp * lanes;
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<double> plane(plane_size), G(KK * KK), cst(KK), stencil(LL);
+    std::vector<double> plane(plane_size * lanes), G(KK * KK), cst(KK), stencil(LL), row_out(W * lanes);
     // per (row class, column class): constant, tap weights and tap offsets (relative to v in the plane)
     std::vector<double> cls_cst(n_rc * n_cc), tap_weight(n_rc * n_cc * LL);
     std::vector<int64_t> tap_offset(n_rc * n_cc * LL), n_taps(n_rc * n_cc);
@@ -187,43 +223,45 @@ void moments_backward_kernel(const stat_t* grad_mean, const stat_t* grad_cov, co
           for (int64_t d = 0; d < LL; ++d) {
             if (stencil[d] == 0.0) continue;
             tap_weight[k * LL + n] = stencil[d];
-            tap_offset[k * LL + n++] = (d / L - (K - 1)) * Wp + (d % L - (K - 1));
+            tap_offset[k * LL + n++] = (d / L - (K - 1)) * WpG + (d % L - (K - 1)) * lanes;
           }
           n_taps[k] = n;
         }
       }
-      for (int64_t n = 0; n < N; ++n) {
-        shifted_padded_plane(x + (n * C + c) * H * W, H, W, P, a, plane.data());
-        scalar_t* gx = grad_x + (n * C + c) * H * W;
+      for (int64_t n0 = 0; n0 < N; n0 += lanes) {
+        const int64_t n_img = std::min(lanes, N - n0);
+        fill_planes(x + (n0 * C + c) * H * W, C * H * W, n_img, lanes, H, W, P, a, plane.data());
         for (int64_t i = 0; i < H; ++i) {
+          const double* centre = plane.data() + (i + P) * WpG + P * lanes;
           for (int64_t cc = 0; cc < n_cc; ++cc) {
             const int64_t k = row_cls[i] * n_cc + cc;
             const double* tw = tap_weight.data() + k * LL;
             const int64_t* to = tap_offset.data() + k * LL;
             const int64_t nt = n_taps[k];
             const double c_k = cls_cst[k];
-            const double* centre = plane.data() + (i + P) * Wp + P;
-            int64_t j = col_span[cc][0];
-            const int64_t j_end = col_span[cc][1];
-            for (; j + kBlock <= j_end; j += kBlock) {
-              // 8 columns in two 4-wide registers across all taps (an array accumulator is kept
+            int64_t u = col_span[cc][0] * lanes;
+            const int64_t u_end = col_span[cc][1] * lanes;
+            for (; u + kBlock <= u_end; u += kBlock) {
+              // 8 values in two 4-wide registers across all taps (an array accumulator is kept
               // in memory by GCC: 4x slower)
               Vec4 acc0 = {c_k, c_k, c_k, c_k}, acc1 = acc0;
               for (int64_t t = 0; t < nt; ++t) {
-                const double* src = centre + to[t] + j;
+                const double* src = centre + to[t] + u;
                 acc0 += tw[t] * load4(src);
                 acc1 += tw[t] * load4(src + 4);
               }
-              for (int64_t u = 0; u < 4; ++u) {
-                gx[i * W + j + u] = static_cast<scalar_t>(acc0[u] * inv_M);
-                gx[i * W + j + 4 + u] = static_cast<scalar_t>(acc1[u] * inv_M);
-              }
+              std::memcpy(row_out.data() + u, &acc0, sizeof(Vec4));
+              std::memcpy(row_out.data() + u + 4, &acc1, sizeof(Vec4));
             }
-            for (; j < j_end; ++j) {
+            for (; u < u_end; ++u) {
               double acc = c_k;
-              for (int64_t t = 0; t < nt; ++t) acc += tw[t] * centre[to[t] + j];
-              gx[i * W + j] = static_cast<scalar_t>(acc * inv_M);
+              for (int64_t t = 0; t < nt; ++t) acc += tw[t] * centre[to[t] + u];
+              row_out[u] = acc;
             }
+          }
+          for (int64_t g = 0; g < n_img; ++g) {
+            scalar_t* gx = grad_x + ((n0 + g) * C + c) * H * W + i * W;
+            for (int64_t j = 0; j < W; ++j) gx[j] = static_cast<scalar_t>(row_out[j * lanes + g] * inv_M);
           }
         }
       }

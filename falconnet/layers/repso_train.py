@@ -83,15 +83,34 @@ def _scale_shift(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tenso
     return scale, -mean * scale
 
 
+def _use_fused_dw_conv(x: Tensor, K: int, conv: str) -> bool:
+    """Whether the one conv runs on falconnet_kernels.dw_conv3x3 (3x3 only) or on F.conv2d.
+
+    "auto": the fused op on CUDA; F.conv2d on the CPU, where oneDNN's depthwise conv measured
+    1.1-7.6x faster forward+backward than the extension's at the hidden shapes
+    (docs/repso_training.md).
+    """
+    if K != 3 or conv == "torch":
+        return False
+    return conv == "falconnet" or x.device.type == "cuda"
+
+
 def repso_train_forward(
     x: Tensor,
     weights: Sequence[Tensor],
     bns: Sequence[nn.BatchNorm2d],
     identity_bn: Optional[nn.BatchNorm2d] = None,
+    conv: str = "auto",
 ) -> Tensor:
     """sum_b bns[b](conv2d(x, weights[b], padding=(kh//2, kw//2), groups=C)) + identity_bn(x), exactly,
     with one conv; BatchNorms in training mode use batch statistics and update their running
-    statistics (and num_batches_tracked) in place, as nn.BatchNorm2d does. Stride 1."""
+    statistics (and num_batches_tracked) in place, as nn.BatchNorm2d does. Stride 1.
+
+    conv picks the one conv: "falconnet" (falconnet_kernels.dw_conv3x3, K = 3 only), "torch"
+    (F.conv2d: cuDNN / oneDNN) or "auto" (see _use_fused_dw_conv).
+    """
+    if conv not in ("auto", "falconnet", "torch"):
+        raise ValueError(f"conv must be 'auto', 'falconnet' or 'torch', got {conv!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if len(weights) != len(bns):
@@ -136,7 +155,7 @@ def repso_train_forward(
 
     weight = folded.view(C, 1, K, K).to(x.dtype)
     bias = bias.to(x.dtype)
-    if K == 3:
+    if _use_fused_dw_conv(x, K, conv):
         import falconnet_kernels
 
         return falconnet_kernels.dw_conv3x3(x, weight, bias)

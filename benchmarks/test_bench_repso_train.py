@@ -1,0 +1,90 @@
+"""RepSO training forward+backward: the exact one-conv path (falconnet/layers/repso_train.py) vs the
+seven-branch PyTorch path, side by side, at the hidden widths of SPEC section 6 (default branches:
+three 3x3, 1x3, 3x1, 1x1, identity). GPU: bfloat16 channels_last batch 128; CPU: float32 batch 16.
+
+Peak memory (extra_info): on GPU, torch.cuda.max_memory_allocated over one step minus what was
+allocated before it; on CPU, the bytes of the distinct storages autograd saves for the backward
+(saved_tensors_hooks) plus the output: the activations a training step keeps alive between
+forward and backward, which is what the seven-branch path multiplies.
+
+    pytest benchmarks/test_bench_repso_train.py --benchmark-group-by=param:shape
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from common import BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, run_benchmark
+
+from falconnet.layers.repso import RepSO
+from falconnet.layers.repso_train import repso_train_forward
+
+
+def make_layer(C: int, device: str, dtype: torch.dtype) -> RepSO:
+    return RepSO(C).to(device=device, dtype=dtype).train()
+
+
+def seven_branch(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
+    return sum(b.bn(b.conv(x)) for b in layer.branches) + layer.identity_bn(x)
+
+
+def one_conv(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
+    return repso_train_forward(x, [b.conv.weight for b in layer.branches], [b.bn for b in layer.branches], layer.identity_bn)
+
+
+IMPLS = {"seven-branch": seven_branch, "one-conv": one_conv}
+
+
+def saved_bytes(forward, x: torch.Tensor) -> int:
+    """Distinct storages saved for backward by one forward, plus its output, in bytes."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = forward()
+    storages.pop(x.untyped_storage().data_ptr(), None)  # the input exists either way
+    return sum(storages.values()) + y.untyped_storage().nbytes()
+
+
+def peak_cuda_bytes(step) -> int:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.benchmark(group="repso_train", timer=cuda_sync_timer)
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"{c}@{h}" for c, h in DW_SHAPES])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_repso_train(benchmark, device, impl, shape):
+    C, H = shape
+    N, dtype = BATCH[device], DTYPE[device]
+    torch.manual_seed(0)
+    layer = make_layer(C, device, dtype)
+    x = torch.randn(N, C, H, H, device=device, dtype=dtype)
+    if device == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    gy = torch.randn_like(x)
+    params = [x] + [p for p in layer.parameters()]
+    path = IMPLS[impl]
+
+    def fn():
+        return torch.autograd.grad(path(layer, x), params, gy)
+
+    info = {
+        "op": "repso_train", "pass": "fwd+bwd", "impl": impl, "device": device,
+        "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last" if device == "cuda" else "contiguous",
+        "batch": N, "shape": f"{C}@{H}", "branches": "3x3 x3, 1x3, 3x1, 1x1, identity",
+    }
+    if device == "cuda":
+        fn()
+        info["peak_bytes"] = peak_cuda_bytes(fn)
+    info["saved_bytes"] = saved_bytes(lambda: path(layer, x), x)
+    run_benchmark(benchmark, fn, device, info, rounds=None if device == "cuda" else 5)
