@@ -235,6 +235,8 @@ def dw_conv3x3_forward(x, weight, bias, stride, activation):
     """y = act(depthwise_conv3x3(x, weight, stride, padding=1) + bias)."""
     N, C, H, W = x.shape
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     y = torch.empty((N, C, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
     total = N * Ho * Wo
     if total == 0 or C == 0:
@@ -255,13 +257,17 @@ def dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation):
     """(grad_x, grad_weight, grad_bias) of dw_conv3x3_forward; grad_bias has shape (C,) always."""
     N, C, H, W = x.shape
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_out_format(x))
-    gw = torch.zeros((C, 1, 3, 3), device=x.device, dtype=torch.float32)
-    gb = torch.zeros((C,), device=x.device, dtype=torch.float32)
+    # fp32 accumulators for the atomic adds, zeroed by one fill, cast at the end (copy=True: the
+    # two results never share memory)
+    acc = torch.zeros(10 * C, device=x.device, dtype=torch.float32)
+    gw, gb = acc[: 9 * C].view(C, 1, 3, 3), acc[9 * C:]
     total = N * Ho * Wo
     if total == 0 or C == 0:
         grad_x.zero_()
-        return grad_x, gw.to(weight.dtype), gb.to(weight.dtype)
+        return grad_x, gw.to(weight.dtype, copy=True), gb.to(weight.dtype, copy=True)
     act = _ACTIVATION_CODE[activation]
     # with an activation, grad_z = grad_y * act'(z) is materialised once (same strides as grad_y)
     grad_z = torch.empty_like(grad_y) if act != 0 else grad_y
@@ -290,4 +296,4 @@ def dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation):
         block_q = max(16, 4096 // block_c)
         grid = (triton.cdiv(in_total, block_q), c_blocks)
         _dw_bwd_input_kernel[grid](*args, STRIDE=stride, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4)
-    return grad_x, gw.to(weight.dtype), gb.to(weight.dtype)
+    return grad_x, gw.to(weight.dtype, copy=True), gb.to(weight.dtype, copy=True)

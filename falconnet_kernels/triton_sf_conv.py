@@ -2,12 +2,24 @@
 
 The two numbers, per pixel (k, c_h, G, m as in ../shared/SPEC.md section 4; C_in = G*k,
 C_out = c_h*m, r = k/c_h):
-  * multiply-accumulates: C_in*c_h (stage 1) + C_out*G (stage 2); the 8 FalconNet shapes need
-    768 (32->128) to 32768 (1024->256) MACs per pixel, 4-16x fewer than the dense 1x1 conv;
+  * multiply-accumulates: C_in*c_h (stage 1) + C_out*G (stage 2), 4-16x fewer than the dense
+    1x1 conv's C_in*C_out at FalconNet's shapes;
   * fewest bytes: (C_in + C_out) * itemsize (x read once, y written once; + C_out for a
-    residual). At bf16 that is 25 FLOP/byte at most, far under an H100's ~300 FLOP/byte
-    tensor-core balance point: every shape is memory-bound, and the kernel's job is to stream
-    x and y once at copy speed while the arithmetic hides under the loads.
+    residual). At bf16 that is at most 25 FLOP/byte, far under the ~300 FLOP/byte where an
+    H100's tensor cores and HBM balance: every shape is memory-bound, and the kernel's job is
+    to stream x and y once at copy speed while the arithmetic hides under the loads.
+At the benchmark shapes (bf16, channels_last, batch 128; "executed" counts the padding below;
+floor = bytes / copy bandwidth, 3.02 TB/s H100, 4.27 TB/s H200, SPEC section 6):
+    shape        MAC/px exact  executed  dense    MB    floor H100 / H200
+    32->128 @56       768      4096      4096   128.5   42.5 / 30.1 us
+    128->32 @56      1536      4096      4096   128.5   42.5 / 30.1 us
+    64->256 @28      2048      8192     16384    64.2   21.3 / 15.0 us
+    256->64 @28      4096      8192     16384    64.2   21.3 / 15.0 us
+    128->512 @14     6144     12288     65536    32.1   10.6 /  7.5 us
+    512->128 @14    12288     16384     65536    32.1   10.6 /  7.5 us
+    256->1024 @7    16384     32768    262144    16.1    5.3 /  3.8 us
+    1024->256 @7    32768     32768    262144    16.1    5.3 /  3.8 us
+The executed products take 0.8-6.6 us at 500 TFLOP/s, at most 16% of the memory floor.
 
 Design. Both stages are block-diagonal: stage 1 is G blocks of (k -> c_h), stage 2, after the
 (G, c_h) -> (c_h, G) transpose of the hidden tensor, is c_h blocks of (G -> m). Each program takes
@@ -19,8 +31,8 @@ BLOCK_P pixels and runs both stages as *batched* tensor-core products (3-D tl.do
 Why batched products and not 2-D ones: a 2-D product must cover either all of a chunk's hidden
 columns (then stage 2 multiplies by a matrix that is (c_h-1)/c_h zeros, as dear as the dense conv)
 or all outputs of a few j (then stage 1 is as dear). Batching over the block index keeps the
-arithmetic at the exact count times the padding below, which is at most 4x at FalconNet's
-shapes, so the tensor cores stay far under the memory time.
+arithmetic at the exact count times the padding below (1.0-5.3x at FalconNet's shapes, see
+the table), so the tensor cores stay far under the memory time.
 Tensor-core products need every dimension >= 16: k and c_h below 16 are packed GPK groups per
 batch element as a small block-diagonal (GPK*k x GPK*c_h, zeros off the blocks), m is padded to
 16, and a group chunk GC holds at least 16 groups (padded with zero groups when G < 16).
@@ -31,11 +43,19 @@ pixel's channels stay 16-byte vectors. Pixels are addressed as
 p = n*H*W + hw with strides (sN, sC, sHW), so NCHW and channels_last share one kernel; for
 channels_last (the benchmarked layout) the offset is p*C + c, contiguous over the channels.
 
-Backward (one kernel): recompute H (and, for relu/relu6, the full forward z for the mask), then
-per chunk: grad_H = grad_z @ W2^T (batched over j), grad_x = grad_H @ W1^T (batched over groups,
-written once), and the weight gradients x^T grad_H and grad_z^T H reduced over the pixel tile
-on the tensor cores, then added across programs with fp32 atomics (cast to the weight dtype at
-the end). grad_bias is the per-tile column sum of grad_z, added the same way.
+Persistent programs: the grid is a few programs per SM, each looping over pixel tiles. When
+all G groups fit one chunk (7 of the 8 shapes) the weights are loaded once per program and
+Triton's software pipeline prefetches the next tile's x (cp.async) during this tile's math.
+
+Backward (one kernel; fewest bytes (2*C_in + C_out) * itemsize per pixel: x and grad_y read,
+grad_x written): recompute H (and, for relu/relu6, z for the activation mask), then
+grad_H = grad_z @ W2^T (batched over j), grad_x = grad_H @ W1^T (batched over groups, each
+element written once), and the weight gradients grad_z^T H and x^T grad_H as tensor-core
+products reduced over the pixel tile. With
+one chunk they accumulate in registers over all of a program's tiles and reach memory as one
+fp32 atomic add per program (cast to the weight dtype at the end); with several chunks, one
+atomic add per tile and chunk. grad_bias is the column sum of grad_z, added the same way.
+The atomics make weight gradients reproducible only to fp32 rounding, not bit for bit.
 
 Precision: bf16/fp16 operands with fp32 accumulation; the hidden tile is rounded to the input
 dtype before stage 2 (as a two-matmul PyTorch version would do). float32 inputs use
@@ -415,6 +435,8 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     m = w2.shape[1]
     N, C_in, H, W = x.shape
     C_out = c_h * m
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    bias = None if bias is None else bias.contiguous()
     y = torch.empty((N, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
     P = N * H * W
     if P == 0:
@@ -446,11 +468,13 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
     m = w2.shape[1]
     N, C_in, H, W = x.shape
     C_out = c_h * m
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    bias = None if bias is None else bias.contiguous()
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_out_format(x))
-    # fp32 accumulators: tiles add into them with atomics; cast to the weight dtype at the end
-    gw1 = torch.zeros(w1.shape, device=x.device, dtype=torch.float32)
-    gw2 = torch.zeros(w2.shape, device=x.device, dtype=torch.float32)
-    gb = torch.zeros((C_out,), device=x.device, dtype=torch.float32)
+    # fp32 accumulators that the programs add into with atomics, zeroed by one fill and cast to
+    # the weight dtype at the end (copy=True: the three results never share memory)
+    acc = torch.zeros(w1.numel() + w2.numel() + C_out, device=x.device, dtype=torch.float32)
+    gw1, gw2, gb = acc[: w1.numel()].view(w1.shape), acc[w1.numel(): -C_out].view(w2.shape), acc[-C_out:]
     P = N * H * W
     if P > 0:
         grad_y, s_gyn, s_gyc, s_gyhw, gy_lin = _pixel_strides(grad_y)
@@ -467,4 +491,4 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
             block_p, num_warps = _default_config(meta, backward=True)
             grid = _grid(P, x.device, True)({"BLOCK_P": block_p})
             _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
-    return grad_x, gw1.to(w1.dtype), gw2.to(w2.dtype), gb.to(w2.dtype)
+    return grad_x, *(g.to(w1.dtype, copy=True) for g in (gw1, gw2, gb))
