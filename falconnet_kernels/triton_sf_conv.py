@@ -236,73 +236,56 @@ def _sf_conv_bwd_kernel(
     KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr, GPK: tl.constexpr, NB1: tl.constexpr,
     ONE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Persistent like the forward. With one group chunk the weight gradients of all the
-    program's tiles accumulate in registers and reach memory with one atomic add per program."""
+    """Persistent like the forward, with the group chunks as the outer loop: for each chunk a
+    program walks all its pixel tiles, so that chunk's weight gradients accumulate in registers
+    and reach memory as one atomic add per program and chunk (7 of the 8 FalconNet shapes have a
+    single chunk). With several chunks grad_y is re-read per chunk (from L2: a program's share
+    of it is small), and relu/relu6 recompute all of z per chunk for the mask."""
     GC: tl.constexpr = NB1 * GPK
     ch, ch_ok = _out_channels(C_H, M, CHP, MP)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
     gb = tl.zeros((CHP, MP), dtype=tl.float32)
-    if ONE_CHUNK:
-        w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, 0, G, C_H, K, NB1, GPK, KP, CHP)
-        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, 0, G, C_H, M, CHP, GC, MP)
+    for g0 in range(0, G, GC):
+        w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
         gw1 = tl.zeros((NB1, GPK * KP, GPK * CHP), dtype=tl.float32)
         gw2 = tl.zeros((CHP, MP, GC), dtype=tl.float32)
-    for tile in range(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
-        p = tl.arange(0, BLOCK_P).to(tl.int64) + tile * BLOCK_P
-        p_ok = p < P
-        pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
-        pix_gx = _pixel_offset(p, HW, s_gxn, s_gxhw, GX_LINEAR)
-        ok = ch_ok & p_ok[:, None, None]
-        pix_gy = _pixel_offset(p, HW, s_gyn, s_gyhw, GY_LINEAR)[:, None, None]
-        gz = tl.load(gy_ptr + pix_gy + ch.to(tl.int64) * s_gyc, mask=ok, other=0.0)  # (BLOCK_P, CHP, MP)
-        if ONE_CHUNK:
-            x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, 0, G, K, s_xc,
+        for tile in range(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
+            p = tl.arange(0, BLOCK_P).to(tl.int64) + tile * BLOCK_P
+            p_ok = p < P
+            pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
+            pix_gx = _pixel_offset(p, HW, s_gxn, s_gxhw, GX_LINEAR)
+            pix_gy = _pixel_offset(p, HW, s_gyn, s_gyhw, GY_LINEAR)[:, None, None]
+            gz = tl.load(gy_ptr + pix_gy + ch.to(tl.int64) * s_gyc, mask=ch_ok & p_ok[:, None, None],
+                         other=0.0)  # (BLOCK_P, CHP, MP)
+            x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, g0, G, K, s_xc,
                                                BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
             if ACT != 0:
                 # the activation's 0/1 derivative needs the pre-activation z
-                z = tl.permute(tl.dot(h2, w2, input_precision=DOT_PRECISION), (1, 0, 2))
+                if ONE_CHUNK:
+                    z = tl.dot(h2, w2, input_precision=DOT_PRECISION)
+                else:
+                    z = _sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
+                                           BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION)
+                z = tl.permute(z, (1, 0, 2))
                 if HAS_BIAS:
                     z += bias
                 gz = tl.where(_activation_mask(z, ACT), gz, 0.0).to(gy_ptr.dtype.element_ty)
-            gb += tl.sum(gz.to(tl.float32), axis=0)
-            gz3 = tl.permute(gz, (1, 0, 2))  # (CHP, BLOCK_P, MP)
+            if g0 == 0:
+                gb += tl.sum(gz.to(tl.float32), axis=0)
             # grad_w2[j, t, g] = sum_p grad_z[p, j, t] * H[p, g, j]
             gw2 = tl.dot(tl.permute(gz, (1, 2, 0)), h2, gw2, input_precision=DOT_PRECISION)
             # grad_H[g, j] = sum_t grad_z[j, t] * w2[j, t, g], back in stage-1 layout
-            gh2 = tl.dot(gz3, tl.permute(w2, (0, 2, 1)), input_precision=DOT_PRECISION)
+            gh2 = tl.dot(tl.permute(gz, (1, 0, 2)), tl.permute(w2, (0, 2, 1)), input_precision=DOT_PRECISION)
             gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)  # (NB1, BLOCK_P, GPK*CHP)
             gx = tl.dot(gh1, tl.permute(w1, (0, 2, 1)), input_precision=DOT_PRECISION)
             tl.store(gx_ptr + pix_gx[None, :, None] + chan * s_gxc, gx.to(gx_ptr.dtype.element_ty), mask=x_ok)
             # grad_w1[g, j, i] = sum_p grad_H[p, g, j] * x[p, g*k + i]   (block-diagonal part used)
             gw1 = tl.dot(tl.permute(x1, (0, 2, 1)), gh1, gw1, input_precision=DOT_PRECISION)
-        else:
-            if ACT != 0:
-                z = tl.permute(_sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
-                                                  BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION), (1, 0, 2))
-                if HAS_BIAS:
-                    z += bias
-                gz = tl.where(_activation_mask(z, ACT), gz, 0.0).to(gy_ptr.dtype.element_ty)
-            gb += tl.sum(gz.to(tl.float32), axis=0)
-            gz3 = tl.permute(gz, (1, 0, 2))
-            gz3_t = tl.permute(gz, (1, 2, 0))
-            for g0 in range(0, G, GC):
-                w1c, w1c_offs, w1c_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
-                x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1c, pix_x, p_ok, g0, G, K, s_xc,
-                                                   BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
-                w2c, w2c_offs, w2c_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
-                gw2c = tl.dot(gz3_t, h2, input_precision=DOT_PRECISION)
-                tl.atomic_add(gw2_ptr + tl.permute(w2c_offs, (0, 2, 1)), gw2c, mask=tl.permute(w2c_ok, (0, 2, 1)))
-                gh2 = tl.dot(gz3, tl.permute(w2c, (0, 2, 1)), input_precision=DOT_PRECISION)
-                gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
-                gx = tl.dot(gh1, tl.permute(w1c, (0, 2, 1)), input_precision=DOT_PRECISION)
-                tl.store(gx_ptr + pix_gx[None, :, None] + chan * s_gxc, gx.to(gx_ptr.dtype.element_ty), mask=x_ok)
-                gw1c = tl.dot(tl.permute(x1, (0, 2, 1)), gh1, input_precision=DOT_PRECISION)
-                tl.atomic_add(gw1_ptr + w1c_offs, gw1c, mask=w1c_ok)
-    tl.atomic_add(gb_ptr + tl.reshape(ch, (CHP, MP)), gb, mask=tl.reshape(ch_ok, (CHP, MP)))
-    if ONE_CHUNK:
         tl.atomic_add(gw1_ptr + w1_offs, gw1, mask=w1_ok)
         tl.atomic_add(gw2_ptr + tl.permute(w2_offs, (0, 2, 1)), gw2, mask=tl.permute(w2_ok, (0, 2, 1)))
+    tl.atomic_add(gb_ptr + tl.reshape(ch, (CHP, MP)), gb, mask=tl.reshape(ch_ok, (CHP, MP)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,9 +397,10 @@ def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
 
 
 # Persistent launch: at most this many programs per SM, each looping over pixel tiles. The
-# forward wants several resident programs per SM for loads in flight; the backward fewer, since
-# each program ends with one atomic add of its whole weight-gradient tile.
-_PROGRAMS_PER_SM = {False: 4, True: 2}
+# forward wants several resident programs per SM for loads in flight; the backward's programs
+# hold weight-gradient accumulators (170-255 registers a thread, one program per SM fits) and
+# each ends with one atomic add of them, so one per SM.
+_PROGRAMS_PER_SM = {False: 4, True: 1}
 
 
 def _grid(P: int, device: torch.device, backward: bool):
