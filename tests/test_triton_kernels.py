@@ -65,9 +65,11 @@ def assert_matches(name, outs, refs64, refs_lowp, dtype):
 
 
 def poison_allocator():
-    """On CUDA, hand the next allocations memory full of NaN, so an unwritten element shows."""
+    """On CUDA, hand the next allocations memory full of NaN, so an unwritten element shows:
+    fill and free blocks of the caching allocator's large pool and of its small (< 1 MB) one."""
     if ON_GPU:
-        junk = torch.full((1 << 24,), float("nan"), device=DEVICE)
+        junk = [torch.full((1 << 24,), float("nan"), device=DEVICE)]
+        junk += [torch.full((1 << 15,), float("nan"), device=DEVICE) for _ in range(64)]
         del junk
 
 
