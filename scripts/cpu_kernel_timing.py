@@ -2,7 +2,7 @@
 
 Quick tuning aid for the C++ kernels (the pytest-benchmark files in benchmarks/ are the record):
 the 8 point-wise shapes of SPEC section 6 at batch 16, float32, NCHW and channels_last, with the
-default SF-Conv config r = 1, k = the valid k nearest sqrt(r*C_out). Prints time (median of
+default SF-Conv config r = 1, k = the valid k nearest sqrt(r*C_out). Prints time (fastest of
 interleaved runs), GB/s of the minimum traffic (C_in + C_out) * 4 bytes per pixel, and speedup.
 
     python scripts/cpu_kernel_timing.py [--batch 16] [--threads 2] [--rounds 15] [--backward]
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
@@ -28,7 +27,7 @@ def default_k(C_in: int, C_out: int, r: int = 1) -> int:
     return min(valid, key=lambda k: (abs(k - target), k))
 
 
-def timed(fn, rounds: int) -> float:
+def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -79,8 +78,8 @@ def main() -> None:
                     sf()
                 td, ts = [], []
                 for _ in range(args.rounds):  # interleaved, so both see the same machine load
-                    td.append(timed(dense, 1))
-                    ts.append(timed(sf, 1))
+                    td.append(timed(dense))
+                    ts.append(timed(sf))
             # min, not median: on a shared machine the slow runs are other processes, not the kernel
             t_dense, t_sf = min(td), min(ts)
             nbytes = args.batch * hw * hw * (C_in + C_out) * 4 * (2 if args.backward else 1)

@@ -25,8 +25,7 @@ from falconnet_kernels import reference as ref
 # scale; in float64 PyTorch's "own error" is 0, so this term is the whole tolerance there.
 ROUNDING_UNITS = 16
 
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # the GPU cases list theirs (float16 too)
 
 # (device, backend): on CPU "cpp" is the default when the extension is built; the others are
 # forced with FALCONNET_BACKEND.
@@ -37,6 +36,9 @@ BACKENDS = [
     pytest.param(("cuda", "triton"), id="cuda-triton", marks=pytest.mark.cuda),
     pytest.param(("cuda", "torch"), id="cuda-torch", marks=pytest.mark.cuda),
 ]
+
+CPU_BACKENDS = ("cpp", "torch")
+CUDA_BACKENDS = ("cuda", "triton", "torch")
 
 # (C_in, G, c_h, k, C_out), each with an awkward image size.
 SF_CONFIGS = [
@@ -65,14 +67,14 @@ def _use_backend(monkeypatch, device: str, backend: str, op: str) -> None:
     else:
         if backend == "cuda" and not _backend.cuda_available(op):
             pytest.skip("the CUDA kernels are not built")
-        if backend == "triton" and _backend.triton_version() is None:
-            pytest.skip("triton cannot be imported")
+        if backend == "triton":
+            if _backend.triton_version() is None:
+                pytest.skip("triton cannot be imported")
+            # one launch config per shape: autotuning is covered by the Triton kernels' own tests
+            # and would multiply the compile time of this matrix
+            monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
         monkeypatch.setenv("FALCONNET_BACKEND", backend)
     assert fk.backend_for(op, device) == backend
-
-
-def _dtypes(device: str):
-    return CPU_DTYPES if device == "cpu" else CUDA_DTYPES
 
 
 def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -130,38 +132,60 @@ def _sf_inputs(config, hw, dtype, device, bias, residual, batch=2, seed=0):
     return [cast(t) for t in (x, w1, w2, b, r)], cast(gy)
 
 
+def _check_sf_conv(device, config, hw, epilogue, layout, dtype):
+    activation, bias, residual = epilogue
+    (x, w1, w2, b, r), gy = _sf_inputs(config, hw, dtype, device, bias, residual)
+    x = _in_layout(x, layout)
+    # the residual in the other memory format than x, to cover mixed layouts
+    if r is not None:
+        r = _in_layout(r, "nchw" if layout == "channels_last" else "channels_last")
+
+    def op(x, w1, w2, b, r):
+        return fk.sf_conv(x, w1, w2, b, r, activation)
+
+    def reference(x, w1, w2, b, r):
+        return ref.sf_conv_ref(x, w1, w2, b, r, activation)
+
+    out, grads = _run_with_grads(op, (x, w1, w2, b, r), gy)
+    f64 = [None if t is None else t.double() for t in (x, w1, w2, b, r)]
+    out64, grads64 = _run_with_grads(reference, f64, gy.double())
+    out_pt, grads_pt = _run_with_grads(reference, (x, w1, w2, b, r), gy)
+
+    expect_cl = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    _assert_close_to_ref(f"{dtype} y", out, out64, out_pt, dtype)
+    names = ("grad_x", "grad_w1", "grad_w2", "grad_bias", "grad_residual")
+    for name, g, g64, gpt in zip(names, grads, grads64, grads_pt):
+        if g64 is not None:
+            _assert_close_to_ref(f"{dtype} {name}", g, g64, gpt, dtype)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("config,hw", SF_CONFIGS)
-@pytest.mark.parametrize("device_backend", BACKENDS)
-def test_sf_conv_matches_float64_reference(monkeypatch, device_backend, config, hw, epilogue, layout):
-    device, backend = device_backend
-    _use_backend(monkeypatch, device, backend, "sf_conv")
-    activation, bias, residual = epilogue
-    for dtype in _dtypes(device):
-        (x, w1, w2, b, r), gy = _sf_inputs(config, hw, dtype, device, bias, residual)
-        x = _in_layout(x, layout)
-        # the residual in the other memory format than x, to cover mixed layouts
-        if r is not None:
-            r = _in_layout(r, "nchw" if layout == "channels_last" else "channels_last")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sf_conv_matches_float64_reference_cpu(monkeypatch, backend, config, hw, epilogue, layout):
+    _use_backend(monkeypatch, "cpu", backend, "sf_conv")
+    for dtype in CPU_DTYPES:
+        _check_sf_conv("cpu", config, hw, epilogue, layout, dtype)
 
-        def op(x, w1, w2, b, r):
-            return fk.sf_conv(x, w1, w2, b, r, activation)
 
-        def reference(x, w1, w2, b, r):
-            return ref.sf_conv_ref(x, w1, w2, b, r, activation)
+# On the GPU every new shape, flag set and dtype compiles new Triton kernels, so the GPU matrix
+# is a short list that still covers each config, epilogue, layout and dtype once.
+SF_CUDA_CASES = [
+    pytest.param((32, 4, 8, 8, 128), (7, 5), ("relu6", True, True), "channels_last", torch.bfloat16, id="32x128-res-cl-bf16"),
+    pytest.param((128, 32, 4, 4, 32), (13, 9), ("relu", True, False), "nchw", torch.float16, id="128x32-relu-nchw-f16"),
+    pytest.param((12, 3, 2, 4, 10), (7, 5), ("none", False, False), "sliced", torch.float32, id="12x10-sliced-f32"),
+    pytest.param((64, 4, 16, 16, 256), (13, 9), ("relu6", True, True), "nchw", torch.float32, id="64x256-res-nchw-f32"),
+]
 
-        out, grads = _run_with_grads(op, (x, w1, w2, b, r), gy)
-        f64 = [None if t is None else t.double() for t in (x, w1, w2, b, r)]
-        out64, grads64 = _run_with_grads(reference, f64, gy.double())
-        out_pt, grads_pt = _run_with_grads(reference, (x, w1, w2, b, r), gy)
 
-        expect_cl = layout == "channels_last"
-        assert out.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
-        _assert_close_to_ref(f"{dtype} y", out, out64, out_pt, dtype)
-        for name, g, g64, gpt in zip(("grad_x", "grad_w1", "grad_w2", "grad_bias", "grad_residual"), grads, grads64, grads_pt):
-            if g64 is not None:
-                _assert_close_to_ref(f"{dtype} {name}", g, g64, gpt, dtype)
+@pytest.mark.cuda
+@pytest.mark.parametrize("config,hw,epilogue,layout,dtype", SF_CUDA_CASES)
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_sf_conv_matches_float64_reference_cuda(monkeypatch, backend, config, hw, epilogue, layout, dtype):
+    _use_backend(monkeypatch, "cuda", backend, "sf_conv")
+    _check_sf_conv("cuda", config, hw, epilogue, layout, dtype)
 
 
 @pytest.mark.parametrize("device_backend", BACKENDS)
@@ -189,40 +213,58 @@ DW_SHAPES = [
 ]
 
 
+def _check_dw_conv3x3(device, shape, stride, activation, layout, dtype):
+    N, C, H, W, bias = shape
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(C, 1, 3, 3, generator=gen, dtype=torch.float64) / 3
+    b = torch.randn(C, generator=gen, dtype=torch.float64) if bias else None
+    gy = torch.randn(N, C, Ho, Wo, generator=gen, dtype=torch.float64)
+    x, w, b, gy = (None if t is None else t.to(device=device, dtype=dtype) for t in (x, w, b, gy))
+    x = _in_layout(x, layout)
+
+    out, grads = _run_with_grads(lambda x, w, b: fk.dw_conv3x3(x, w, b, stride, activation), (x, w, b), gy)
+
+    def reference(x, w, b):
+        return ref.dw_conv3x3_ref(x, w, b, stride, activation)
+
+    f64 = [None if t is None else t.double() for t in (x, w, b)]
+    out64, grads64 = _run_with_grads(reference, f64, gy.double())
+    out_pt, grads_pt = _run_with_grads(reference, (x, w, b), gy)
+
+    expect_cl = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    _assert_close_to_ref(f"{dtype} y", out, out64, out_pt, dtype)
+    for name, g, g64, gpt in zip(("grad_x", "grad_weight", "grad_bias"), grads, grads64, grads_pt):
+        if g64 is not None:
+            _assert_close_to_ref(f"{dtype} {name}", g, g64, gpt, dtype)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("stride", (1, 2))
 @pytest.mark.parametrize("shape", DW_SHAPES)
-@pytest.mark.parametrize("device_backend", BACKENDS)
-def test_dw_conv3x3_matches_float64_reference(monkeypatch, device_backend, shape, stride, activation, layout):
-    device, backend = device_backend
-    _use_backend(monkeypatch, device, backend, "dw_conv3x3")
-    N, C, H, W, bias = shape
-    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-    for dtype in _dtypes(device):
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
-        w = torch.randn(C, 1, 3, 3, generator=gen, dtype=torch.float64) / 3
-        b = torch.randn(C, generator=gen, dtype=torch.float64) if bias else None
-        gy = torch.randn(N, C, Ho, Wo, generator=gen, dtype=torch.float64)
-        x, w, b, gy = (None if t is None else t.to(device=device, dtype=dtype) for t in (x, w, b, gy))
-        x = _in_layout(x, layout)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dw_conv3x3_matches_float64_reference_cpu(monkeypatch, backend, shape, stride, activation, layout):
+    _use_backend(monkeypatch, "cpu", backend, "dw_conv3x3")
+    for dtype in CPU_DTYPES:
+        _check_dw_conv3x3("cpu", shape, stride, activation, layout, dtype)
 
-        out, grads = _run_with_grads(lambda x, w, b: fk.dw_conv3x3(x, w, b, stride, activation), (x, w, b), gy)
 
-        def reference(x, w, b):
-            return ref.dw_conv3x3_ref(x, w, b, stride, activation)
+DW_CUDA_CASES = [
+    pytest.param((2, 24, 13, 9, True), 1, "relu", "channels_last", torch.bfloat16, id="s1-relu-cl-bf16"),
+    pytest.param((1, 80, 8, 8, False), 2, "relu6", "nchw", torch.float32, id="s2-relu6-nchw-f32"),
+    pytest.param((2, 24, 13, 9, True), 2, "none", "sliced", torch.float16, id="s2-sliced-f16"),
+]
 
-        f64 = [None if t is None else t.double() for t in (x, w, b)]
-        out64, grads64 = _run_with_grads(reference, f64, gy.double())
-        out_pt, grads_pt = _run_with_grads(reference, (x, w, b), gy)
 
-        expect_cl = layout == "channels_last"
-        assert out.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
-        _assert_close_to_ref(f"{dtype} y", out, out64, out_pt, dtype)
-        for name, g, g64, gpt in zip(("grad_x", "grad_weight", "grad_bias"), grads, grads64, grads_pt):
-            if g64 is not None:
-                _assert_close_to_ref(f"{dtype} {name}", g, g64, gpt, dtype)
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,stride,activation,layout,dtype", DW_CUDA_CASES)
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_dw_conv3x3_matches_float64_reference_cuda(monkeypatch, backend, shape, stride, activation, layout, dtype):
+    _use_backend(monkeypatch, "cuda", backend, "dw_conv3x3")
+    _check_dw_conv3x3("cuda", shape, stride, activation, layout, dtype)
 
 
 @pytest.mark.parametrize("device_backend", BACKENDS)
@@ -246,9 +288,6 @@ def test_dw_conv3x3_batch_zero(monkeypatch, device_backend):
 
 # ---------------------------------------------------------------------------------------------
 # gradcheck (float64, CPU) and opcheck
-
-CPU_BACKENDS = ("cpp", "torch")
-
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", ("nchw", "channels_last"))

@@ -36,11 +36,12 @@ inline Activation parse_activation(std::string_view name) {
   TORCH_CHECK(false, "activation must be one of 'none', 'relu', 'relu6', got '", name, "'");
 }
 
+// NaN-propagating, as torch.relu / relu6.
 template <typename A>
 inline A activate(A z, Activation act) {
   if (act == Activation::kNone) return z;
-  A r = z > A(0) ? z : A(0);
-  if (act == Activation::kRelu6) r = r < A(6) ? r : A(6);
+  A r = z < A(0) ? A(0) : z;
+  if (act == Activation::kRelu6) r = r > A(6) ? A(6) : r;
   return r;
 }
 
@@ -209,8 +210,9 @@ void load_tile(const S* src, const PixelView& v, int64_t p0, int count, A* dst, 
 }
 
 // dst pixel (p0 + p), channel c = src[c*T + p], for p < count.
+// With stream, full aligned 64-byte vectors go out as non-temporal stores (the caller fences).
 template <typename S, typename A>
-void store_tile(S* dst, const PixelView& v, int64_t p0, int count, const A* src, int T) {
+void store_tile(S* dst, const PixelView& v, int64_t p0, int count, const A* src, int T, bool stream = false) {
   const int64_t C = v.C;
   if (v.layout == Layout::kNHWC) {
     S* base = dst + p0 * C;
@@ -222,7 +224,10 @@ void store_tile(S* dst, const PixelView& v, int64_t p0, int count, const A* src,
             __m512 r[16];
             for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (c + i) * T + p);
             transpose16x16(r);
-            for (int i = 0; i < 16; ++i) _mm512_storeu_ps(base + (p + i) * C + c, r[i]);
+            if (stream && (reinterpret_cast<uintptr_t>(base) & 63) == 0)
+              for (int i = 0; i < 16; ++i) _mm512_stream_ps(base + (p + i) * C + c, r[i]);
+            else
+              for (int i = 0; i < 16; ++i) _mm512_storeu_ps(base + (p + i) * C + c, r[i]);
           }
         return;
       }

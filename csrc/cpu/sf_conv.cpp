@@ -36,20 +36,58 @@
 namespace falconnet::cpu {
 namespace {
 
-// C[r][0:T] = sum_q A[r*a_rs + q*a_cs] * B[q*b_rs + 0:T], for R rows (R <= 8): one register
-// block of R x NV vector accumulators; each B row is loaded once and used R times.
+// What happens to a finished output block before it is stored: bias, activation, residual
+// (y = act(z + bias) + residual), and whether to store with non-temporal (streaming) stores.
+template <typename A>
+struct Epilogue {
+  const A* bias = nullptr;  // one value per output row
+  const A* res = nullptr;   // residual rows, row stride res_rs
+  int64_t res_rs = 0;
+  Activation act = Activation::kNone;
+  bool stream = false;
+
+  Epilogue rows_from(int r) const {
+    Epilogue e = *this;
+    if (e.bias) e.bias += r;
+    if (e.res) e.res += r * res_rs;
+    return e;
+  }
+};
+
+// Streaming stores skip the read-for-ownership of the output lines and keep a large output from
+// evicting the input: worth it only when the output is bigger than the caches anyway.
+template <typename A>
+inline void store_vec(A* p, typename Simd<A>::vec v, bool stream) {
+#if defined(__AVX512F__)
+  if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    if constexpr (std::is_same_v<A, float>) {
+      _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+      return;
+    } else if constexpr (std::is_same_v<A, double>) {
+      _mm512_stream_pd(p, reinterpret_cast<__m512d>(v));
+      return;
+    }
+  }
+#endif
+  Simd<A>::store(p, v);
+}
+
+// C[r][0:T] = epi(sum_q A[r*a_rs + q*a_cs] * B[q*b_rs + 0:T]), for R rows: one register block of
+// R x NV vector accumulators; each B row is loaded once and used R times, each A entry is a
+// broadcast used NV times.
 template <typename A, int NV, int R>
 inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const A* __restrict b, int64_t b_rs,
-                       int K, A* __restrict c, int64_t c_rs) {
+                       int K, A* __restrict c, int64_t c_rs, const Epilogue<A>* epi) {
   using V = Simd<A>;
+  using vec = typename V::vec;
   constexpr int L = V::lanes;
-  typename V::vec acc[R][NV];
+  vec acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
   for (int q = 0; q < K; ++q) {
-    typename V::vec bv[NV];
+    vec bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) bv[v] = V::load(b + q * b_rs + v * L);
 #pragma GCC unroll 16
@@ -59,24 +97,49 @@ inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const 
       for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * s;
     }
   }
+  if (epi == nullptr) {
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) V::store(c + r * c_rs + v * L, acc[r][v]);
+      for (int v = 0; v < NV; ++v) V::store(c + r * c_rs + v * L, acc[r][v]);
+    return;
+  }
+  const vec zero = V::zero(), six = V::splat(A(6));
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      vec o = acc[r][v];
+      if (epi->bias) o += epi->bias[r];
+      // NaN-propagating, as torch.relu / relu6
+      if (epi->act != Activation::kNone) o = o < zero ? zero : o;
+      if (epi->act == Activation::kRelu6) o = o > six ? six : o;
+      if (epi->res) o += V::load(epi->res + r * epi->res_rs + v * L);
+      store_vec<A>(c + r * c_rs + v * L, o, epi->stream);
+    }
+  }
 }
 
 template <typename A, int NV>
-void gemm_rows(int R, const A* a, int64_t a_rs, int64_t a_cs, const A* b, int64_t b_rs, int K, A* c, int64_t c_rs) {
-  constexpr int RB = NV >= 2 ? 8 : 12;  // accumulators RB*NV <= 24 of the 32 vector registers
+void gemm_rows(int R, const A* a, int64_t a_rs, int64_t a_cs, const A* b, int64_t b_rs, int K, A* c, int64_t c_rs,
+               const Epilogue<A>* epi = nullptr) {
+  constexpr int RB = NV >= 4 ? 6 : (NV >= 2 ? 8 : 12);  // accumulators RB*NV <= 24 of the 32 registers
   int r = 0;
-  for (; r + RB <= R; r += RB) gemm_block<A, NV, RB>(a + r * a_rs, a_rs, a_cs, b, b_rs, K, c + r * c_rs, c_rs);
+  Epilogue<A> shifted;
+  for (; r + RB <= R; r += RB) {
+    if (epi) shifted = epi->rows_from(r);
+    gemm_block<A, NV, RB>(a + r * a_rs, a_rs, a_cs, b, b_rs, K, c + r * c_rs, c_rs, epi ? &shifted : nullptr);
+  }
   const int rest = R - r;
+  if (rest == 0) return;
+  if (epi) shifted = epi->rows_from(r);
+  const Epilogue<A>* e = epi ? &shifted : nullptr;
   a += r * a_rs;
   c += r * c_rs;
   switch (rest) {
-#define FALCONNET_CASE(n)                                              \
-  case n:                                                              \
-    if constexpr (n < RB) gemm_block<A, NV, n>(a, a_rs, a_cs, b, b_rs, K, c, c_rs); \
+#define FALCONNET_CASE(n)                                                             \
+  case n:                                                                             \
+    if constexpr (n < RB) gemm_block<A, NV, n>(a, a_rs, a_cs, b, b_rs, K, c, c_rs, e); \
     break;
     FALCONNET_CASE(1)
     FALCONNET_CASE(2)
@@ -158,16 +221,6 @@ struct SfShape {
   int64_t G, c_h, k, m, C_in, C_out;
 };
 
-// Stage 1 (hidden[j][g][:] = w1[g] . x_g) then stage 2 (out[j*m + t][:] = w2[j] . hidden[j]).
-template <typename A, int NV>
-inline void sf_tile(const SfShape& s, const A* w1, const A* w2, const A* xt, A* hidden, A* out) {
-  constexpr int T = NV * Simd<A>::lanes;
-  for (int64_t g = 0; g < s.G; ++g)
-    gemm_rows<A, NV>(s.c_h, w1 + g * s.c_h * s.k, s.k, 1, xt + g * s.k * T, T, s.k, hidden + g * T, s.G * T);
-  for (int64_t j = 0; j < s.c_h; ++j)
-    gemm_rows<A, NV>(s.m, w2 + j * s.m * s.G, s.G, 1, hidden + j * s.G * T, T, s.G, out + j * s.m * T, T);
-}
-
 SfShape sf_shape_of(const at::Tensor& w1, const at::Tensor& w2) {
   SfShape s;
   s.G = w1.size(0);
@@ -204,11 +257,18 @@ void check_sf_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
 // broadcast weight (2 FMAs) while R*NV accumulators stay in registers.
 constexpr int kNV = 2;
 
+// Outputs larger than this are written with streaming stores (about half the last-level cache:
+// such an output would not stay cached for the next layer anyway).
+constexpr int64_t kStreamingStoreBytes = 16 << 20;
+
 template <typename S>
 void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c, const at::Tensor* bias,
                      const at::Tensor* residual, Activation act, at::Tensor& y, const SfShape& s) {
   using A = compute_t<S>;
   constexpr int T = kNV * Simd<A>::lanes;
+  // float32/float64 NCHW tensors are read and written in place when a tile lies in one image
+  // (its rows are then T contiguous pixels); other tiles go through the channel-major buffers.
+  constexpr bool kInPlace = std::is_same_v<S, A>;
   const int64_t N = x.size(0), HW = x.size(2) * x.size(3), P = N * HW;
   const int64_t tiles = (P + T - 1) / T;
   const PixelView xin{s.C_in, HW, layout_of(x)}, yout{s.C_out, HW, layout_of(y)};
@@ -224,6 +284,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
     const at::Tensor b = bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
     bias_c.assign(b.data_ptr<A>(), b.data_ptr<A>() + s.C_out);
   }
+  const bool stream = y.numel() * static_cast<int64_t>(sizeof(S)) > kStreamingStoreBytes;
   // Grain: ~4 tiles keeps scheduling overhead negligible but still splits 7x7 batches.
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
@@ -231,26 +292,49 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t p0 = tile * T;
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
-      load_tile(xp, xin, p0, count, xt.data(), T);
-      sf_tile<A, kNV>(s, w1, w2, xt.data(), hidden.data(), out.data());
-      if (rp) load_tile(rp, rin, p0, count, res.data(), T);
-      for (int64_t c = 0; c < s.C_out; ++c) {
-        A* o = out.data() + c * T;
-        const A b = bias ? bias_c[c] : A(0);
-        if (act == Activation::kNone) {
-          for (int p = 0; p < T; ++p) o[p] += b;
-        } else if (act == Activation::kRelu) {
-          for (int p = 0; p < T; ++p) o[p] = std::max(o[p] + b, A(0));
+      const int64_t n0 = p0 / HW, hw0 = p0 % HW;
+      const bool one_image = count == T && hw0 + T <= HW;
+      auto in_place = [&](const PixelView& v) { return kInPlace && one_image && v.layout == Layout::kNCHW; };
+
+      const A* xin_rows = xt.data();
+      int64_t x_rs = T;
+      if (in_place(xin)) {
+        xin_rows = reinterpret_cast<const A*>(xp) + n0 * s.C_in * HW + hw0;
+        x_rs = HW;
+      } else {
+        load_tile(xp, xin, p0, count, xt.data(), T);
+      }
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm_rows<A, kNV>(s.c_h, w1 + g * s.c_h * s.k, s.k, 1, xin_rows + g * s.k * x_rs, x_rs, s.k,
+                          hidden.data() + g * T, s.G * T);
+
+      Epilogue<A> epi;
+      epi.bias = bias ? bias_c.data() : nullptr;
+      epi.act = act;
+      if (rp) {
+        if (in_place(rin)) {
+          epi.res = reinterpret_cast<const A*>(rp) + n0 * s.C_out * HW + hw0;
+          epi.res_rs = HW;
         } else {
-          for (int p = 0; p < T; ++p) o[p] = std::min(std::max(o[p] + b, A(0)), A(6));
-        }
-        if (rp) {
-          const A* r = res.data() + c * T;
-          for (int p = 0; p < T; ++p) o[p] += r[p];
+          load_tile(rp, rin, p0, count, res.data(), T);
+          epi.res = res.data();
+          epi.res_rs = T;
         }
       }
-      store_tile(yp, yout, p0, count, out.data(), T);
+      const bool out_in_place = in_place(yout);
+      A* out_rows = out_in_place ? reinterpret_cast<A*>(yp) + n0 * s.C_out * HW + hw0 : out.data();
+      const int64_t o_rs = out_in_place ? HW : T;
+      epi.stream = stream && out_in_place;
+      for (int64_t j = 0; j < s.c_h; ++j) {
+        const Epilogue<A> ej = epi.rows_from(j * s.m);
+        gemm_rows<A, kNV>(s.m, w2 + j * s.m * s.G, s.G, 1, hidden.data() + j * s.G * T, T, s.G,
+                          out_rows + j * s.m * o_rs, o_rs, &ej);
+      }
+      if (!out_in_place) store_tile(yp, yout, p0, count, out.data(), T, stream);
     }
+#if defined(__AVX512F__)
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
+#endif
   });
 }
 
