@@ -33,6 +33,7 @@ Accumulation is in fp32 for every dtype.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -233,6 +234,7 @@ def _out_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -64,6 +64,7 @@ reference to ~1e-6; fp32 is not the benchmarked path.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -403,8 +404,14 @@ def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
 _PROGRAMS_PER_SM = {False: 4, True: 1}
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 for the interpreter's CPU tensors (more tiles per program)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _grid(P: int, device: torch.device, backward: bool):
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _num_sms(device)
     return lambda cfg: (min(triton.cdiv(P, cfg["BLOCK_P"]), _PROGRAMS_PER_SM[backward] * sms),)
 
 
