@@ -31,7 +31,14 @@ def one_conv(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
     return repso_train_forward(x, [b.conv.weight for b in layer.branches], [b.bn for b in layer.branches], layer.identity_bn)
 
 
-IMPLS = {"seven-branch": seven_branch, "one-conv": one_conv}
+def one_conv_torch(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
+    """The one conv on cuDNN instead of falconnet's dw_conv3x3 (GPU only: the CPU default already)."""
+    return repso_train_forward(
+        x, [b.conv.weight for b in layer.branches], [b.bn for b in layer.branches], layer.identity_bn, conv="torch"
+    )
+
+
+IMPLS = {"seven-branch": seven_branch, "one-conv": one_conv, "one-conv-cudnn": one_conv_torch}
 
 
 def saved_bytes(forward, x: torch.Tensor) -> int:
@@ -63,6 +70,8 @@ def peak_cuda_bytes(step) -> int:
 @pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"{c}@{h}" for c, h in DW_SHAPES])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_repso_train(benchmark, device, impl, shape):
+    if impl == "one-conv-cudnn" and device != "cuda":
+        pytest.skip("on the CPU the one conv runs on oneDNN by default: the one-conv case")
     C, H = shape
     N, dtype = BATCH[device], DTYPE[device]
     torch.manual_seed(0)
@@ -88,3 +97,45 @@ def test_repso_train(benchmark, device, impl, shape):
         info["peak_bytes"] = peak_cuda_bytes(fn)
     info["saved_bytes"] = saved_bytes(lambda: path(layer, x), x)
     run_benchmark(benchmark, fn, device, info, rounds=None if device == "cuda" else 5)
+
+
+# A whole training step (forward, cross-entropy, backward) of the registry's FalconNet, with
+# RepSO's training forward as the seven-branch sum or as the one conv (the wiring the layer's
+# flag selects). GPU: bf16 channels_last, batch 128 at 224; CPU: float32 batch 16 at 64x64.
+MODEL_STEP = {"cuda": (128, 224), "cpu": (16, 64)}
+
+
+@pytest.mark.benchmark(group="falconnet_train_step", timer=cuda_sync_timer)
+@pytest.mark.parametrize("impl", ["seven-branch", "one-conv"])
+def test_falconnet_train_step(benchmark, device, impl, monkeypatch):
+    from falconnet.models import create_model
+
+    if impl == "one-conv":
+        def train_forward(self, x):
+            if self.stride != 1 or self.is_identity:
+                return RepSO._seven_branch_forward(self, x)
+            return one_conv(self, x)
+
+        monkeypatch.setattr(RepSO, "_seven_branch_forward", RepSO._train_forward, raising=False)
+        monkeypatch.setattr(RepSO, "_train_forward", train_forward)
+    N, size = MODEL_STEP[device]
+    dtype = DTYPE[device]
+    torch.manual_seed(0)
+    model = create_model("falconnet", num_classes=100).to(device=device, dtype=dtype).train()
+    x = torch.randn(N, 3, size, size, device=device, dtype=dtype)
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 100, (N,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def fn():
+        loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        return torch.autograd.grad(loss, params)
+
+    info = {"op": "falconnet_train_step", "impl": impl, "device": device, "dtype": str(dtype).replace("torch.", ""),
+            "batch": N, "img_size": size}
+    if device == "cuda":
+        fn()
+        info["peak_bytes"] = peak_cuda_bytes(fn)
+    run_benchmark(benchmark, fn, device, info, rounds=20 if device == "cuda" else 3)

@@ -270,3 +270,24 @@ def test_cuda_bfloat16_channels_last(row):
     for ours, theirs, ref in ((y_fu, y_pt, y_ref), *zip(g_fu, g_pt, g_ref)):
         assert max_err([ours], [ref]) <= 3 * max_err([theirs], [ref]) + 2**-6 * max(1.0, scale([ref]))
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K", [1, 3, 5, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_moments_triton(K, dtype, channels_last):
+    x = (torch.randn(3, 40, 9, 11, dtype=torch.float64) * 2 + 5).cuda()
+    xl = x.to(dtype)
+    if channels_last:
+        xl = xl.contiguous(memory_format=torch.channels_last)
+    mean, cov = rm.repso_moments(xl, K)
+    ref_mean, ref_cov = rm.repso_moments_ref(xl.double(), K)
+    # float32 tiles on tensor cores (16-bit x, exact products) or in ieee float32: ~32 ulps
+    assert (mean.double() - ref_mean).abs().max() <= 4e-6 * ref_mean.abs().max()
+    assert (cov.double() - ref_cov).abs().max() <= 4e-6 * ref_cov.abs().max()
+    g_mean, g_cov = torch.randn_like(ref_mean), torch.randn_like(ref_cov)
+    gx = torch.ops.falconnet.repso_moments_backward(g_mean.float(), g_cov.float(), xl, mean, K)
+    ref_gx = rm.repso_moments_backward_ref(g_mean, g_cov, xl.double(), ref_mean, K)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # grad_x is rounded to x's dtype
+    assert (gx.double() - ref_gx).abs().max() <= tol * ref_gx.abs().max()
