@@ -44,8 +44,9 @@ p = n*H*W + hw with strides (sN, sC, sHW), so NCHW and channels_last share one k
 channels_last (the benchmarked layout) the offset is p*C + c, contiguous over the channels.
 
 Persistent programs: the grid is a few programs per SM, each looping over pixel tiles. When
-all G groups fit one chunk (7 of the 8 shapes) the weights are loaded once per program and
-Triton's software pipeline prefetches the next tile's x (cp.async) during this tile's math.
+all G groups fit one chunk (up to 1024 input channels: every FalconNet shape) the weights are
+loaded once per program into shared memory and Triton's software pipeline prefetches the next
+tile's x (cp.async) during this tile's math.
 
 Backward (one kernel; fewest bytes (2*C_in + C_out) * itemsize per pixel: x and grad_y read,
 grad_x written): recompute H (and, for relu/relu6, z for the activation mask), then
@@ -240,7 +241,7 @@ def _sf_conv_bwd_kernel(
     """Persistent like the forward, with the group chunks as the outer loop: for each chunk a
     program walks all its pixel tiles, so that chunk's weight gradients accumulate in registers
     and reach memory as one atomic add per program and chunk (7 of the 8 FalconNet shapes have a
-    single chunk). With several chunks grad_y is re-read per chunk (from L2: a program's share
+    single chunk; 1024->256 has two). With several chunks grad_y is re-read per chunk (from L2: a program's share
     of it is small), and relu/relu6 recompute all of z per chunk for the mask."""
     GC: tl.constexpr = NB1 * GPK
     ch, ch_ok = _out_channels(C_H, M, CHP, MP)
@@ -297,16 +298,19 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-_CHUNK_CHANNELS = 512  # input channels per group chunk (a module constant so tests can shrink it)
+# Input channels per group chunk, forward / backward (module constants so tests can shrink them).
+# The backward also holds the chunk's weight-gradient accumulators, hence the smaller chunk.
+_CHUNK_CHANNELS = {False: 1024, True: 512}
 
 
-def _plan(G: int, c_h: int, k: int, m: int) -> dict:
+def _plan(G: int, c_h: int, k: int, m: int, backward: bool) -> dict:
     """Padded block sizes for (G, c_h, k, m); every tl.dot dimension comes out >= 16."""
     KP, CHP, MP = _pow2(k), _pow2(c_h), max(16, _pow2(m))
     GPK = max(1, 16 // min(KP, CHP))  # groups packed per stage-1 product: GPK*k, GPK*c_h >= 16
-    # groups per chunk: >= 16 (stage 2's reduction dimension), at most ~512 input channels so
-    # that the x, hidden and output tiles stay in registers; one chunk keeps the weights resident
-    GC = max(16, GPK, min(_pow2(G), _CHUNK_CHANNELS // KP))
+    # groups per chunk: >= 16 (stage 2's reduction dimension), at most _CHUNK_CHANNELS input
+    # channels so that the tiles fit registers and shared memory; one chunk keeps the weights
+    # resident (every FalconNet shape in the forward, all but 1024->256 in the backward)
+    GC = max(16, GPK, min(_pow2(G), _CHUNK_CHANNELS[backward] // KP))
     return dict(KP=KP, CHP=CHP, MP=MP, GPK=GPK, NB1=GC // GPK, ONE_CHUNK=GC >= G)
 
 
@@ -329,18 +333,31 @@ def _autotune_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("FALCONNET_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _fits(meta: dict, block_p: int, num_warps: int, backward: bool) -> bool:
-    return _tile_floats_per_thread(meta, block_p, num_warps, backward) <= _REG_BUDGET[backward]
+_SMEM_BUDGET = 200 * 1024  # bytes; an H100/H200 block may use up to 227 KB
 
 
-def _default_config(meta: dict, backward: bool) -> tuple[int, int]:
+def _forward_smem_bytes(meta: dict, block_p: int, itemsize: int) -> int:
+    """Shared memory of the forward: the resident weights plus two pipeline stages of the x tile
+    (matches the sm_90 builds of the FalconNet shapes within a few %)."""
+    GC = meta["NB1"] * meta["GPK"]
+    weights = meta["NB1"] * meta["GPK"] ** 2 * meta["KP"] * meta["CHP"] + meta["CHP"] * GC * meta["MP"]
+    return itemsize * (weights + 2 * block_p * GC * meta["KP"])
+
+
+def _fits(meta: dict, block_p: int, num_warps: int, backward: bool, itemsize: int = 2) -> bool:
+    if _tile_floats_per_thread(meta, block_p, num_warps, backward) > _REG_BUDGET[backward]:
+        return False
+    return backward or _forward_smem_bytes(meta, block_p, itemsize) <= _SMEM_BUDGET
+
+
+def _default_config(meta: dict, backward: bool, itemsize: int) -> tuple[int, int]:
     """(BLOCK_P, num_warps) without autotuning: the largest pixel tile that fits the budget.
     Under the interpreter: the smallest tile, so that the tests' small shapes still give each
     persistent program several tiles (the loop and the cross-tile accumulation get exercised)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return 16, 4
     for block_p, num_warps in ((64, 8), (32, 8), (16, 8)):
-        if _fits(meta, block_p, num_warps, backward):
+        if _fits(meta, block_p, num_warps, backward, itemsize):
             return block_p, num_warps
     return 16, 8
 
@@ -348,7 +365,8 @@ def _default_config(meta: dict, backward: bool) -> tuple[int, int]:
 def _prune(backward: bool):
     def prune(configs, named_args, **kwargs):
         meta = {name: named_args[name] if name in named_args else kwargs[name] for name in ("KP", "CHP", "MP", "GPK", "NB1")}
-        kept = [c for c in configs if _fits(meta, c.kwargs["BLOCK_P"], c.num_warps, backward)]
+        itemsize = named_args["x_ptr"].element_size()
+        kept = [c for c in configs if _fits(meta, c.kwargs["BLOCK_P"], c.num_warps, backward, itemsize)]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)]
     return prune
 
@@ -439,7 +457,7 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     else:
         s_rn = s_rc = s_rhw = 0
         r_lin = True
-    meta = _plan(G, c_h, k, m)
+    meta = _plan(G, c_h, k, m, backward=False)
     args = (x, w1, w2, bias if bias is not None else x, residual if residual is not None else x, y,
             P, H * W, G, c_h, k, m, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
@@ -447,7 +465,7 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     if _autotune_enabled():
         _sf_conv_fwd_tuned[_grid(P, x.device, False)](*args, **flags)
     else:
-        block_p, num_warps = _default_config(meta, backward=False)
+        block_p, num_warps = _default_config(meta, backward=False, itemsize=x.element_size())
         grid = _grid(P, x.device, False)({"BLOCK_P": block_p})
         _sf_conv_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return y
@@ -471,7 +489,7 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         grad_y, s_gyn, s_gyc, s_gyhw, gy_lin = _pixel_strides(grad_y)
         x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
         _, s_gxn, s_gxc, s_gxhw, gx_lin = _pixel_strides(grad_x)
-        meta = _plan(G, c_h, k, m)
+        meta = _plan(G, c_h, k, m, backward=True)
         args = (grad_y, x, w1, w2, bias if bias is not None else x, grad_x, gw1, gw2, gb,
                 P, H * W, G, c_h, k, m, s_gyn, s_gyc, s_gyhw, s_xn, s_xc, s_xhw, s_gxn, s_gxc, s_gxhw)
         flags = dict(HAS_BIAS=bias is not None, ACT=_ACTIVATION_CODE[activation],
@@ -479,7 +497,7 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         if _autotune_enabled():
             _sf_conv_bwd_tuned[_grid(P, x.device, True)](*args, **flags)
         else:
-            block_p, num_warps = _default_config(meta, backward=True)
+            block_p, num_warps = _default_config(meta, backward=True, itemsize=x.element_size())
             grid = _grid(P, x.device, True)({"BLOCK_P": block_p})
             _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return grad_x, *(g.to(w1.dtype, copy=True) for g in (gw1, gw2, gb))

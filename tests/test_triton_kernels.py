@@ -142,9 +142,11 @@ def test_sf_conv(case, dtype):
 def test_sf_conv_several_group_chunks(case, monkeypatch):
     """Wide inputs are processed in chunks of groups (weights reloaded per chunk, weight gradients
     added per chunk): shrink the chunk so that small shapes take that path too."""
-    monkeypatch.setattr(tsf, "_CHUNK_CHANNELS", 64)
+    monkeypatch.setitem(tsf._CHUNK_CHANNELS, False, 64)
+    monkeypatch.setitem(tsf._CHUNK_CHANNELS, True, 64)
     C_in, k, c_h, C_out, activation = case
-    assert not tsf._plan(C_in // k, c_h, k, C_out // c_h)["ONE_CHUNK"]
+    for backward in (False, True):
+        assert not tsf._plan(C_in // k, c_h, k, C_out // c_h, backward)["ONE_CHUNK"]
     check_sf_conv(2, C_in, k, c_h, C_out, 3, 5, True, True, activation, torch.float32, torch.channels_last)
 
 
