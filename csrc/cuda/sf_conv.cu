@@ -42,9 +42,9 @@
 //   2. grad_x: the transpose of an SF-Conv pair is again an SF-Conv pair, with G' = c_h windows of
 //      k' = m channels, c_h' = G, m' = k, w1'[j, g, t] = w2[j, t, g], w2'[g, i, j] = w1[g, j, i]:
 //      the same fast forward kernel computes it, hidden grad_H on chip.
-//   3. sf_conv_weight_grad_tiled: per tile of pixels, grad_z in shared memory (float32); for each
-//      window g recompute H[:, g, :] and grad_H[:, g, :] and add the tile's sums to grad_w1[g] and
-//      grad_w2[:, :, g], one float32 atomicAdd per weight per tile; grad_bias likewise.
+//   3. grad_w1, grad_w2, grad_bias from D = grad_z^T x, the gradient of the dense equivalent
+//      weight: one tensor-core GEMM over the pixels (cuBLAS), then two tiny contractions with
+//      the weights (see weight_grads for the algebra and why).
 //   Weight gradients accumulate in float32 buffers and are cast to the weight dtype at the end.
 //
 // All arithmetic is float32 whatever the storage dtype.
@@ -588,162 +588,36 @@ at::Tensor sf_conv_forward_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: weight gradients. grad_x is the forward kernel run on grad_z with the transposed
-// pair (see sf_conv_backward_cuda); this kernel does the two reductions over pixels.
+// Backward: weight gradients through the dense gradient.
+//
+// With D = grad_z^T x, the (C_out, C_in) gradient of the dense equivalent W[j*m+t, g*k+i] =
+// w2[j,t,g] * w1[g,j,i], the chain rule through that product gives
+//   grad_w1[g, j, i] = sum_t D[j*m+t, g*k+i] * w2[j, t, g]
+//   grad_w2[j, t, g] = sum_i D[j*m+t, g*k+i] * w1[g, j, i]
+// (expand D: sum_p grad_z[p, j*m+t] x[p, g*k+i], and the sums over t / i give grad_H and H).
+// D is one GEMM over the pixels with a long reduction, exactly what cuBLAS's tensor cores do at
+// the memory rate (C_in*C_out/(C_in+C_out) <= 205 FLOP/byte at the 8 shapes, under the H100's
+// ~295 bf16 FLOP/byte), and it reads x and grad_z once. A fused CUDA-core reduction would
+// instead spend 2*(C_in*c_h + C_out*G) FMAs per pixel behind shared-memory loads. D is
+// accumulated and kept in float32 (mm with out_dtype float32), the contractions are tiny.
 
-template <typename T>
-struct WgradArgs {
-  const T* x;
-  const T* gz;        // grad_z = grad_y * act'(z), in x's layout
-  const float* w1;    // (G, c_h, k)
-  const float* w2t;   // (G, c_h, m)
-  float* gw1;  // (G, c_h, k) accumulators
-  float* gw2;  // (c_h, m, G) accumulators
-  float* gb;   // (C_out,) accumulators
-  SfShape s;
-  int tp;
-  bool weights_in_smem;
-  int64_t tiles;
-};
-
-// Per tile of TP pixels: grad_z to shared memory (float32), then for each window g recompute
-// H[:, g, :] and grad_H[:, g, :] = sum_t grad_z w2 and add the tile's sums
-// grad_w1[g] += grad_H^T x_g and grad_w2[:, :, g] += grad_z^T H with one atomicAdd per weight.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) sf_conv_weight_grad_tiled(const WgradArgs<T> a) {
-  extern __shared__ float4 smem_f4[];
-  const SfShape& s = a.s;
-  const int G = s.G, ch = s.ch, k = s.k, m = s.m, C_in = s.C_in, C_out = s.C_out, TP = a.tp;
-  float* sm = reinterpret_cast<float*>(smem_f4);
-  const float* w1 = a.w1;
-  const float* w2t = a.w2t;
-  if (a.weights_in_smem) {
-    float* w1s = sm;
-    float* w2s = w1s + C_in * ch;
-    for (int e = threadIdx.x; e < C_in * ch; e += kThreads) w1s[e] = a.w1[e];
-    for (int e = threadIdx.x; e < C_out * G; e += kThreads) w2s[e] = a.w2t[e];
-    w1 = w1s;
-    w2t = w2s;
-    sm = w2s + C_out * G;
-    __syncthreads();
-  }
-  // Odd pitches: lanes walk pixels (rows), so consecutive rows must land in distinct banks.
-  const int ldz = C_out | 1, ldh = ch | 1, ldk = k | 1;
-  float* gzs = sm;             // [TP][ldz] grad_z
-  float* hs = gzs + TP * ldz;  // [TP][ldh] H[:, g, :]
-  float* ghs = hs + TP * ldh;  // [TP][ldh] grad_H[:, g, :]
-  float* xg = ghs + TP * ldh;  // [TP][ldk] x[:, g*k:(g+1)*k]
-
-  for (int64_t tile = blockIdx.x; tile < a.tiles; tile += gridDim.x) {
-    const TileInfo t = tile_info(s, tile, TP);
-    // grad_z tile; rows past the tile's end are zeros (they add nothing to any sum).
-    for (int e = threadIdx.x; e < TP * C_out; e += kThreads) {
-      int r, c;
-      if (s.channels_last) {
-        r = e / C_out;
-        c = e - r * C_out;
-      } else {
-        c = e / TP;
-        r = e - c * TP;
-      }
-      gzs[r * ldz + c] = r < t.count ? to_float(a.gz[s.offset(t.first_pixel + r, c, C_out)]) : 0.f;
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < C_out; c += kThreads) {
-      float sum = 0.f;
-      for (int r = 0; r < t.count; ++r) sum += gzs[r * ldz + c];
-      atomicAdd(a.gb + c, sum);
-    }
-    for (int g = 0; g < G; ++g) {
-      for (int e = threadIdx.x; e < TP * k; e += kThreads) {
-        int r, i;
-        if (s.channels_last) {
-          r = e / k;
-          i = e - r * k;
-        } else {
-          i = e / TP;
-          r = e - i * TP;
-        }
-        xg[r * ldk + i] = r < t.count ? to_float(a.x[s.offset(t.first_pixel + r, g * k + i, C_in)]) : 0.f;
-      }
-      __syncthreads();
-      for (int item = threadIdx.x; item < TP * ch; item += kThreads) {
-        const int j = item / TP;
-        const int r = item - j * TP;
-        const float* w1g = w1 + (g * ch + j) * k;
-        const float* w2g = w2t + (g * ch + j) * m;
-        const float* gzrow = gzs + r * ldz + j * m;
-        const float* xrow = xg + r * ldk;
-        float h = 0.f, gh = 0.f;
-        for (int i = 0; i < k; ++i) h = fmaf(w1g[i], xrow[i], h);
-        for (int q = 0; q < m; ++q) gh = fmaf(w2g[q], gzrow[q], gh);
-        hs[r * ldh + j] = h;
-        ghs[r * ldh + j] = gh;
-      }
-      __syncthreads();
-      const int n_gw1 = ch * k, n_gw2 = ch * m;
-      for (int e = threadIdx.x; e < n_gw1 + n_gw2; e += kThreads) {
-        if (e < n_gw1) {
-          const int j = e / k;
-          const int i = e - j * k;
-          float v = 0.f;
-          for (int r = 0; r < t.count; ++r) v = fmaf(ghs[r * ldh + j], xg[r * ldk + i], v);
-          atomicAdd(a.gw1 + (g * ch + j) * k + i, v);
-        } else {
-          const int f = e - n_gw1;  // = j*m + t, the output channel
-          const int j = f / m;
-          float v = 0.f;
-          for (int r = 0; r < t.count; ++r) v = fmaf(gzs[r * ldz + f], hs[r * ldh + j], v);
-          atomicAdd(a.gw2 + static_cast<int64_t>(f) * G + g, v);
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
-
-void run_weight_grad(const at::Tensor& x, const at::Tensor& gz, bool cl, const at::Tensor& w1, const at::Tensor& w2,
-                     at::Tensor& gw1, at::Tensor& gw2, at::Tensor& gb) {
+void weight_grads(const at::Tensor& x, const at::Tensor& gz, const at::Tensor& w1, const at::Tensor& w2,
+                  at::Tensor& gw1, at::Tensor& gw2, at::Tensor& gb) {
   const int64_t G = w1.size(0), ch = w1.size(1), k = w1.size(2), m = w2.size(1);
-  auto [w1f, w2t] = float_weights(w1, w2);
-  const int dev = x.get_device();
-  const int sms = num_sms(dev);
-  const size_t smem_limit = smem_optin_limit(dev);
-  cudaStream_t stream = current_stream();
-  const SfShape s = make_shape(x, G, ch, k, m, cl);
-  // Tile: as many pixels (<= 128) as fit; weights in shared memory when they fit beside a
-  // 32-pixel tile, else read through L1.
-  const size_t weight_bytes = sizeof(float) * (s.C_in * s.ch + s.C_out * s.G);
-  const size_t per_pixel = sizeof(float) * ((s.C_out | 1) + 2 * (s.ch | 1) + (s.k | 1));
-  const bool in_smem = weight_bytes + 32 * per_pixel <= smem_limit;
-  const size_t fixed = in_smem ? weight_bytes : 0;
-  TORCH_CHECK(fixed + per_pixel <= smem_limit, "sf_conv_backward: C_out = ", s.C_out,
-              " needs more shared memory per pixel than the device has");
-  int tp = static_cast<int>(std::min<size_t>(128, (smem_limit - fixed) / per_pixel));
-  if (tp >= 32) tp = tp / 32 * 32;
-  const size_t smem = fixed + tp * per_pixel;
-  FALCONNET_DISPATCH_FLOATING(x.scalar_type(), "sf_conv_backward", [&] {
-    WgradArgs<scalar_t> a{};
-    a.x = x.data_ptr<scalar_t>();
-    a.gz = gz.data_ptr<scalar_t>();
-    a.w1 = w1f.data_ptr<float>();
-    a.w2t = w2t.data_ptr<float>();
-    a.gw1 = gw1.data_ptr<float>();
-    a.gw2 = gw2.data_ptr<float>();
-    a.gb = gb.data_ptr<float>();
-    a.s = s;
-    a.tp = tp;
-    a.weights_in_smem = in_smem;
-    a.tiles = num_tiles(s, tp);
-    auto kernel = sf_conv_weight_grad_tiled<scalar_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-    TORCH_CHECK(per_sm > 0, "sf_conv_backward: the kernel cannot be resident (", smem, " bytes of shared memory)");
-    const int64_t grid = std::min<int64_t>(a.tiles, static_cast<int64_t>(per_sm) * sms);
-    kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const int64_t C_in = G * k, C_out = ch * m;
+  // (P, C) views: free in channels_last, one copy in NCHW.
+  const at::Tensor x2 = x.permute({0, 2, 3, 1}).reshape({-1, C_in});
+  const at::Tensor gz2 = gz.permute({0, 2, 3, 1}).reshape({-1, C_out});
+  at::Tensor D;
+  if (x.scalar_type() == at::kFloat) {
+    D = at::mm(gz2.t(), x2);
+  } else {
+    D = at::mm(gz2.t(), x2, at::kFloat);
+  }
+  const at::Tensor D4 = D.view({ch, m, G, k});
+  gw1.copy_(at::einsum("jtgi,jtg->gji", {D4, w2.to(at::kFloat)}));
+  gw2.copy_(at::einsum("jtgi,gji->jtg", {D4, w1.to(at::kFloat)}));
+  gb.copy_(at::sum(gz, {0, 2, 3}, /*keepdim=*/false, at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cuda(
@@ -782,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cuda
     run_forward(gz, cl, w2.permute({0, 2, 1}), w1.permute({0, 2, 1}), at::Tensor(), at::Tensor(), kCombineAdd,
                 kActNone, /*mask_mode=*/false, gx);
     // 3. grad_w1, grad_w2, grad_bias.
-    run_weight_grad(x, gz, cl, w1, w2, gw1, gw2, gb);
+    weight_grads(x, gz, w1, w2, gw1, gw2, gb);
   }
   return {gx, gw1.to(w1.scalar_type()), gw2.to(w2.scalar_type()), gb.to(x.scalar_type())};
 }
