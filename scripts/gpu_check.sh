@@ -3,6 +3,7 @@
 # Results go to $OUT (default ./gpu_results): build.log, tests.log, bench_gpu.json, bench_gpu.md,
 # bench_gpu.png, env.txt. Commit the JSON/Markdown/PNG under benchmarks/results/.
 #   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: tests only, no benchmarks)
+#   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s).
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -19,15 +20,14 @@ fi
 stamp "built"; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
 
 stamp "tests (CUDA and Triton on the GPU)"
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -x --timeout=120 -p no:cacheprovider \
-  tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py -k "cuda or triton or Cuda or Triton" \
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -rf --timeout=120 -p no:cacheprovider tests/ -m "cuda or triton" \
   > "$OUT/tests.log" 2>&1
 echo "tests exit code: $?" >> "$OUT/tests.log"
 tail -25 "$OUT/tests.log"
 [ "${1:-}" = "--quick" ] && exit 0
 
 stamp "benchmarks"
-timeout ${BENCH_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider benchmarks/ --bench-device cuda \
+timeout ${BENCH_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider benchmarks/ --bench-device cuda -k "${BENCH_K:-not nothing}" \
   --benchmark-json="$OUT/bench_gpu.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
   > "$OUT/bench.log" 2>&1
 echo "benchmarks exit code: $?" >> "$OUT/bench.log"
