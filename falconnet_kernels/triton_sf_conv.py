@@ -52,10 +52,11 @@ Backward (one kernel; fewest bytes (2*C_in + C_out) * itemsize per pixel: x and 
 grad_x written): recompute H (and, for relu/relu6, z for the activation mask), then
 grad_H = grad_z @ W2^T (batched over j), grad_x = grad_H @ W1^T (batched over groups, each
 element written once), and the weight gradients grad_z^T H and x^T grad_H as tensor-core
-products reduced over the pixel tile. With
-one chunk they accumulate in registers over all of a program's tiles and reach memory as one
-fp32 atomic add per program (cast to the weight dtype at the end); with several chunks, one
-atomic add per tile and chunk. grad_bias is the column sum of grad_z, added the same way.
+products reduced over the pixel tile. The chunk loop is outside the tile loop, so each
+chunk's weight gradients accumulate in registers over all of a program's tiles and reach
+memory as one fp32 atomic add per program and chunk (cast to the weight dtype at the end);
+backward chunks hold at most 512 input channels (the accumulators need the registers), so
+1024->256 has two. grad_bias is the column sum of grad_z, added the same way.
 The atomics make weight gradients reproducible only to fp32 rounding, not bit for bit.
 
 Precision: bf16/fp16 operands with fp32 accumulation; the hidden tile is rounded to the input
@@ -240,9 +241,9 @@ def _sf_conv_bwd_kernel(
 ):
     """Persistent like the forward, with the group chunks as the outer loop: for each chunk a
     program walks all its pixel tiles, so that chunk's weight gradients accumulate in registers
-    and reach memory as one atomic add per program and chunk (7 of the 8 FalconNet shapes have a
-    single chunk; 1024->256 has two). With several chunks grad_y is re-read per chunk (from L2: a program's share
-    of it is small), and relu/relu6 recompute all of z per chunk for the mask."""
+    and reach memory as one atomic add per program and chunk. With several chunks grad_y is
+    re-read per chunk (from L2: a program's share of it is small), and relu/relu6 recompute
+    all of z per chunk for the mask."""
     GC: tl.constexpr = NB1 * GPK
     ch, ch_ok = _out_channels(C_H, M, CHP, MP)
     if HAS_BIAS:
