@@ -53,6 +53,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--device", default="auto", help="auto (cuda when visible), cpu, cuda or cuda:<index> (default auto)")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="autocast precision (default auto: bf16 on GPU, none on CPU)")
     g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="channels_last memory format (default auto: on for GPU)")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1: OpenMP threads on shared cores slow CPU training 10-20x; use the core count on a quiet machine; 0 keeps PyTorch's default)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes (torchrun runs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,7 +96,7 @@ def _config_from_args(args) -> TrainConfig:
         eval_batch_size=args.eval_batch_size, lr=pick("lr"), momentum=pick("momentum"), wd=pick("wd"),
         img_size=pick("img_size"), hflip=pick("hflip"), crop=pick("crop"), label_smoothing=pick("label_smoothing"),
         seed=args.seed, amp=args.amp, channels_last=args.channels_last, compile=args.compile, sync_bn=args.sync_bn,
-        gpu_data=args.gpu_data, workers=args.workers, device=args.device,
+        gpu_data=args.gpu_data, workers=args.workers, device=args.device, threads=args.threads,
     )
     for name in ("epochs", "batch_size", "img_size"):
         if getattr(cfg, name) < 1:

@@ -1,17 +1,18 @@
 """Export a deployed model to ONNX and TorchScript, in plain PyTorch operators.
 
 A deployed FalconNet calls the custom ops torch.ops.falconnet.sf_conv and dw_conv3x3, which
-neither ONNX nor a TorchScript file loaded without this package knows. The model is captured
-with torch.export, and those two ops are decomposed into standard operators there:
+neither ONNX nor a TorchScript file loaded without this package knows. Both become standard
+operators in the exported files:
 
 * sf_conv -> a 1x1 convolution with the SF-Conv pair's dense (C_out, C_in) weight
   (falconnet_kernels.sf_conv_dense_weight, the one definition of that product), then the bias,
   activation and residual in the op's epilogue order;
 * dw_conv3x3 -> a depthwise nn.functional.conv2d with padding 1.
 
-Working on the captured graph rather than on module classes means every layer that calls the
-ops is covered, whatever its class. ONNX's optimizer folds the dense weight into a constant; the
-TorchScript module recomputes it per call (a few thousand multiplies per layer).
+ONNX: the model is captured with torch.export and the two ops are decomposed in that graph.
+TorchScript: the model is traced while a TorchFunctionMode (PlainOps) reroutes the two ops to the
+same decompositions. Either way every layer that calls the ops is covered, whatever its class;
+the dense weights become constants (ONNX's optimizer folds them; torch.jit.freeze does too).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .checkpoint import atomic_write
 
@@ -64,9 +66,23 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool 
     return program
 
 
-def plain_module(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A module with the same outputs that uses standard PyTorch operators only."""
-    return export_program(model, example, dynamic_batch=False).module()
+class PlainOps(TorchFunctionMode):
+    """While active, calls of the fused ops run their standard-operator decompositions instead.
+
+    The TorchScript tracer then records aten ops only, and traces the model's own code (so a
+    flatten stays batch-size generic, which a trace of an exported graph would not).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.table = {op.overloadpacket: fn for op, fn in plain_decompositions().items()}
+        self.table.update(plain_decompositions())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        replacement = self.table.get(func)
+        if replacement is not None:
+            return replacement(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int = 18) -> None:
@@ -89,10 +105,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int =
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> None:
     """A traced TorchScript file in standard operators, loadable with torch.jit.load alone."""
-    plain = plain_module(model, example)
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notices, and the tracer's on shape guards
-        traced = torch.jit.freeze(torch.jit.trace(plain, (example,), check_trace=False, strict=False).eval())
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices
+        # input checks in the model code read tensor values; the check at another batch size
+        # (export_all) is what shows the trace generalises
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with PlainOps():
+            traced = torch.jit.trace(model.eval(), (example,), check_trace=False)
+        leftover = {n.kind() for n in traced.inlined_graph.nodes() if n.kind().startswith("falconnet")}
+        if leftover:
+            raise RuntimeError(f"TorchScript export: custom ops left in the trace: {sorted(leftover)}")
+        traced = torch.jit.freeze(traced.eval())
         atomic_write(path, lambda f: torch.jit.save(traced, f))
 
 

@@ -16,10 +16,9 @@ from .checkpoint import CheckpointError, check_compatible, load_checkpoint
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     import falconnet
 
-    try:
-        return falconnet.create_model(name, num_classes=num_classes, **kwargs)
-    except KeyError as exc:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(list_models())}") from exc
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(list_models())}")
+    return falconnet.create_model(name, num_classes=num_classes, **kwargs)
 
 
 def list_models() -> list[str]:
