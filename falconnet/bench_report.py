@@ -17,7 +17,7 @@ BASELINE = {"sf_conv": "dense", "dw_conv3x3": "torch-dw", "model": "resnet18"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("results", help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-json=FILE)")
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON file(s) (pytest benchmarks/ --benchmark-json=FILE)")
     parser.add_argument("--png", default=None, help="write a bar chart of the speedups to this PNG file")
     parser.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
 
@@ -127,9 +127,12 @@ def write_png(analysis: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    rows, machine = load_rows(args.results)
+    rows, machine = [], {}
+    for path in args.results:
+        more, machine = load_rows(path)
+        rows += more
     if not rows:
-        print(f"falconnet bench: {args.results} holds no falconnet benchmark rows", file=sys.stderr)
+        print(f"falconnet bench: {' '.join(args.results)} hold no falconnet benchmark rows", file=sys.stderr)
         return 1
     analysis = analyse(rows)
     text = render(analysis, machine)

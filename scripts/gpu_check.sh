@@ -27,10 +27,23 @@ tail -25 "$OUT/tests.log"
 [ "${1:-}" = "--quick" ] && exit 0
 
 stamp "benchmarks"
-timeout ${BENCH_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider benchmarks/ --bench-device cuda -k "${BENCH_K:-not nothing}" \
-  --benchmark-json="$OUT/bench_gpu.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
-  > "$OUT/bench.log" 2>&1
-echo "benchmarks exit code: $?" >> "$OUT/bench.log"
-tail -5 "$OUT/bench.log"
-$PY -m falconnet.cli bench "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" --png "$OUT/bench_gpu.png" | tail -80
+# One pytest run per group, each with its own JSON, so a stage cut off by its timeout loses only itself.
+jsons=()
+for group in ${BENCH_GROUPS:-copy_and_sf_fwd dw sf_fwdbwd models repso}; do
+  case $group in
+    copy_and_sf_fwd) files="benchmarks/test_bench_copy.py benchmarks/test_bench_sf_conv.py"; k="copy or (fwd and not fwdbwd)";;
+    dw) files=benchmarks/test_bench_dw_conv3x3.py; k="dw";;
+    sf_fwdbwd) files=benchmarks/test_bench_sf_conv.py; k="fwdbwd";;
+    models) files=benchmarks/test_bench_models.py; k="model";;
+    repso) files=benchmarks/test_bench_repso_train.py; k="repso or train";;
+  esac
+  stamp "benchmarks: $group"
+  timeout ${BENCH_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider $files --bench-device cuda -k "$k" \
+    --benchmark-json="$OUT/bench_$group.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
+    >> "$OUT/bench.log" 2>&1
+  echo "benchmarks $group exit code: $?" >> "$OUT/bench.log"
+  [ -s "$OUT/bench_$group.json" ] && jsons+=("$OUT/bench_$group.json")
+done
+grep -E "exit code|Error|error" "$OUT/bench.log" | tail -20
+$PY -m falconnet.cli bench "${jsons[@]}" --markdown "$OUT/bench_gpu.md" --png "$OUT/bench_gpu.png" | tail -120
 stamp "done"
