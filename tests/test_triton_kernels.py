@@ -235,8 +235,10 @@ DW_SHAPES = [(128, 56), (256, 28), (512, 14), (1024, 7)]
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", PW_SHAPES, ids=lambda s: f"{s[0]}-{s[1]}@{s[2]}")
 def test_sf_conv_benchmark_shapes(shape):
+    """As benchmarked (no bias, residual or activation, so the benchmarks reuse these compiled
+    kernels; the small cases above cover the epilogue options)."""
     C_in, C_out, H, k, c_h = shape
-    check_sf_conv(2, C_in, k, c_h, C_out, H, H, True, True, "relu", torch.bfloat16, torch.channels_last)
+    check_sf_conv(2, C_in, k, c_h, C_out, H, H, False, False, "none", torch.bfloat16, torch.channels_last)
 
 
 @pytest.mark.cuda
