@@ -416,11 +416,11 @@ def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
     return t, s_n, s_c, s_hw, linear
 
 
-# Persistent launch: at most this many programs per SM, each looping over pixel tiles. The
-# forward wants several resident programs per SM for loads in flight; the backward's programs
-# hold weight-gradient accumulators (170-255 registers a thread, one program per SM fits) and
-# each ends with one atomic add of them, so one per SM.
-_PROGRAMS_PER_SM = {False: 4, True: 1}
+# Persistent launch: a few programs per SM, each looping over pixel tiles. The forward wants
+# several resident programs per SM for loads in flight. A backward program holds its weight-
+# gradient accumulators and ends with one atomic add of them: one per SM, or two where they fit
+# (an estimate <= 96 compiled to <= 128 registers on sm_90 at 8 warps, two programs per SM).
+_FWD_PROGRAMS_PER_SM = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -429,9 +429,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _grid(P: int, device: torch.device, backward: bool):
+def _grid(P: int, device: torch.device, meta: dict, backward: bool):
     sms = _num_sms(device)
-    return lambda cfg: (min(triton.cdiv(P, cfg["BLOCK_P"]), _PROGRAMS_PER_SM[backward] * sms),)
+
+    def grid(cfg):
+        per_sm = _FWD_PROGRAMS_PER_SM
+        if backward:
+            per_sm = 2 if _tile_floats_per_thread(meta, cfg["BLOCK_P"], 8, True) <= 96 else 1
+        return (min(triton.cdiv(P, cfg["BLOCK_P"]), per_sm * sms),)
+
+    return grid
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -464,10 +471,10 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
                  X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
     if _autotune_enabled():
-        _sf_conv_fwd_tuned[_grid(P, x.device, False)](*args, **flags)
+        _sf_conv_fwd_tuned[_grid(P, x.device, meta, False)](*args, **flags)
     else:
         block_p, num_warps = _default_config(meta, backward=False, itemsize=x.element_size())
-        grid = _grid(P, x.device, False)({"BLOCK_P": block_p})
+        grid = _grid(P, x.device, meta, False)({"BLOCK_P": block_p})
         _sf_conv_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return y
 
@@ -496,9 +503,9 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         flags = dict(HAS_BIAS=bias is not None, ACT=_ACTIVATION_CODE[activation],
                      GY_LINEAR=gy_lin, X_LINEAR=x_lin, GX_LINEAR=gx_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
         if _autotune_enabled():
-            _sf_conv_bwd_tuned[_grid(P, x.device, True)](*args, **flags)
+            _sf_conv_bwd_tuned[_grid(P, x.device, meta, True)](*args, **flags)
         else:
             block_p, num_warps = _default_config(meta, backward=True, itemsize=x.element_size())
-            grid = _grid(P, x.device, True)({"BLOCK_P": block_p})
+            grid = _grid(P, x.device, meta, True)({"BLOCK_P": block_p})
             _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
     return grad_x, *(g.to(w1.dtype, copy=True) for g in (gw1, gw2, gb))
