@@ -90,9 +90,12 @@ class ShuffleV1Unit(nn.Module):
 
 class ShuffleV2Unit(nn.Module):
     """ShuffleNetV2's stride-1 unit: split in halves; the second half goes PW (C/2 -> eC/2) + act,
-    DW3x3 (linear), PW (-> C/2) + act; concatenate with the first half and shuffle in 2 groups."""
+    DW3x3 (linear), PW (-> C/2) + act; concatenate with the first half and shuffle in 2 groups.
 
-    def __init__(self, channels: int, expansion: float = 6, activation: str = DEFAULT_ACTIVATION):
+    e expands the branch's half (hidden = e * C/2). LightNet's own subsampling layers, not
+    ShuffleNetV2's stride-2 unit, join the stages (docs/design.md counts both)."""
+
+    def __init__(self, channels: int, expansion: float = 7, activation: str = DEFAULT_ACTIVATION):
         super().__init__()
         if channels % 2:
             raise ValueError(f"ShuffleV2Unit needs an even channel count, got {channels}")

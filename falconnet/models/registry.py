@@ -19,7 +19,9 @@ MODEL_CONFIGS: dict[str, dict] = {
     "lightnet_dsc": dict(block="dsc", block_kwargs=dict(expansion=4)),
     "lightnet_rdsc": dict(block="rdsc", block_kwargs=dict(expansion=4)),
     "lightnet_shufflev1": dict(block="shufflev1", block_kwargs=dict(expansion=3, groups=4)),
-    "lightnet_shufflev2": dict(block="shufflev2", block_kwargs=dict(expansion=6)),
+    # e = 7: the integer with the smallest worst column; no reading of the unit reaches 15% on
+    # both columns (Table 1's MACs per parameter for this row is below any LightNet-shaped one)
+    "lightnet_shufflev2": dict(block="shufflev2", block_kwargs=dict(expansion=7)),
     "lightnet_irb": dict(block="irb", block_kwargs=dict(expansion=4)),
     "lightnet_sandglass": dict(block="sandglass", block_kwargs=dict(expansion=5)),
     "lightnet_hbo": dict(block="hbo", block_kwargs=dict(expansion=6)),
