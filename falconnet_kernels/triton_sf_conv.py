@@ -149,8 +149,8 @@ def _hidden_chunk(x_ptr, w1, pix_x, p_ok, g0, G, K, s_xc,
     chan, chan_ok = _x_chunk_channels(g0, G, K, NB1, GPK, KP)
     x_ok = chan_ok & p_ok[None, :, None]
     x1 = tl.load(x_ptr + pix_x[None, :, None] + chan * s_xc, mask=x_ok, other=0.0)
-    h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION)
-    return x1, chan, x_ok, _to_stage2(h1, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)
+    h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION).to(x1.dtype)  # cast first: the shuffle moves 16-bit values
+    return x1, chan, x_ok, _to_stage2(h1, NB1, BLOCK_P, GPK, CHP)
 
 
 @triton.jit
@@ -190,7 +190,12 @@ def _sf_conv_fwd_kernel(
     """Persistent: program i takes pixel tiles i, i + grid, ...; with one group chunk the weights
     are loaded once per program and the next tile's x load overlaps this tile's math."""
     GC: tl.constexpr = NB1 * GPK
-    ch, ch_ok = _out_channels(C_H, M, CHP, MP)
+    # the epilogue works in the accumulator's (CHP, BLOCK_P, MP) shape (no permute; the store's
+    # relayout to coalesced channel runs is left to the compiler, after the cast to 16 bits)
+    j = tl.arange(0, CHP)[:, None, None]
+    t = tl.arange(0, MP)[None, None, :]
+    ch = (j * M + t).to(tl.int64)  # output channel j*m + t as (CHP, 1, MP)
+    ch_ok = (j < C_H) & (t < M)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
     if ONE_CHUNK:
@@ -207,8 +212,8 @@ def _sf_conv_fwd_kernel(
         else:
             acc = _sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
                                      BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION)
-        z = tl.permute(acc, (1, 0, 2))  # (BLOCK_P, CHP, MP)
-        ok = ch_ok & p_ok[:, None, None]
+        z = acc
+        ok = ch_ok & p_ok[None, :, None]
         if HAS_BIAS:
             z += bias
         if ACT == 1:
@@ -216,10 +221,10 @@ def _sf_conv_fwd_kernel(
         elif ACT == 2:
             z = tl.minimum(tl.maximum(z, 0.0), 6.0)
         if HAS_RES:
-            pix_r = _pixel_offset(p, HW, s_rn, s_rhw, R_LINEAR)[:, None, None]
-            z += tl.load(res_ptr + pix_r + ch.to(tl.int64) * s_rc, mask=ok, other=0.0).to(tl.float32)
-        pix_y = _pixel_offset(p, HW, s_yn, s_yhw, Y_LINEAR)[:, None, None]
-        tl.store(y_ptr + pix_y + ch.to(tl.int64) * s_yc, z.to(y_ptr.dtype.element_ty), mask=ok)
+            pix_r = _pixel_offset(p, HW, s_rn, s_rhw, R_LINEAR)[None, :, None]
+            z += tl.load(res_ptr + pix_r + ch * s_rc, mask=ok, other=0.0).to(tl.float32)
+        pix_y = _pixel_offset(p, HW, s_yn, s_yhw, Y_LINEAR)[None, :, None]
+        tl.store(y_ptr + pix_y + ch * s_yc, z.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
