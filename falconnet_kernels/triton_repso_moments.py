@@ -147,9 +147,21 @@ def _shift(x: torch.Tensor) -> torch.Tensor:
     return x[0, :, H // 2, W // 2].float().contiguous()
 
 
-def _blocks(x: torch.Tensor) -> tuple[int, int]:
-    # channel tiles of 16 keep the batched products' accumulators in registers
-    return 16, 32
+BLOCK_P = 32
+
+
+def _forward_block_c(kk_pad: int) -> int:
+    """Channels per tile in the forward: the accumulator holds BLOCK_C * KK_PAD^2 floats; 4096 of
+    them (32 registers a thread at 4 warps) for every K: 16 channels at K=3, 4 at K=5, 1 at K=7."""
+    return max(1, 4096 // (kk_pad * kk_pad))
+
+
+def _backward_block_c(kk_pad: int, lag_pad: int) -> int:
+    """Channels per tile in the backward: the lag tile (BLOCK_P x LAG_PAD) and the lag matrix
+    (LAG_PAD x KK_PAD) of each channel go through shared memory for the product; keep both under
+    about 24k elements (96 KB in float32): 16 channels at K=3, 2 at K=5, 1 at K=7."""
+    per_channel = BLOCK_P * lag_pad + lag_pad * kk_pad
+    return max(1, min(16, triton.next_power_of_2(24576 // per_channel + 1) // 2))
 
 
 def _dot16() -> bool:
@@ -169,7 +181,7 @@ def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.
     n_pos = N * H * W
     _check(x)
     shift_values = x.dtype == torch.float32
-    BLOCK_C, BLOCK_P = _blocks(x)
+    BLOCK_C = _forward_block_c(KK_PAD)
     n_cblocks = triton.cdiv(C, BLOCK_C)
     if x.is_cuda:
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -226,7 +238,7 @@ def repso_moments_backward(
     else:
         a_hi, a_lo = A.float(), A.float()
     gx = torch.empty_like(x)
-    BLOCK_C, BLOCK_P = _blocks(x)
+    BLOCK_C = _backward_block_c(KK_PAD, LAG_PAD)
     grid = (triton.cdiv(C, BLOCK_C), triton.cdiv(n_pos, BLOCK_P))
     _moments_bwd_kernel[grid](
         x, gx, a_hi.contiguous(), a_lo.contiguous(), cst_pad, shift.float().contiguous(),
