@@ -76,11 +76,13 @@ def test_repso_train(benchmark, device, impl, shape):
     N, dtype = BATCH[device], DTYPE[device]
     torch.manual_seed(0)
     layer = make_layer(C, device, dtype)
-    x = torch.randn(N, C, H, H, device=device, dtype=dtype)
+    # inputs drawn on the CPU: a failed CUDA-graph capture in an earlier case leaves the CUDA
+    # generator unusable ("Offset increment outside graph capture"), which must not fail this one
+    x = torch.randn(N, C, H, H, dtype=dtype).to(device)
     if device == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    gy = torch.randn_like(x)
+    gy = torch.randn(x.shape, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
     params = [x] + [p for p in layer.parameters()]
     path = IMPLS[impl]
 
@@ -122,11 +124,11 @@ def test_falconnet_train_step(benchmark, device, impl, monkeypatch):
     dtype = DTYPE[device]
     torch.manual_seed(0)
     model = create_model("falconnet", num_classes=100).to(device=device, dtype=dtype).train()
-    x = torch.randn(N, 3, size, size, device=device, dtype=dtype)
+    x = torch.randn(N, 3, size, size, dtype=dtype).to(device)
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 100, (N,), device=device)
+    target = torch.randint(0, 100, (N,)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def fn():
