@@ -82,7 +82,7 @@ def test_repso_train(benchmark, device, impl, shape):
     if device == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    gy = torch.randn(x.shape, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
+    gy = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=dtype))  # x's layout
     params = [x] + [p for p in layer.parameters()]
     path = IMPLS[impl]
 
