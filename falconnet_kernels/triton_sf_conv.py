@@ -11,13 +11,13 @@ C_out = c_h*m, r = k/c_h):
 At the benchmark shapes (bf16, channels_last, batch 128; "executed" counts the padding below;
 floor = bytes / copy bandwidth, 3.02 TB/s H100, 4.27 TB/s H200, SPEC section 6):
     shape        MAC/px exact  executed  dense    MB    floor H100 / H200
-    32->128 @56       768      4096      4096   128.5   42.5 / 30.1 us
+    32->128 @56       768      2560      4096   128.5   42.5 / 30.1 us
     128->32 @56      1536      4096      4096   128.5   42.5 / 30.1 us
-    64->256 @28      2048      8192     16384    64.2   21.3 / 15.0 us
+    64->256 @28      2048      5120     16384    64.2   21.3 / 15.0 us
     256->64 @28      4096      8192     16384    64.2   21.3 / 15.0 us
-    128->512 @14     6144     12288     65536    32.1   10.6 /  7.5 us
+    128->512 @14     6144     10240     65536    32.1   10.6 /  7.5 us
     512->128 @14    12288     16384     65536    32.1   10.6 /  7.5 us
-    256->1024 @7    16384     32768    262144    16.1    5.3 /  3.8 us
+    256->1024 @7    16384     24576    262144    16.1    5.3 /  3.8 us
     1024->256 @7    32768     32768    262144    16.1    5.3 /  3.8 us
 The executed products take 0.8-6.6 us at 500 TFLOP/s, at most 16% of the memory floor.
 
@@ -31,11 +31,12 @@ BLOCK_P pixels and runs both stages as *batched* tensor-core products (3-D tl.do
 Why batched products and not 2-D ones: a 2-D product must cover either all of a chunk's hidden
 columns (then stage 2 multiplies by a matrix that is (c_h-1)/c_h zeros, as dear as the dense conv)
 or all outputs of a few j (then stage 1 is as dear). Batching over the block index keeps the
-arithmetic at the exact count times the padding below (1.0-5.3x at FalconNet's shapes, see
+arithmetic at the exact count times the padding below (1.0-3.3x at FalconNet's shapes, see
 the table), so the tensor cores stay far under the memory time.
 Tensor-core products need every dimension >= 16: k and c_h below 16 are packed GPK groups per
 batch element as a small block-diagonal (GPK*k x GPK*c_h, zeros off the blocks), m is padded to
-16, and a group chunk GC holds at least 16 groups (padded with zero groups when G < 16).
+16, and when a chunk has fewer than 16 groups stage 2's reduction dimension is spread to 16
+(group g at row g*GS, zero rows between), so x and stage 1 never carry zero groups.
 Non-power-of-two k, c_h, m, G are padded to powers of two through masks: padded weights load
 as zeros and padded channels are neither read nor written. (G, c_h, k, m) are compile-time
 constants, so at power-of-two shapes the channel masks fold away and the loads and stores of a
@@ -115,27 +116,41 @@ def _w1_blockdiag(w1_ptr, g0, G, C_H, K,
 
 
 @triton.jit
-def _w2_chunk(w2_ptr, g0, G, C_H, M, CHP: tl.constexpr, GC: tl.constexpr, MP: tl.constexpr):
-    """W2 for the chunk as (CHP, GC, MP): batch j, rows g - g0, columns t."""
+def _w2_chunk(w2_ptr, g0, G, C_H, M, CHP: tl.constexpr, GC: tl.constexpr, MP: tl.constexpr, GS: tl.constexpr):
+    """W2 for the chunk as (CHP, GC*GS, MP): batch j, row (g - g0)*GS (rows between are zero,
+    see _to_stage2), column t."""
     j = tl.arange(0, CHP)[:, None, None]
-    g = g0 + tl.arange(0, GC)[None, :, None]
+    r = tl.arange(0, GC * GS)[None, :, None]
+    g = g0 + r // GS
     t = tl.arange(0, MP)[None, None, :]
-    ok = (j < C_H) & (g < G) & (t < M)
+    ok = (j < C_H) & (g < G) & (t < M) & (r % GS == 0)
     offs = (j * M + t) * G + g
     return tl.load(w2_ptr + offs, mask=ok, other=0.0), offs, ok
 
 
 @triton.jit
-def _to_stage2(h1, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr, CHP: tl.constexpr):
-    """(NB1, P, GPK*CHP) with columns (g_local, j) -> (CHP, P, NB1*GPK): the SF-Conv shuffle."""
+def _to_stage2(h1, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr, CHP: tl.constexpr,
+               GS: tl.constexpr):
+    """(NB1, P, GPK*CHP) with columns (g_local, j) -> (CHP, P, NB1*GPK*GS): the SF-Conv shuffle.
+
+    With fewer than 16 groups (GS > 1) stage 2's reduction dimension is spread to 16: group g
+    goes to row g*GS and the rows between are zero, so no zero groups go through stage 1."""
     h = tl.reshape(h1, (NB1, BLOCK_P, GPK, CHP))
     h = tl.permute(h, (3, 1, 0, 2))
-    return tl.reshape(h, (CHP, BLOCK_P, NB1 * GPK))
+    h = tl.reshape(h, (CHP, BLOCK_P, NB1 * GPK))
+    if GS > 1:
+        h = tl.broadcast_to(tl.reshape(h, (CHP, BLOCK_P, NB1 * GPK, 1)), (CHP, BLOCK_P, NB1 * GPK, GS))
+        h = tl.where(tl.arange(0, GS)[None, None, None, :] == 0, h, 0.0)
+        h = tl.reshape(h, (CHP, BLOCK_P, NB1 * GPK * GS))
+    return h
 
 
 @triton.jit
-def _from_stage2(h2, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr, CHP: tl.constexpr):
-    """Inverse of _to_stage2."""
+def _from_stage2(h2, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr, CHP: tl.constexpr,
+                 GS: tl.constexpr):
+    """Inverse of _to_stage2 (the spread rows hold zeros: summing them in is exact)."""
+    if GS > 1:
+        h2 = tl.sum(tl.reshape(h2, (CHP, BLOCK_P, NB1 * GPK, GS)), axis=3)
     h = tl.reshape(h2, (CHP, BLOCK_P, NB1, GPK))
     h = tl.permute(h, (2, 1, 3, 0))
     return tl.reshape(h, (NB1, BLOCK_P, GPK * CHP))
@@ -144,27 +159,27 @@ def _from_stage2(h2, NB1: tl.constexpr, BLOCK_P: tl.constexpr, GPK: tl.constexpr
 @triton.jit
 def _hidden_chunk(x_ptr, w1, pix_x, p_ok, g0, G, K, s_xc,
                   BLOCK_P: tl.constexpr, KP: tl.constexpr, CHP: tl.constexpr, GPK: tl.constexpr,
-                  NB1: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Stage 1 for groups [g0, g0 + GC): returns (x tile, its channels, its mask, H as (CHP, P, GC))."""
+                  NB1: tl.constexpr, GS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Stage 1 for groups [g0, g0 + GC): (x tile, its channels, its mask, H as (CHP, P, GC*GS))."""
     chan, chan_ok = _x_chunk_channels(g0, G, K, NB1, GPK, KP)
     x_ok = chan_ok & p_ok[None, :, None]
     x1 = tl.load(x_ptr + pix_x[None, :, None] + chan * s_xc, mask=x_ok, other=0.0)
     h1 = tl.dot(x1, w1, input_precision=DOT_PRECISION).to(x1.dtype)  # cast first: the shuffle moves 16-bit values
-    return x1, chan, x_ok, _to_stage2(h1, NB1, BLOCK_P, GPK, CHP)
+    return x1, chan, x_ok, _to_stage2(h1, NB1, BLOCK_P, GPK, CHP, GS)
 
 
 @triton.jit
 def _sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
                        BLOCK_P: tl.constexpr, KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr,
-                       GPK: tl.constexpr, NB1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       GPK: tl.constexpr, NB1: tl.constexpr, GS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """z = SF(x) for one pixel tile when G spans several chunks: (CHP, BLOCK_P, MP) in fp32."""
     GC: tl.constexpr = NB1 * GPK
     acc = tl.zeros((CHP, BLOCK_P, MP), dtype=tl.float32)
     for g0 in range(0, G, GC):
         w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
         x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, g0, G, K, s_xc,
-                                            BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
-        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
+                                            BLOCK_P, KP, CHP, GPK, NB1, GS, DOT_PRECISION)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP, GS)
         acc = tl.dot(h2, w2, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -185,7 +200,7 @@ def _sf_conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     X_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr,
     KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr, GPK: tl.constexpr, NB1: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+    GS: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Persistent: program i takes pixel tiles i, i + grid, ...; with one group chunk the weights
     are loaded once per program and the next tile's x load overlaps this tile's math."""
@@ -200,18 +215,18 @@ def _sf_conv_fwd_kernel(
         bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
     if ONE_CHUNK:
         w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, 0, G, C_H, K, NB1, GPK, KP, CHP)
-        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, 0, G, C_H, M, CHP, GC, MP)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, 0, G, C_H, M, CHP, GC, MP, GS)
     for tile in range(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
         p = tl.arange(0, BLOCK_P).to(tl.int64) + tile * BLOCK_P
         p_ok = p < P
         pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
         if ONE_CHUNK:
             x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, 0, G, K, s_xc,
-                                               BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
+                                               BLOCK_P, KP, CHP, GPK, NB1, GS, DOT_PRECISION)
             acc = tl.dot(h2, w2, input_precision=DOT_PRECISION)
         else:
             acc = _sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
-                                     BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION)
+                                     BLOCK_P, KP, CHP, MP, GPK, NB1, GS, DOT_PRECISION)
         z = acc
         ok = ch_ok & p_ok[None, :, None]
         if HAS_BIAS:
@@ -242,7 +257,7 @@ def _sf_conv_bwd_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     GY_LINEAR: tl.constexpr, X_LINEAR: tl.constexpr, GX_LINEAR: tl.constexpr,
     KP: tl.constexpr, CHP: tl.constexpr, MP: tl.constexpr, GPK: tl.constexpr, NB1: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+    GS: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Persistent like the forward, with the group chunks as the outer loop: for each chunk a
     program walks all its pixel tiles, so that chunk's weight gradients accumulate in registers
@@ -256,9 +271,9 @@ def _sf_conv_bwd_kernel(
     gb = tl.zeros((CHP, MP), dtype=tl.float32)
     for g0 in range(0, G, GC):
         w1, w1_offs, w1_ok = _w1_blockdiag(w1_ptr, g0, G, C_H, K, NB1, GPK, KP, CHP)
-        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP)
+        w2, w2_offs, w2_ok = _w2_chunk(w2_ptr, g0, G, C_H, M, CHP, GC, MP, GS)
         gw1 = tl.zeros((NB1, GPK * KP, GPK * CHP), dtype=tl.float32)
-        gw2 = tl.zeros((CHP, MP, GC), dtype=tl.float32)
+        gw2 = tl.zeros((CHP, MP, GC * GS), dtype=tl.float32)
         for tile in range(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
             p = tl.arange(0, BLOCK_P).to(tl.int64) + tile * BLOCK_P
             p_ok = p < P
@@ -268,14 +283,14 @@ def _sf_conv_bwd_kernel(
             gz = tl.load(gy_ptr + pix_gy + ch.to(tl.int64) * s_gyc, mask=ch_ok & p_ok[:, None, None],
                          other=0.0)  # (BLOCK_P, CHP, MP)
             x1, chan, x_ok, h2 = _hidden_chunk(x_ptr, w1, pix_x, p_ok, g0, G, K, s_xc,
-                                               BLOCK_P, KP, CHP, GPK, NB1, DOT_PRECISION)
+                                               BLOCK_P, KP, CHP, GPK, NB1, GS, DOT_PRECISION)
             if ACT != 0:
                 # the activation's 0/1 derivative needs the pre-activation z
                 if ONE_CHUNK:
                     z = tl.dot(h2, w2, input_precision=DOT_PRECISION)
                 else:
                     z = _sf_conv_z_chunked(x_ptr, w1_ptr, w2_ptr, pix_x, p_ok, G, C_H, K, M, s_xc,
-                                           BLOCK_P, KP, CHP, MP, GPK, NB1, DOT_PRECISION)
+                                           BLOCK_P, KP, CHP, MP, GPK, NB1, GS, DOT_PRECISION)
                 z = tl.permute(z, (1, 0, 2))
                 if HAS_BIAS:
                     z += bias
@@ -286,7 +301,7 @@ def _sf_conv_bwd_kernel(
             gw2 = tl.dot(tl.permute(gz, (1, 2, 0)), h2, gw2, input_precision=DOT_PRECISION)
             # grad_H[g, j] = sum_t grad_z[j, t] * w2[j, t, g], back in stage-1 layout
             gh2 = tl.dot(tl.permute(gz, (1, 0, 2)), tl.permute(w2, (0, 2, 1)), input_precision=DOT_PRECISION)
-            gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP).to(x1.dtype)  # (NB1, BLOCK_P, GPK*CHP)
+            gh1 = _from_stage2(gh2, NB1, BLOCK_P, GPK, CHP, GS).to(x1.dtype)  # (NB1, BLOCK_P, GPK*CHP)
             gx = tl.dot(gh1, tl.permute(w1, (0, 2, 1)), input_precision=DOT_PRECISION)
             tl.store(gx_ptr + pix_gx[None, :, None] + chan * s_gxc, gx.to(gx_ptr.dtype.element_ty), mask=x_ok)
             # grad_w1[g, j, i] = sum_p grad_H[p, g, j] * x[p, g*k + i]   (block-diagonal part used)
@@ -313,11 +328,12 @@ def _plan(G: int, c_h: int, k: int, m: int, backward: bool) -> dict:
     """Padded block sizes for (G, c_h, k, m); every tl.dot dimension comes out >= 16."""
     KP, CHP, MP = _pow2(k), _pow2(c_h), max(16, _pow2(m))
     GPK = max(1, 16 // min(KP, CHP))  # groups packed per stage-1 product: GPK*k, GPK*c_h >= 16
-    # groups per chunk: >= 16 (stage 2's reduction dimension), at most _CHUNK_CHANNELS input
-    # channels so that the tiles fit registers and shared memory; one chunk keeps the weights
-    # resident (every FalconNet shape in the forward, all but 1024->256 in the backward)
-    GC = max(16, GPK, min(_pow2(G), _CHUNK_CHANNELS[backward] // KP))
-    return dict(KP=KP, CHP=CHP, MP=MP, GPK=GPK, NB1=GC // GPK, ONE_CHUNK=GC >= G)
+    # groups per chunk: at most _CHUNK_CHANNELS input channels so that the tiles fit registers
+    # and shared memory; one chunk keeps the weights resident (every FalconNet shape in the
+    # forward, all but 1024->256 in the backward)
+    GC = max(GPK, min(_pow2(G), _CHUNK_CHANNELS[backward] // KP))
+    GS = max(1, 16 // GC)  # stage 2's reduction dimension GC*GS >= 16 (see _to_stage2)
+    return dict(KP=KP, CHP=CHP, MP=MP, GPK=GPK, NB1=GC // GPK, GS=GS, ONE_CHUNK=GC >= G)
 
 
 def _tile_floats_per_thread(meta: dict, block_p: int, num_warps: int, backward: bool) -> float:
@@ -325,10 +341,10 @@ def _tile_floats_per_thread(meta: dict, block_p: int, num_warps: int, backward: 
     plus, in the backward, the weight-gradient accumulators. Calibrated on sm_90 builds (ptxas
     register reports): the forward stays spill-free up to ~384, the backward up to ~200."""
     GC = meta["NB1"] * meta["GPK"]
-    per_pixel = GC * meta["KP"] + GC * meta["CHP"] + meta["CHP"] * meta["MP"] * (2 if backward else 1)
+    per_pixel = GC * meta["KP"] + GC * meta["GS"] * meta["CHP"] + meta["CHP"] * meta["MP"] * (2 if backward else 1)
     fixed = 0
     if backward:
-        fixed = meta["NB1"] * meta["GPK"] ** 2 * meta["KP"] * meta["CHP"] + meta["CHP"] * meta["MP"] * GC
+        fixed = meta["NB1"] * meta["GPK"] ** 2 * meta["KP"] * meta["CHP"] + meta["CHP"] * meta["MP"] * GC * meta["GS"]
     return (block_p * per_pixel + fixed) / (32 * num_warps)
 
 
@@ -346,7 +362,7 @@ def _forward_smem_bytes(meta: dict, block_p: int, itemsize: int) -> int:
     """Shared memory of the forward: the resident weights plus two pipeline stages of the x tile
     (matches the sm_90 builds of the FalconNet shapes within a few %)."""
     GC = meta["NB1"] * meta["GPK"]
-    weights = meta["NB1"] * meta["GPK"] ** 2 * meta["KP"] * meta["CHP"] + meta["CHP"] * GC * meta["MP"]
+    weights = meta["NB1"] * meta["GPK"] ** 2 * meta["KP"] * meta["CHP"] + meta["CHP"] * GC * meta["GS"] * meta["MP"]
     return itemsize * (weights + 2 * block_p * GC * meta["KP"])
 
 
@@ -370,7 +386,7 @@ def _default_config(meta: dict, backward: bool, itemsize: int) -> tuple[int, int
 
 def _prune(backward: bool):
     def prune(configs, named_args, **kwargs):
-        meta = {name: named_args[name] if name in named_args else kwargs[name] for name in ("KP", "CHP", "MP", "GPK", "NB1")}
+        meta = {name: named_args[name] if name in named_args else kwargs[name] for name in ("KP", "CHP", "MP", "GPK", "NB1", "GS")}
         itemsize = named_args["x_ptr"].element_size()
         kept = [c for c in configs if _fits(meta, c.kwargs["BLOCK_P"], c.num_warps, backward, itemsize)]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)]
