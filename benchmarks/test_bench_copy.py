@@ -13,4 +13,6 @@ def test_copy(benchmark, device):
     dst = torch.empty_like(src)
     info = {"op": "copy", "pass": "fwd", "impl": "copy", "device": device, "shape": f"{n}",
             "dtype": str(dtype).replace("torch.", ""), "bytes_min": 2 * n * src.element_size(), "flops": 0}
-    run_benchmark(benchmark, lambda: dst.copy_(src), device, info, rounds=50 if device == "cuda" else 10)
+    # An SM kernel, not copy_: inside a CUDA graph a same-dtype copy_ becomes a memcpy node run by
+    # the copy engines, measured at 2.76 TB/s on an H200 where kernels move 4.3 TB/s.
+    run_benchmark(benchmark, lambda: torch.mul(src, 1.0, out=dst), device, info, rounds=50 if device == "cuda" else 10)

@@ -25,8 +25,9 @@ def kernels_info() -> dict:
     return _backend.info()
 
 
-def backend_for(op: str, device="cpu") -> str:
-    """The backend ('cpp', 'cuda', 'triton' or 'torch') that runs `op` on `device` now."""
+def backend_for(op: str, device="cpu", pass_: str = "forward") -> str:
+    """The backend ('cpp', 'cuda', 'triton' or 'torch') that runs `op`'s forward or backward
+    pass on `device` now."""
     import torch
 
-    return _backend.select(op, torch.device(device))
+    return _backend.select(op, torch.device(device), pass_)

@@ -15,8 +15,16 @@ import torch
 OPS = ("sf_conv", "dw_conv3x3")
 FORCEABLE = ("cuda", "triton", "torch")
 
-# Measured defaults on CUDA devices (benchmarks/results/); see README "Kernels".
-CUDA_DEFAULT = {"sf_conv": "triton", "dw_conv3x3": "triton"}
+# The faster backend per op and pass on CUDA devices, as measured side by side on an H200
+# (bf16, channels_last, batch 128; benchmarks/results/2026-11-26-h200/bench_gpu.md):
+#   sf_conv forward geomean vs cuDNN 1x1: triton 0.57x, cuda 0.39x; fwd+bwd: triton 0.33x, cuda 0.28x
+#   dw_conv3x3 forward vs cuDNN depthwise: cuda 1.56x, triton 1.18x; fwd+bwd: triton 0.75x, cuda 0.19x
+CUDA_DEFAULT = {
+    ("sf_conv", "forward"): "triton",
+    ("sf_conv", "backward"): "triton",
+    ("dw_conv3x3", "forward"): "cuda",
+    ("dw_conv3x3", "backward"): "triton",
+}
 
 _ext_error: str | None = None
 try:
@@ -66,8 +74,9 @@ def forced_backend() -> str | None:
     return value
 
 
-def select(op: str, device: torch.device) -> str:
-    """The backend name that runs `op` on `device`: 'cpp', 'cuda', 'triton' or 'torch'."""
+def select(op: str, device: torch.device, pass_: str = "forward") -> str:
+    """The backend that runs `op`'s `pass_` ('forward' or 'backward') on `device`:
+    'cpp', 'cuda', 'triton' or 'torch'."""
     forced = forced_backend()
     if device.type == "cpu":
         if forced == "torch" or not cpp_available(op):
@@ -87,7 +96,7 @@ def select(op: str, device: torch.device) -> str:
             if triton_version() is None:
                 raise RuntimeError("FALCONNET_BACKEND=triton, but triton cannot be imported")
             return "triton"
-        preferred = CUDA_DEFAULT[op]
+        preferred = CUDA_DEFAULT[(op, pass_)]
         for name in (preferred, "cuda" if preferred == "triton" else "triton"):
             if name == "cuda" and cuda_available(op):
                 return "cuda"
@@ -103,7 +112,8 @@ def info() -> dict:
     active = {op: {"cpu": select(op, torch.device("cpu"))} for op in OPS}
     if gpu is not None:
         for op in OPS:
-            active[op]["cuda"] = select(op, torch.device("cuda"))
+            fwd, bwd = (select(op, torch.device("cuda"), p) for p in ("forward", "backward"))
+            active[op]["cuda"] = fwd if fwd == bwd else f"{fwd} (forward), {bwd} (backward)"
     return {
         "extension_built": extension_built(),
         "extension_error": _ext_error,

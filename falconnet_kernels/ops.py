@@ -121,7 +121,7 @@ def sf_conv_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, grad_y = _collapsible(x), _collapsible(grad_y)
     w1, w2 = w1.contiguous(), w2.contiguous()
-    backend = _backend.select("sf_conv", x.device)
+    backend = _backend.select("sf_conv", x.device, "backward")
     if backend in ("cpp", "cuda"):
         out = torch.ops.falconnet_C.sf_conv_backward(grad_y, x, w1, w2, bias, activation)
     elif backend == "triton":
@@ -208,7 +208,7 @@ def dw_conv3x3_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     x, grad_y = _collapsible(x), _collapsible(grad_y)
     weight = weight.contiguous()
-    backend = _backend.select("dw_conv3x3", x.device)
+    backend = _backend.select("dw_conv3x3", x.device, "backward")
     if backend in ("cpp", "cuda"):
         out = torch.ops.falconnet_C.dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation)
     elif backend == "triton":

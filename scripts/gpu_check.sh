@@ -23,8 +23,9 @@ stamp "tests (CUDA and Triton on the GPU)"
 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -rf --timeout=120 -p no:cacheprovider tests/ -m "cuda or triton" \
   > "$OUT/tests.log" 2>&1
 echo "tests exit code: $?" >> "$OUT/tests.log"
-tail -25 "$OUT/tests.log"
-[ "${1:-}" = "--quick" ] && exit 0
+grep -E "^(FAILED|ERROR)|Fatal Python error|passed|failed|exit code" "$OUT/tests.log" | tail -40
+grep -B2 -A12 "Fatal Python error" "$OUT/tests.log" | head -40
+if [ "${1:-}" = "--quick" ]; then tar czf "$OUT/logs.tgz" -C "$OUT" build.log tests.log env.txt; exit 0; fi
 
 stamp "benchmarks"
 # One pytest run per group, each with its own JSON, so a stage cut off by its timeout loses only itself.
@@ -47,3 +48,5 @@ done
 grep -E "exit code|Error|error" "$OUT/bench.log" | tail -20
 $PY -m falconnet.cli bench "${jsons[@]}" --markdown "$OUT/bench_gpu.md" --png "$OUT/bench_gpu.png" | tail -120
 stamp "done"
+# The device tool returns at most 8 files: keep the JSONs, the tables and the chart, pack the logs.
+tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log env.txt 2>/dev/null) && (cd "$OUT" && rm -f *.log env.txt)
