@@ -86,13 +86,14 @@ def _scale_shift(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tenso
 def _use_fused_dw_conv(x: Tensor, K: int, conv: str) -> bool:
     """Whether the one conv runs on falconnet_kernels.dw_conv3x3 (3x3 only) or on F.conv2d.
 
-    "auto": the fused op on CUDA; F.conv2d on the CPU, where oneDNN's depthwise conv measured
-    1.1-7.6x faster forward+backward than the extension's at the hidden shapes
-    (docs/repso_training.md).
+    "auto" picks F.conv2d on both devices, by forward+backward measurements at the hidden shapes:
+    on the CPU oneDNN's depthwise conv beat the extension's 1.1-7.6x (docs/repso_training.md); on
+    an H200 cuDNN's beat the Triton op 1.1-1.6x and the CUDA C++ op 2.4-11x
+    (benchmarks/results/2026-11-26-h200/bench_gpu.md, "dw_conv3x3 fwd+bwd").
     """
     if K != 3 or conv == "torch":
         return False
-    return conv == "falconnet" or x.device.type == "cuda"
+    return conv == "falconnet"
 
 
 def repso_train_forward(
