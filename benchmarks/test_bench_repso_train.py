@@ -31,14 +31,14 @@ def one_conv(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
     return repso_train_forward(x, [b.conv.weight for b in layer.branches], [b.bn for b in layer.branches], layer.identity_bn)
 
 
-def one_conv_torch(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
-    """The one conv on cuDNN instead of falconnet's dw_conv3x3 (GPU only: the CPU default already)."""
+def one_conv_dw_op(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
+    """The one conv on falconnet_kernels.dw_conv3x3 instead of cuDNN (the default, F.conv2d)."""
     return repso_train_forward(
-        x, [b.conv.weight for b in layer.branches], [b.bn for b in layer.branches], layer.identity_bn, conv="torch"
+        x, [b.conv.weight for b in layer.branches], [b.bn for b in layer.branches], layer.identity_bn, conv="falconnet"
     )
 
 
-IMPLS = {"seven-branch": seven_branch, "one-conv": one_conv, "one-conv-cudnn": one_conv_torch}
+IMPLS = {"seven-branch": seven_branch, "one-conv": one_conv, "one-conv-dw-op": one_conv_dw_op}
 
 
 def saved_bytes(forward, x: torch.Tensor) -> int:
@@ -70,8 +70,8 @@ def peak_cuda_bytes(step) -> int:
 @pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"{c}@{h}" for c, h in DW_SHAPES])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_repso_train(benchmark, device, impl, shape):
-    if impl == "one-conv-cudnn" and device != "cuda":
-        pytest.skip("on the CPU the one conv runs on oneDNN by default: the one-conv case")
+    if impl == "one-conv-dw-op" and device != "cuda":
+        pytest.skip("the extension's CPU dw_conv3x3 is slower than oneDNN (docs/repso_training.md): GPU only")
     C, H = shape
     N, dtype = BATCH[device], DTYPE[device]
     torch.manual_seed(0)
