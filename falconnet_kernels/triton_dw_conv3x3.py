@@ -142,8 +142,7 @@ def _dw_bwd_weight_kernel(
             else:
                 keep = (z > 0.0) & (z < 6.0)
             gz = tl.where(keep, gz, 0.0)
-            # grad_z has grad_y's strides
-            tl.store(gz_ptr + gy_offs, gz, mask=ok)
+        gz16 = gz
         gz = gz.to(tl.float32)
         ab += gz
         a0 += gz * _load_tap(x_ptr, n, oh, ow, c, c_ok, o_ok, H, W, s_xn, s_xc, s_xh, s_xw, 0, 0, STRIDE)
@@ -155,6 +154,10 @@ def _dw_bwd_weight_kernel(
         a6 += gz * _load_tap(x_ptr, n, oh, ow, c, c_ok, o_ok, H, W, s_xn, s_xc, s_xh, s_xw, 2, 0, STRIDE)
         a7 += gz * _load_tap(x_ptr, n, oh, ow, c, c_ok, o_ok, H, W, s_xn, s_xc, s_xh, s_xw, 2, 1, STRIDE)
         a8 += gz * _load_tap(x_ptr, n, oh, ow, c, c_ok, o_ok, H, W, s_xn, s_xc, s_xh, s_xw, 2, 2, STRIDE)
+        if ACT != 0:
+            # stored last, so that no store separates the tap loads above from the identical
+            # ones in _dw_z (the compiler can reuse them); grad_z has grad_y's strides
+            tl.store(gz_ptr + gy_offs, gz16, mask=ok)
     gw = gw_ptr + c * 9
     tl.atomic_add(gw + 0, tl.sum(a0, axis=0), mask=c_ok)
     tl.atomic_add(gw + 1, tl.sum(a1, axis=0), mask=c_ok)
