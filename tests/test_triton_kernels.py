@@ -38,6 +38,8 @@ DTYPES = [torch.bfloat16, torch.float32, torch.float16] if ON_GPU else [torch.fl
 def with_dtypes(cases, name):
     return [pytest.param(case, dtype, id=f"{name(case)}-{str(dtype)[6:]}")
             for i, case in enumerate(cases) for dtype in DTYPES if i < 2 or dtype == DTYPES[0]]
+
+
 FP32_TOL = 1e-5
 LOWP_FLOOR = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
@@ -50,8 +52,10 @@ def _no_autotune(monkeypatch):
 
 
 def rel_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in output"
-    return ((out.double() - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+    """||out - ref64|| / ||ref64||, on the CPU in float64 (ref64 lives there)."""
+    out = out.detach().to("cpu", torch.float64)
+    assert not torch.isnan(out).any(), "NaN in output (an element left unwritten?)"
+    return ((out - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
 
 
 def assert_matches(name, outs, refs64, refs_lowp, dtype):
