@@ -26,6 +26,43 @@ import triton
 import triton.language as tl
 
 
+# Tile sizes are autotuned on a GPU among the configurations that fit (the 3-D index and pointer
+# tensors of a tile live in registers, and the batched products' operands in shared memory); the
+# interpreter (TRITON_INTERPRET=1) runs the first fitting one, without timing.
+_FWD_TILES = [(16, 32, 4), (16, 32, 8), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 64, 4), (2, 32, 4), (1, 32, 4), (1, 64, 4)]
+_BWD_TILES = [(16, 32, 4), (16, 32, 8), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 64, 4), (2, 32, 4), (2, 64, 4),
+              (1, 32, 4), (1, 64, 4)]
+
+
+def _configs(tiles) -> list:
+    return [triton.Config({"BLOCK_C": c, "BLOCK_P": p}, num_warps=w) for c, p, w in tiles]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fitting(configs, fits) -> list:
+    kept = [cfg for cfg in configs if fits(cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_P"])]
+    return kept[:1] if _interpreting() else kept
+
+
+def _prune_forward(configs, named_args, **kwargs):
+    # accumulator BLOCK_C * KK_PAD^2 floats <= 4096 (32 registers a thread at 4 warps); the shift
+    # tile BLOCK_C * KK_PAD * BLOCK_P <= 8192: 16 channels at K = 3, 4 at K = 5, 1 at K = 7
+    kk = kwargs["KK_PAD"]
+    return _fitting(configs, lambda c, p: c * kk * kk <= 4096 and c * kk * p <= 8192)
+
+
+def _prune_backward(configs, named_args, **kwargs):
+    # lag tile (BLOCK_P x LAG_PAD) and lag matrix (LAG_PAD x KK_PAD) per channel, under 24k
+    # elements (96 KB of float32 operands): 16 channels at K = 3, 2 at K = 5, 1 at K = 7
+    kk, lag = kwargs["KK_PAD"], kwargs["LAG_PAD"]
+    return _fitting(configs, lambda c, p: c * (p * lag + lag * kk) <= 24576)
+
+
+@triton.autotune(configs=_configs(_FWD_TILES), key=["C", "H", "W", "n_pos"],
+                 prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _moments_fwd_kernel(
     x_ptr, shift_ptr, sum_ptr, prod_ptr,
@@ -78,6 +115,8 @@ def _moments_fwd_kernel(
     tl.store(out, acc, mask=c_ok[:, None, None])
 
 
+@triton.autotune(configs=_configs(_BWD_TILES), key=["C", "H", "W", "n_pos"],
+                 prune_configs_by={"early_config_prune": _prune_backward})
 @triton.jit
 def _moments_bwd_kernel(
     x_ptr, gx_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr,
@@ -147,27 +186,10 @@ def _shift(x: torch.Tensor) -> torch.Tensor:
     return x[0, :, H // 2, W // 2].float().contiguous()
 
 
-BLOCK_P = 32
-
-
-def _forward_block_c(kk_pad: int) -> int:
-    """Channels per tile in the forward: the accumulator holds BLOCK_C * KK_PAD^2 floats; 4096 of
-    them (32 registers a thread at 4 warps) for every K: 16 channels at K=3, 4 at K=5, 1 at K=7."""
-    return max(1, 4096 // (kk_pad * kk_pad))
-
-
-def _backward_block_c(kk_pad: int, lag_pad: int) -> int:
-    """Channels per tile in the backward: the lag tile (BLOCK_P x LAG_PAD) and the lag matrix
-    (LAG_PAD x KK_PAD) of each channel go through shared memory for the product; keep both under
-    about 24k elements (96 KB in float32): 16 channels at K=3, 2 at K=5, 1 at K=7."""
-    per_channel = BLOCK_P * lag_pad + lag_pad * kk_pad
-    return max(1, min(16, triton.next_power_of_2(24576 // per_channel + 1) // 2))
-
-
 def _dot16() -> bool:
     # The interpreter (TRITON_INTERPRET=1, numpy) has no bf16 matmul: there the 16-bit products
     # run in float32, which gives the same values (16-bit products are exact in float32).
-    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+    return not _interpreting()
 
 
 def _check(x: torch.Tensor) -> None:
@@ -181,21 +203,21 @@ def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.
     n_pos = N * H * W
     _check(x)
     shift_values = x.dtype == torch.float32
-    BLOCK_C = _forward_block_c(KK_PAD)
-    n_cblocks = triton.cdiv(C, BLOCK_C)
+    n_cblocks = triton.cdiv(C, 16)
     if x.is_cuda:
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
         target = 4
-    n_split = max(1, min(triton.cdiv(n_pos, BLOCK_P), triton.cdiv(target, n_cblocks)))
-    chunk = triton.cdiv(triton.cdiv(n_pos, n_split), BLOCK_P) * BLOCK_P
+    n_split = max(1, min(triton.cdiv(n_pos, 64), triton.cdiv(target, n_cblocks)))
+    chunk = triton.cdiv(triton.cdiv(n_pos, n_split), 64) * 64  # a multiple of every BLOCK_P
     n_split = triton.cdiv(n_pos, chunk)
     shift = _shift(x) if shift_values else torch.zeros(C, device=x.device, dtype=torch.float32)
     sums = torch.empty((n_split, C, KK_PAD), device=x.device, dtype=torch.float32)
     prods = torch.empty((n_split, C, KK_PAD, KK_PAD), device=x.device, dtype=torch.float32)
-    _moments_fwd_kernel[(n_cblocks, n_split)](
+    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), n_split)  # noqa: E731
+    _moments_fwd_kernel[grid](
         x, shift, sums, prods, C, H, W, n_pos, chunk, *x.stride(),
-        K=K, KK_PAD=KK_PAD, SHIFT=shift_values, DOT16=_dot16(), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+        K=K, KK_PAD=KK_PAD, SHIFT=shift_values, DOT16=_dot16(),
     )
     ew = sums.sum(0, dtype=torch.float64)[:, :KK] / n_pos
     second = prods.sum(0, dtype=torch.float64)[:, :KK, :KK] / n_pos
@@ -238,11 +260,10 @@ def repso_moments_backward(
     else:
         a_hi, a_lo = A.float(), A.float()
     gx = torch.empty_like(x)
-    BLOCK_C = _backward_block_c(KK_PAD, LAG_PAD)
-    grid = (triton.cdiv(C, BLOCK_C), triton.cdiv(n_pos, BLOCK_P))
+    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(n_pos, meta["BLOCK_P"]))  # noqa: E731
     _moments_bwd_kernel[grid](
         x, gx, a_hi.contiguous(), a_lo.contiguous(), cst_pad, shift.float().contiguous(),
         C, H, W, n_pos, 1.0 / n_pos, *x.stride(), *gx.stride(),
-        K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, DOT16=_dot16(), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+        K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, DOT16=_dot16(),
     )
     return gx
