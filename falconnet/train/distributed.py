@@ -84,6 +84,13 @@ def broadcast_object(obj, ctx: DistContext):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    if ctx.enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
