@@ -22,6 +22,7 @@ from falconnet_kernels import dw_conv3x3
 
 from .activation import apply_activation, check_activation, split_for_fusion
 from .fold import FOLD_DTYPE, fold_conv_bn, identity_kernel, pad_kernel
+from .repso_train import repso_train_forward
 
 # Table 3's header was lost. Its 11 count columns read as the branch kernels below: column 5 is
 # 3x3 because row C (3x3 only) equals the IRB row of Table 1 (94.84 / 76.92) and rows P/Q/R hold
@@ -96,10 +97,14 @@ class RepSO(nn.Module):
         identity: bool = True,
         extra: Optional[dict] = None,
         activation: str = "none",
+        one_conv_training: bool = True,
     ):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"RepSO stride must be 1 or 2, got {stride}")
+        # SPEC 3a: the training forward as one conv, exact (docs/repso_training.md);
+        # False runs the seven-branch sum, the reference it is tested against.
+        self.one_conv_training = one_conv_training
         if identity and stride != 1:
             raise ValueError("RepSO identity branch needs stride 1 (identity=True with stride 2)")
         sizes = [(3, 3)] * n3x3 + [(1, 3)] * n1x3 + [(3, 1)] * n3x1 + [(1, 1)] * n1x1
@@ -125,6 +130,10 @@ class RepSO(nn.Module):
         return len(self.branches) == 0 and self.identity_bn is None and self.reparam_conv is None
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_conv_training and self.stride == 1 and len(self.branches) > 0:
+            return repso_train_forward(
+                x, [b.conv.weight for b in self.branches], [b.bn for b in self.branches], self.identity_bn
+            )
         out = x if self.is_identity else 0
         for branch in self.branches:
             out = out + branch(x)
