@@ -18,6 +18,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast precision on GPU (default none: float32)")
     parser.add_argument("--reparam", action="store_true", help="re-parameterize a training checkpoint before evaluating it")
     parser.add_argument("--workers", type=int, default=4, help="decoding workers for image files (default 4)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, as for train; 0 keeps PyTorch's default)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -26,10 +27,11 @@ def run(args) -> int:
     from .data import DatasetError, load_split
     from .distributed import choose_device
     from .modelspec import load_model, reparameterize
-    from .trainer import evaluate
+    from .trainer import evaluate, set_cpu_threads
 
     import torch
 
+    set_cpu_threads(args.threads)
     try:
         model, deployed, ckpt = load_model(args.checkpoint)
         config = ckpt.get("config", {})

@@ -125,6 +125,11 @@ def run(args) -> int:
     from .presets import PresetError
     from .trainer import TrainError, train
 
+    deploy = True if args.deploy is None else args.deploy
+    export = deploy if args.export is None else args.export
+    if export and not deploy:
+        print("falconnet train: error: --export needs the deployed model; drop --no-deploy or add --no-export", file=sys.stderr)
+        return 2
     try:
         cfg = _config_from_args(args)
         out_dir = _out_dir(args, cfg)
@@ -147,11 +152,6 @@ def run(args) -> int:
     if result.history:
         summary["last_val_top1"] = result.history[-1]["val_top1"]
     ok = True
-    deploy = True if args.deploy is None else args.deploy
-    export = deploy if args.export is None else args.export
-    if export and not deploy:
-        print("falconnet train: error: --export needs the deployed model; drop --no-deploy", file=sys.stderr)
-        return 2
     if deploy:
         ok = _deploy_and_export(cfg, out_dir, summary, export)
     _print_summary(summary)
