@@ -158,6 +158,112 @@ void gemm_rows(int R, const A* a, int64_t a_rs, int64_t a_cs, const A* b, int64_
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Channel-lane kernels for channels_last: SIMD lanes over output channels, a register block of
+// PB pixels. out[pb][0:MV*L] = epi(sum_q h[pb*h_ps + q*h_qs] * w[q*w_qs + 0:MV*L]), where h
+// entries are broadcast and w rows are contiguous. Used when a stage's output width (m, or c_h
+// for stage 1) is a multiple of the vector width: then channels_last rows are read and written
+// directly, with no transpose.
+
+template <typename A>
+struct LaneEpilogue {
+  const A* bias = nullptr;  // per output column
+  const A* res = nullptr;   // residual rows, pixel stride res_ps
+  int64_t res_ps = 0;
+  Activation act = Activation::kNone;
+  bool stream = false;
+};
+
+template <typename A, int PB, int MV>
+inline void lanes_block(const A* __restrict h, int64_t h_ps, int64_t h_qs, const A* __restrict w, int64_t w_qs,
+                        int K, A* __restrict out, int64_t o_ps, const LaneEpilogue<A>* epi) {
+  using V = Simd<A>;
+  using vec = typename V::vec;
+  constexpr int L = V::lanes;
+  vec acc[PB][MV];
+#pragma GCC unroll 16
+  for (int p = 0; p < PB; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) acc[p][v] = V::zero();
+  for (int q = 0; q < K; ++q) {
+    vec wv[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) wv[v] = V::load(w + q * w_qs + v * L);
+#pragma GCC unroll 16
+    for (int p = 0; p < PB; ++p) {
+      const A s = h[p * h_ps + q * h_qs];
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[p][v] += wv[v] * s;
+    }
+  }
+  if (epi == nullptr) {
+#pragma GCC unroll 16
+    for (int p = 0; p < PB; ++p)
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) V::store(out + p * o_ps + v * L, acc[p][v]);
+    return;
+  }
+  const vec zero = V::zero(), six = V::splat(A(6));
+  vec bv[MV];
+#pragma GCC unroll 4
+  for (int v = 0; v < MV; ++v) bv[v] = epi->bias ? V::load(epi->bias + v * L) : zero;
+#pragma GCC unroll 16
+  for (int p = 0; p < PB; ++p) {
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) {
+      vec o = acc[p][v] + bv[v];
+      if (epi->act != Activation::kNone) o = o < zero ? zero : o;
+      if (epi->act == Activation::kRelu6) o = o > six ? six : o;
+      if (epi->res) o += V::load(epi->res + p * epi->res_ps + v * L);
+      store_vec<A>(out + p * o_ps + v * L, o, epi->stream);
+    }
+  }
+}
+
+// All T pixels of a tile, `cols` output columns (a multiple of the vector width).
+template <typename A, int T>
+void lanes_tile(int64_t cols, const A* h, int64_t h_ps, int64_t h_qs, const A* w, int64_t w_qs, int K, A* out,
+                int64_t o_ps, const LaneEpilogue<A>* epi) {
+  constexpr int L = Simd<A>::lanes;
+  LaneEpilogue<A> e;
+  for (int64_t c0 = 0; c0 < cols;) {
+    const bool two = cols - c0 >= 2 * L;
+    if (epi) {
+      e = *epi;
+      if (e.bias) e.bias += c0;
+      if (e.res) e.res += c0;
+    }
+    const LaneEpilogue<A>* ep = epi ? &e : nullptr;
+    if (two) {
+      constexpr int PB = 8;  // 8 pixels x 2 vectors = 16 accumulators
+      static_assert(T % PB == 0);
+      for (int p = 0; p < T; p += PB) {
+        LaneEpilogue<A> ep_p;
+        if (ep) {
+          ep_p = *ep;
+          if (ep_p.res) ep_p.res += p * ep_p.res_ps;
+        }
+        lanes_block<A, PB, 2>(h + p * h_ps, h_ps, h_qs, w + c0, w_qs, K, out + p * o_ps + c0, o_ps,
+                              ep ? &ep_p : nullptr);
+      }
+      c0 += 2 * L;
+    } else {
+      constexpr int PB = T >= 16 ? 16 : T;  // 16 pixels x 1 vector
+      static_assert(T % PB == 0);
+      for (int p = 0; p < T; p += PB) {
+        LaneEpilogue<A> ep_p;
+        if (ep) {
+          ep_p = *ep;
+          if (ep_p.res) ep_p.res += p * ep_p.res_ps;
+        }
+        lanes_block<A, PB, 1>(h + p * h_ps, h_ps, h_qs, w + c0, w_qs, K, out + p * o_ps + c0, o_ps,
+                              ep ? &ep_p : nullptr);
+      }
+      c0 += L;
+    }
+  }
+}
+
 // acc[(r*o_rs + q*o_cs)*L + lane] += sum_v X[r][v*L + lane] * Y[q][v*L + lane]: the pixel
 // reduction of a weight gradient, lanes kept apart. RA x RB register block.
 template <typename A, int NV, int RA, int RB>
@@ -221,6 +327,55 @@ struct SfShape {
   int64_t G, c_h, k, m, C_in, C_out;
 };
 
+// Stage 1 for narrow groups (c_h * NV <= 8 accumulators): GB groups side by side in one register
+// block, so that short per-group loops (k = 4) still keep ~24 independent accumulators busy and
+// the per-call overhead is paid once per GB groups.
+template <typename A, int NV, int R, int GB>
+inline void gemm_groups_block(const A* __restrict a, int64_t a_gs, int64_t a_rs, const A* __restrict b,
+                              int64_t b_gs, int64_t b_rs, int K, A* __restrict c, int64_t c_gs, int64_t c_rs) {
+  using V = Simd<A>;
+  using vec = typename V::vec;
+  constexpr int L = V::lanes;
+  vec acc[GB][R][NV];
+#pragma GCC unroll 8
+  for (int u = 0; u < GB; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[u][r][v] = V::zero();
+  for (int q = 0; q < K; ++q) {
+#pragma GCC unroll 8
+    for (int u = 0; u < GB; ++u) {
+      vec bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + u * b_gs + q * b_rs + v * L);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const A w = a[u * a_gs + r * a_rs + q];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[u][r][v] += bv[v] * w;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < GB; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) V::store(c + u * c_gs + r * c_rs + v * L, acc[u][r][v]);
+}
+
+template <typename A, int NV, int R>
+void gemm_groups(int64_t G, const A* a, int64_t a_gs, int64_t a_rs, const A* b, int64_t b_gs, int64_t b_rs, int K,
+                 A* c, int64_t c_gs, int64_t c_rs) {
+  constexpr int GB = std::max(1, 24 / (R * NV));
+  int64_t g = 0;
+  for (; g + GB <= G; g += GB)
+    gemm_groups_block<A, NV, R, GB>(a + g * a_gs, a_gs, a_rs, b + g * b_gs, b_gs, b_rs, K, c + g * c_gs, c_gs, c_rs);
+  for (; g < G; ++g)
+    gemm_groups_block<A, NV, R, 1>(a + g * a_gs, a_gs, a_rs, b + g * b_gs, b_gs, b_rs, K, c + g * c_gs, c_gs, c_rs);
+}
+
 SfShape sf_shape_of(const at::Tensor& w1, const at::Tensor& w2) {
   SfShape s;
   s.G = w1.size(0);
@@ -230,6 +385,23 @@ SfShape sf_shape_of(const at::Tensor& w1, const at::Tensor& w2) {
   s.C_in = s.G * s.k;
   s.C_out = s.c_h * s.m;
   return s;
+}
+
+// Stage 1: hidden[j][g][0:T] = sum_i w1[g, j, i] * x[g*k + i][0:T], x rows with stride x_rs.
+template <typename A, int NV>
+void stage1(const SfShape& s, const A* w1, const A* x, int64_t x_rs, A* hidden) {
+  constexpr int T = NV * Simd<A>::lanes;
+  const int k = static_cast<int>(s.k);
+  const int64_t a_gs = s.c_h * s.k, b_gs = s.k * x_rs, c_rs = s.G * T;
+  switch (s.c_h * NV <= 8 ? s.c_h : 0) {
+    case 1: gemm_groups<A, NV, 1>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
+    case 2: gemm_groups<A, NV, 2>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
+    case 3: gemm_groups<A, NV, 3>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
+    case 4: gemm_groups<A, NV, 4>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
+    default:
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm_rows<A, NV>(s.c_h, w1 + g * a_gs, s.k, 1, x + g * b_gs, x_rs, k, hidden + g * T, c_rs);
+  }
 }
 
 void check_sf_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
@@ -257,10 +429,6 @@ void check_sf_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
 // broadcast weight (2 FMAs) while R*NV accumulators stay in registers.
 constexpr int kNV = 2;
 
-// Outputs larger than this are written with streaming stores (about half the last-level cache:
-// such an output would not stay cached for the next layer anyway).
-constexpr int64_t kStreamingStoreBytes = 16 << 20;
-
 template <typename S>
 void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c, const at::Tensor* bias,
                      const at::Tensor* residual, Activation act, at::Tensor& y, const SfShape& s) {
@@ -284,14 +452,50 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
     const at::Tensor b = bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
     bias_c.assign(b.data_ptr<A>(), b.data_ptr<A>() + s.C_out);
   }
-  const bool stream = y.numel() * static_cast<int64_t>(sizeof(S)) > kStreamingStoreBytes;
+  const bool stream = use_streaming_stores((x.numel() + y.numel()) * static_cast<int64_t>(sizeof(S)));
+  // channels_last output without a transpose: stage 2 with lanes over output channels when m
+  // fills whole vectors (and the residual, if any, is channels_last too). It pays off when the
+  // output side dominates, i.e. few MACs (G) per output value; with G > 16 the pixel-lane kernel's
+  // better load/FMA ratio wins over the cost of transposing the output (measured, 1 core).
+  constexpr int L = Simd<A>::lanes;
+  const bool lanes2 = kInPlace && yout.layout == Layout::kNHWC && s.m % L == 0 && s.G <= 16 &&
+                      (rp == nullptr || rin.layout == Layout::kNHWC);
+  // w2t (c_h, G, m): the weight rows the channel-lane kernel reads as vectors
+  const at::Tensor w2t = lanes2 ? w2c.permute({0, 2, 1}).contiguous() : at::Tensor();
   // Grain: ~4 tiles keeps scheduling overhead negligible but still splits 7x7 batches.
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
     if (rp) res.resize(s.C_out * T);
     for (int64_t tile = begin; tile < end; ++tile) {
+      if (tile + 1 < end) {
+        const int64_t p1 = (tile + 1) * T;
+        prefetch_tile(xp, xin, p1, static_cast<int>(std::min<int64_t>(T, P - p1)));
+        if (rp) prefetch_tile(rp, rin, p1, static_cast<int>(std::min<int64_t>(T, P - p1)));
+      }
       const int64_t p0 = tile * T;
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
+      if (lanes2 && count == T) {
+        load_tile(xp, xin, p0, count, xt.data(), T);
+        stage1<A, kNV>(s, w1, xt.data(), T, hidden.data());
+        LaneEpilogue<A> epi;
+        epi.bias = bias ? bias_c.data() : nullptr;
+        epi.act = act;
+        epi.stream = stream;
+        if (rp) {
+          epi.res = reinterpret_cast<const A*>(rp) + p0 * s.C_out;
+          epi.res_ps = s.C_out;
+        }
+        A* yrow = reinterpret_cast<A*>(yp) + p0 * s.C_out;
+        const A* w2tp = w2t.data_ptr<A>();
+        for (int64_t j = 0; j < s.c_h; ++j) {
+          LaneEpilogue<A> ej = epi;
+          if (ej.bias) ej.bias += j * s.m;
+          if (ej.res) ej.res += j * s.m;
+          lanes_tile<A, T>(s.m, hidden.data() + j * s.G * T, 1, T, w2tp + j * s.G * s.m, s.m, s.G,
+                           yrow + j * s.m, s.C_out, &ej);
+        }
+        continue;
+      }
       const int64_t n0 = p0 / HW, hw0 = p0 % HW;
       const bool one_image = count == T && hw0 + T <= HW;
       auto in_place = [&](const PixelView& v) { return kInPlace && one_image && v.layout == Layout::kNCHW; };
@@ -304,9 +508,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
       } else {
         load_tile(xp, xin, p0, count, xt.data(), T);
       }
-      for (int64_t g = 0; g < s.G; ++g)
-        gemm_rows<A, kNV>(s.c_h, w1 + g * s.c_h * s.k, s.k, 1, xin_rows + g * s.k * x_rs, x_rs, s.k,
-                          hidden.data() + g * T, s.G * T);
+      stage1<A, kNV>(s, w1, xin_rows, x_rs, hidden.data());
 
       Epilogue<A> epi;
       epi.bias = bias ? bias_c.data() : nullptr;
@@ -398,9 +600,7 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
       load_tile(xp, xin, p0, count, xt.data(), T);
       load_tile(gyp, gyin, p0, count, gz.data(), T);  // zero beyond count: padded pixels add nothing
-      for (int64_t g = 0; g < s.G; ++g)
-        gemm_rows<A, kNV>(s.c_h, w1 + g * s.c_h * s.k, s.k, 1, xt.data() + g * s.k * T, T, s.k,
-                          hidden.data() + g * T, s.G * T);
+      stage1<A, kNV>(s, w1, xt.data(), T, hidden.data());
       if (act != Activation::kNone) {
         for (int64_t j = 0; j < s.c_h; ++j)
           gemm_rows<A, kNV>(s.m, w2 + j * s.m * s.G, s.G, 1, hidden.data() + j * s.G * T, T, s.G,
