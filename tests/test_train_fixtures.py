@@ -18,7 +18,7 @@ import falconnet_kernels as fk
 
 
 class StandIn(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 16):
+    def __init__(self, num_classes: int = 10, width: int = 32):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
         self.dw = nn.Conv2d(width, width, 3, 1, 1, groups=width)

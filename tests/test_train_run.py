@@ -33,8 +33,8 @@ class Crash(Exception):
 def test_training_raises_accuracy_and_writes_the_run(standin, tmp_path):
     result = train(tiny(epochs=6, lr=0.5), str(tmp_path), progress=False, log=lambda s: None)
     first, last = result.history[0], result.history[-1]
-    # chance is 10%; the stand-in (1k parameters) gets well above it in 6 epochs
-    assert last["val_top1"] > 0.5 and last["val_top1"] > first["val_top1"] + 0.2
+    # chance is 10%; the stand-in (2k parameters, one block) measured 78% after 6 epochs
+    assert last["val_top1"] > 0.6 and last["val_top1"] > first["val_top1"] + 0.3
     assert last["train_loss"] < first["train_loss"]
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "config.json", "curves.png", "last.pt", "log.jsonl"]
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
