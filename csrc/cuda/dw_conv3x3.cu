@@ -37,6 +37,9 @@ namespace falconnet_cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// The forward keeps 9*V weights per thread in registers (~150 registers): blocks of 128 threads
+// let three of them share an SM (12 warps) where 256-thread blocks would fit only one.
+constexpr int kFwdThreads = 128;
 
 struct DwShape {
   int64_t N;
@@ -150,8 +153,10 @@ template <typename T>
 struct DwArgs {
   const T* x;
   const T* gy;     // backward: grad_y
-  const float* w9;  // (9, C) float32
-  const float* bias;  // (C,) float32 or nullptr
+  const float* w9;    // backward: (9, C) float32
+  const float* bias;  // backward: (C,) float32 or nullptr
+  const T* weight;    // forward: (C, 9) in the input dtype, as given
+  const T* bias_t;    // forward: (C,) in the input dtype, or nullptr
   T* out;          // forward: y; backward A: grad_z (or nullptr); backward B: grad_x
   const T* gz;     // backward B: grad_z
   float* gw;       // backward A: (C, 9) accumulators
@@ -160,31 +165,49 @@ struct DwArgs {
   int act;
 };
 
+// The 9 taps and the bias of V channels, as floats.
+template <int V>
+struct TapWeights {
+  float w[9][V];
+  float b[V];
+};
+
+// Forward: from the (C, 9) weight and (C,) bias in the input dtype (no host-side re-layout,
+// which at the 7x7 shapes would cost as much as the op).
+template <typename T, int V>
+__device__ __forceinline__ void load_weights_native(const DwArgs<T>& a, int c0, TapWeights<V>& tw) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+#pragma unroll
+    for (int t = 0; t < 9; ++t) tw.w[t][e] = to_float(a.weight[(c0 + e) * 9 + t]);
+    tw.b[e] = a.bias_t != nullptr ? to_float(a.bias_t[c0 + e]) : 0.f;
+  }
+}
+
+// Backward: from the (9, C) float32 re-layout, 16-byte loads.
+template <typename T, int V>
+__device__ __forceinline__ void load_weights_taps(const DwArgs<T>& a, int c0, TapWeights<V>& tw) {
+#pragma unroll
+  for (int t = 0; t < 9; ++t) load_tap<V>(a.w9, t, a.s.C, c0, tw.w[t]);
+#pragma unroll
+  for (int e = 0; e < V; ++e) tw.b[e] = a.bias != nullptr ? __ldg(a.bias + c0 + e) : 0.f;
+}
+
 // z (conv + bias, before the activation) of WB outputs x V channels at (n, ho, w0.., c0..).
 template <typename T, int V, int S, int WB>
-__device__ __forceinline__ void conv_window(const DwArgs<T>& a, const Item& it, float (&z)[WB][V]) {
+__device__ __forceinline__ void conv_window(const DwArgs<T>& a, const Item& it, const TapWeights<V>& tw,
+                                            float (&z)[WB][V]) {
   const DwShape& s = a.s;
   constexpr int NU = (WB - 1) * S + 3;  // input columns the WB outputs touch
-  float b[V];
-  if (a.bias != nullptr) {
-#pragma unroll
-    for (int e = 0; e < V; ++e) b[e] = __ldg(a.bias + it.c0 + e);
-  } else {
-#pragma unroll
-    for (int e = 0; e < V; ++e) b[e] = 0.f;
-  }
 #pragma unroll
   for (int o = 0; o < WB; ++o)
 #pragma unroll
-    for (int e = 0; e < V; ++e) z[o][e] = b[e];
+    for (int e = 0; e < V; ++e) z[o][e] = tw.b[e];
   const T* xn = a.x + it.n * s.xsN + it.c0 * s.xsC;
 #pragma unroll
   for (int kh = 0; kh < 3; ++kh) {
     const int hi = it.row * S - 1 + kh;
     if (hi < 0 || hi >= s.H) continue;
-    float w[3][V];
-#pragma unroll
-    for (int kw = 0; kw < 3; ++kw) load_tap<V>(a.w9, kh * 3 + kw, s.C, it.c0, w[kw]);
     const T* xrow = xn + hi * s.xsH;
     const int wi0 = it.w0 * S - 1;
 #pragma unroll
@@ -199,7 +222,7 @@ __device__ __forceinline__ void conv_window(const DwArgs<T>& a, const Item& it, 
         for (int kw = 0; kw < 3; ++kw) {
           if (o * S + kw == u) {
 #pragma unroll
-            for (int e = 0; e < V; ++e) z[o][e] = fmaf(w[kw][e], xv[e], z[o][e]);
+            for (int e = 0; e < V; ++e) z[o][e] = fmaf(tw.w[kh * 3 + kw][e], xv[e], z[o][e]);
           }
         }
       }
@@ -207,15 +230,21 @@ __device__ __forceinline__ void conv_window(const DwArgs<T>& a, const Item& it, 
   }
 }
 
-template <typename T, int V, int S, int WB>
-__global__ void __launch_bounds__(kThreads) dw_conv3x3_forward_kernel(const DwArgs<T> a) {
+// kFixedChannels: the launch guarantees that a thread's channel vector is the same for all its
+// items (channels_last, grid-stride step a multiple of the channel vectors), so its 9*V weights
+// are loaded once, into registers.
+template <typename T, int V, int S, int WB, bool kFixedChannels>
+__global__ void __launch_bounds__(kFwdThreads) dw_conv3x3_forward_kernel(const DwArgs<T> a) {
   const DwShape& s = a.s;
   const int64_t items = dw_items(s, V, WB, s.Ho, s.Wo);
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < items;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+  const int64_t first = blockIdx.x * static_cast<int64_t>(kFwdThreads) + threadIdx.x;
+  TapWeights<V> tw;
+  if (kFixedChannels && first < items) load_weights_native<T, V>(a, decode_item(s, first, V, WB, s.Ho, s.Wo).c0, tw);
+  for (int64_t idx = first; idx < items; idx += static_cast<int64_t>(gridDim.x) * kFwdThreads) {
     const Item it = decode_item(s, idx, V, WB, s.Ho, s.Wo);
+    if (!kFixedChannels) load_weights_native<T, V>(a, it.c0, tw);
     float z[WB][V];
-    conv_window<T, V, S, WB>(a, it, z);
+    conv_window<T, V, S, WB>(a, it, tw, z);
     T* yrow = a.out + it.n * s.ysN + it.c0 * s.ysC + it.row * s.ysH;
 #pragma unroll
     for (int o = 0; o < WB; ++o) {
@@ -280,8 +309,10 @@ __global__ void __launch_bounds__(kThreads) dw_conv3x3_grad_weight_kernel(const 
       }
     }
     if (a.act != kActNone) {
+      TapWeights<V> tw;
+      load_weights_taps<T, V>(a, it.c0, tw);
       float z[WB][V];
-      conv_window<T, V, S, WB>(a, it, z);
+      conv_window<T, V, S, WB>(a, it, tw, z);
 #pragma unroll
       for (int o = 0; o < WB; ++o) {
 #pragma unroll
@@ -430,7 +461,20 @@ template <typename T, int V, int S>
 struct LaunchForward {
   static void run(const DwArgs<T>& a, int sms, cudaStream_t stream) {
     const int64_t items = dw_items(a.s, V, kWB, a.s.Ho, a.s.Wo);
-    dw_conv3x3_forward_kernel<T, V, S, kWB><<<static_cast<unsigned>(grid_for(items, sms)), kThreads, 0, stream>>>(a);
+    const int CV = a.s.C / V;
+    const int64_t blocks = (items + kFwdThreads - 1) / kFwdThreads;
+    if (a.s.channels_last && kFwdThreads % CV == 0) {
+      // One resident wave of blocks, several items per thread: its weights (loaded once into
+      // registers) are reused for all of them.
+      auto kernel = dw_conv3x3_forward_kernel<T, V, S, kWB, true>;
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFwdThreads, 0));
+      const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(blocks, static_cast<int64_t>(std::max(per_sm, 1)) * sms));
+      kernel<<<static_cast<unsigned>(grid), kFwdThreads, 0, stream>>>(a);
+    } else {
+      const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(blocks, static_cast<int64_t>(sms) * 32));
+      dw_conv3x3_forward_kernel<T, V, S, kWB, false><<<static_cast<unsigned>(grid), kFwdThreads, 0, stream>>>(a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -496,15 +540,15 @@ at::Tensor dw_conv3x3_forward_cuda(const at::Tensor& x_in, const at::Tensor& wei
   const DwShape s = make_dw_shape(x, static_cast<int>(stride), cl);
   at::Tensor y = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
-  const at::Tensor w9 = taps_major(weight);
-  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor w = weight.contiguous();  // (C, 1, 3, 3): tap t of channel c at c*9 + t
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int sms = num_sms(x.get_device());
   cudaStream_t stream = current_stream();
   FALCONNET_DISPATCH_FLOATING(x.scalar_type(), "dw_conv3x3_forward", [&] {
     DwArgs<scalar_t> a{};
     a.x = x.data_ptr<scalar_t>();
-    a.w9 = w9.data_ptr<float>();
-    a.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
+    a.weight = w.data_ptr<scalar_t>();
+    a.bias_t = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     a.out = y.data_ptr<scalar_t>();
     a.s = s;
     a.act = act;

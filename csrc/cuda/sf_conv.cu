@@ -7,12 +7,16 @@
 //
 // The two numbers, for P pixels and element size s bytes:
 //   forward:  FLOPs 2*P*(C_in*c_h + C_out*G);  minimum bytes P*(C_in + C_out)*s (+ P*C_out*s with
-//             a residual). bf16, 256 -> 64 at 28x28, batch 128: 0.33 GFLOP against 64 MB, i.e.
-//             about 5 FLOP/byte; an H100 does ~20 fp32-FMA FLOP per byte of HBM, so every
-//             default config is memory-bound on CUDA cores except 1024 -> 256 (32K MAC/pixel,
-//             ~25 FLOP/byte), which sits at the FMA roofline.
-//   backward: FLOPs 6*P*(C_in*c_h + C_out*G) (+2*P*C_out*G to recompute z for the mask);
-//             minimum bytes P*(2*C_in + C_out)*s (read x, grad_y; write grad_x).
+//             a residual). Per pixel in bf16: 256 -> 64 is 8192 FLOP against 640 bytes, 12.8
+//             FLOP/byte; an H100 does ~20 fp32-FMA FLOP per byte of HBM (67 TFLOP/s, 3.35 TB/s),
+//             so the default configs are memory-bound on CUDA cores except 512 -> 128 (19.2
+//             FLOP/byte) and 1024 -> 256 (25.6), which sit at the FMA roofline.
+//   backward: FLOPs 4*P*(C_in*c_h + C_out*G) for grad_x and the hidden gradients, 2*P*C_in*C_out
+//             for the dense weight gradient D on tensor cores (below), +2*P*(C_in*c_h + C_out*G)
+//             to recompute z for a mask; minimum bytes P*(2*C_in + C_out)*s (read x, grad_y;
+//             write grad_x). This design moves P*(2*C_in + 2*C_out)*s without an activation
+//             (grad_y is read twice: by the grad_x kernel and by the GEMM), and P*(C_in +
+//             2*C_out)*s more with one (the mask pass reads x and grad_y, writes grad_z).
 //
 // Forward design (sf_conv_forward_tiled):
 // - Persistent grid, one block of 256 threads per slot. Each block stages w1 and w2 in shared
@@ -113,12 +117,14 @@ inline int64_t num_tiles(const SfShape& s, int tp) { return s.n_img * ((s.hw + t
 // Round a byte count up to 16 so every shared-memory region starts 16-byte aligned.
 __host__ __device__ inline size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// Row pitch (elements) of a shared tile of C values per pixel: a multiple of 16 bytes plus 16,
-// so that lanes reading 16 bytes from consecutive rows hit distinct banks.
+// Row pitch (elements) of a shared tile of C values per pixel: an odd number of 16-byte units,
+// so that the 8 lanes of a 128-byte wavefront reading 16 bytes from consecutive rows hit
+// distinct banks.
 template <typename T>
 __host__ __device__ inline int padded_pitch(int C) {
   const int vec = 16 / static_cast<int>(sizeof(T));
-  return (C + vec - 1) / vec * vec + vec;
+  const int units = (C + vec - 1) / vec;
+  return (units % 2 == 0 ? units + 1 : units) * vec;
 }
 
 // Load N consecutive T from shared memory into floats, with the widest aligned accesses.
@@ -150,6 +156,26 @@ __device__ __forceinline__ void load_row(const T* p, float* out) {
 // ---------------------------------------------------------------------------------------------
 // Forward, tiled fast path.
 
+// (row, column) of the flat index e = threadIdx.x + n*kThreads in rows of `cols` entries,
+// advanced without a division per step (the tile loops run once per 16 bytes).
+struct RowWalk {
+  int r, c, cols, dr, dc;
+  __device__ __forceinline__ explicit RowWalk(int cols_) : cols(cols_) {
+    r = threadIdx.x / cols;
+    c = threadIdx.x - r * cols;
+    dr = kThreads / cols;
+    dc = kThreads - dr * cols;
+  }
+  __device__ __forceinline__ void step() {
+    r += dr;
+    c += dc;
+    if (c >= cols) {
+      c -= cols;
+      ++r;
+    }
+  }
+};
+
 // Epilogue combination with a second tensor of y's shape:
 //   kCombineAdd: y = act(z + bias) + residual                (the forward op)
 //   kCombineMul: y = act'(z + bias) * grad_y  (mask_mode)    (grad_z of the backward; exact,
@@ -164,9 +190,14 @@ __device__ __forceinline__ float combine_with(float v, float other, int combine)
 template <typename T>
 struct FwdArgs {
   const T* x;
-  const float* w1;    // (G, c_h, k) float32
-  const float* w2t;   // (G, c_h, m) float32 (w2 transposed)
-  const float* bias;  // (C_out,) float32 or nullptr
+  // Weights in their own dtype and strides (the backward passes permuted views): w1[g, j, i] at
+  // w1 + g*w1s[0] + j*w1s[1] + i*w1s[2], w2[j, t, g] likewise. Converting and re-laying them out
+  // inside the kernel saves the small host-side conversion kernels, which at the 7x7 shapes
+  // would cost as much as the op.
+  const T* w1;
+  const T* w2;
+  int64_t w1s[3], w2s[3];
+  const T* bias;  // (C_out,) or nullptr
   const T* other;     // like y, or nullptr: the residual (kCombineAdd) or grad_y (kCombineMul)
   T* y;
   SfShape s;
@@ -187,11 +218,8 @@ __device__ __forceinline__ void fwd_load_tile(const FwdArgs<T>& a, const TileInf
     const int per_row = s.C_in / V;
     const int total = t.count * per_row;
     const T* src = a.x + t.first_pixel * s.C_in;
-    for (int e = threadIdx.x; e < total; e += kThreads) {
-      const int r = e / per_row;
-      const int c = e - r * per_row;
-      cp_async16(xs + r * ldx + c * V, src + static_cast<int64_t>(e) * V);
-    }
+    RowWalk w(per_row);
+    for (int e = threadIdx.x; e < total; e += kThreads, w.step()) cp_async16(xs + w.r * ldx + w.c * V, src + static_cast<int64_t>(e) * V);
   } else if (s.channels_last) {
     const int total = t.count * s.C_in;
     const T* src = a.x + t.first_pixel * s.C_in;
@@ -218,10 +246,9 @@ __device__ __forceinline__ void fwd_store_tile(const FwdArgs<T>& a, const TileIn
     const int per_row = s.C_out / V;
     const int total = t.count * per_row;
     const int64_t base = t.first_pixel * s.C_out;
-    for (int e = threadIdx.x; e < total; e += kThreads) {
-      const int r = e / per_row;
-      const int c = e - r * per_row;
-      Vec16<T> v = load_vec16(ys + r * ldy + c * V);
+    RowWalk w(per_row);
+    for (int e = threadIdx.x; e < total; e += kThreads, w.step()) {
+      Vec16<T> v = load_vec16(ys + w.r * ldy + w.c * V);
       if (a.other != nullptr) {
         const Vec16<T> o = load_vec16(a.other + base + static_cast<int64_t>(e) * V);
 #pragma unroll
@@ -249,8 +276,10 @@ __device__ __forceinline__ void fwd_store_tile(const FwdArgs<T>& a, const TileIn
 }
 
 // K = k, M = m; JX hidden channels and PX pixels (32 apart) per thread.
+// Register cap 128 (2 blocks of 256 threads per SM): the memory-bound configs fit two blocks
+// in shared memory and want them; ptxas picks the same cap unasked for most instantiations.
 template <typename T, int K, int M, int JX, int PX>
-__global__ void __launch_bounds__(kThreads) sf_conv_forward_tiled(const FwdArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, 2) sf_conv_forward_tiled(const FwdArgs<T> a) {
   extern __shared__ float4 smem_f4[];
   const SfShape& s = a.s;
   const int G = s.G, ch = s.ch;
@@ -263,12 +292,21 @@ __global__ void __launch_bounds__(kThreads) sf_conv_forward_tiled(const FwdArgs<
   const size_t x_bytes = round16(sizeof(T) * a.tp * ldx);
   T* ys = reinterpret_cast<T*>(tile_base + a.nbuf * x_bytes);
 
-  // Stage weights once per block (float4: G*ch*K and G*ch*M are multiples of 4 here).
-  for (int e = threadIdx.x; e < G * ch * K / 4; e += kThreads)
-    reinterpret_cast<float4*>(w1s)[e] = reinterpret_cast<const float4*>(a.w1)[e];
-  for (int e = threadIdx.x; e < G * ch * M / 4; e += kThreads)
-    reinterpret_cast<float4*>(w2s)[e] = reinterpret_cast<const float4*>(a.w2t)[e];
-  for (int e = threadIdx.x; e < s.C_out; e += kThreads) bs[e] = a.bias != nullptr ? a.bias[e] : 0.f;
+  // Stage the weights once per block as float32: w1s[g][j][i] = w1[g, j, i] and
+  // w2s[g][j][t] = w2[j, t, g] (transposed so a thread's m weights are contiguous). Both loops
+  // walk the weights in their logical order, which is memory order for the forward's contiguous
+  // weights: coalesced reads, scattered shared-memory writes.
+  for (int e = threadIdx.x; e < G * ch * K; e += kThreads) {
+    const int gj = e / K, i = e - gj * K;
+    const int g = gj / ch, j = gj - g * ch;
+    w1s[e] = to_float(a.w1[g * a.w1s[0] + j * a.w1s[1] + i * a.w1s[2]]);
+  }
+  for (int e = threadIdx.x; e < G * ch * M; e += kThreads) {
+    const int jt = e / G, g = e - jt * G;
+    const int j = jt / M, t = jt - j * M;
+    w2s[(g * ch + j) * M + t] = to_float(a.w2[j * a.w2s[0] + t * a.w2s[1] + g * a.w2s[2]]);
+  }
+  for (int e = threadIdx.x; e < s.C_out; e += kThreads) bs[e] = a.bias != nullptr ? to_float(a.bias[e]) : 0.f;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int jgroups = ch / JX;
@@ -399,20 +437,21 @@ __global__ void __launch_bounds__(kThreads) sf_conv_forward_generic(const FwdArg
 #pragma unroll
       for (int t = 0; t < 32; ++t) acc[t] = 0.f;
       for (int g = 0; g < s.G; ++g) {
-        const float* w1g = a.w1 + (static_cast<int64_t>(g) * s.ch + j) * s.k;
+        const T* w1g = a.w1 + g * a.w1s[0] + j * a.w1s[1];
         float h = 0.f;
-        for (int i = 0; i < s.k; ++i) h = fmaf(w1g[i], to_float(a.x[s.offset(p, g * s.k + i, s.C_in)]), h);
-        const float* w2g = a.w2t + (static_cast<int64_t>(g) * s.ch + j) * s.m + t0;
+        for (int i = 0; i < s.k; ++i)
+          h = fmaf(to_float(w1g[i * a.w1s[2]]), to_float(a.x[s.offset(p, g * s.k + i, s.C_in)]), h);
+        const T* w2g = a.w2 + j * a.w2s[0] + t0 * a.w2s[1] + g * a.w2s[2];
 #pragma unroll
         for (int t = 0; t < 32; ++t)
-          if (t0 + t < s.m) acc[t] = fmaf(w2g[t], h, acc[t]);
+          if (t0 + t < s.m) acc[t] = fmaf(to_float(w2g[t * a.w2s[1]]), h, acc[t]);
       }
 #pragma unroll
       for (int t = 0; t < 32; ++t) {
         if (t0 + t < s.m) {
           const int c = j * s.m + t0 + t;
           const int64_t off = s.offset(p, c, s.C_out);
-          const float zb = acc[t] + (a.bias != nullptr ? a.bias[c] : 0.f);
+          const float zb = acc[t] + (a.bias != nullptr ? to_float(a.bias[c]) : 0.f);
           float v = a.mask_mode ? activation_mask(zb, a.act) : apply_activation(zb, a.act);
           if (a.other != nullptr) v = combine_with<T>(to_float(from_float<T>(v)), to_float(a.other[off]), a.combine);
           a.y[off] = from_float<T>(v);
@@ -438,15 +477,19 @@ FastConfig plan_forward(const SfShape& s, int K, int M, int JX, int PX, size_t s
   const int ldx = padded_pitch<T>(s.C_in), ldy = padded_pitch<T>(s.C_out);
   const int jgroups = s.ch / JX;
   const int chunk = 32 * PX;
-  // Enough (pixel chunk, j group) items to keep all 8 warps busy, and x tiles of >= 16 KB so
-  // that a double-buffered block keeps plenty of bytes in flight; no point beyond the pixels.
-  int chunks = std::max(1, (kWarps + jgroups - 1) / jgroups);
-  while (static_cast<size_t>(chunks) * chunk * s.C_in * sizeof(T) < 16384 && chunks < 16) chunks *= 2;
+  // Enough (pixel chunk, j group) items to keep all 8 warps busy, and x tiles of >= 8 KB so that
+  // a block keeps bytes in flight; no point beyond the pixels there are. Double buffering is
+  // worth more than a bigger tile (the 14x14 and 7x7 shapes have only 1-3 tiles per SM), so
+  // every tile size is tried double-buffered before single-buffered ones.
+  const int min_chunks = std::max(1, (kWarps + jgroups - 1) / jgroups);
+  int chunks = min_chunks;
+  while (static_cast<size_t>(chunks) * chunk * s.C_in * sizeof(T) < 8192 && chunks < 16) chunks *= 2;
   const int64_t max_chunks = std::max<int64_t>(1, (s.hw + chunk - 1) / chunk);
   chunks = static_cast<int>(std::min<int64_t>(chunks, max_chunks));
-  for (int c = chunks; c >= 1; c = (c == 1 ? 0 : c / 2)) {
-    const int tp = c * chunk;
-    for (int nbuf = 2; nbuf >= 1; --nbuf) {
+  for (int nbuf = 2; nbuf >= 1; --nbuf) {
+    const int smallest = nbuf == 2 ? std::min(chunks, min_chunks) : 1;
+    for (int c = chunks; c >= smallest; c = c / 2) {
+      const int tp = c * chunk;
       const size_t bytes = weights + nbuf * round16(sizeof(T) * tp * ldx) + round16(sizeof(T) * tp * ldy);
       if (bytes <= smem_limit) {
         best.tp = tp;
@@ -454,6 +497,7 @@ FastConfig plan_forward(const SfShape& s, int K, int M, int JX, int PX, size_t s
         best.smem = bytes;
         return best;
       }
+      if (c == 1) break;
     }
   }
   return best;
@@ -486,7 +530,7 @@ bool try_forward_tiled(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t s
 template <typename T>
 bool forward_fast(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t stream) {
   return try_forward_tiled<T, 4, 8, 4, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 8, 4, 8, 2>(a, smem_limit, sms, stream) ||
+         try_forward_tiled<T, 8, 4, 4, 2>(a, smem_limit, sms, stream) ||
          try_forward_tiled<T, 8, 8, 4, 2>(a, smem_limit, sms, stream) ||
          try_forward_tiled<T, 8, 16, 2, 2>(a, smem_limit, sms, stream) ||
          try_forward_tiled<T, 8, 16, 2, 1>(a, smem_limit, sms, stream) ||
@@ -500,14 +544,6 @@ bool forward_fast(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t stream
          try_forward_tiled<T, 32, 16, 2, 1>(a, smem_limit, sms, stream) ||
          try_forward_tiled<T, 32, 32, 1, 2>(a, smem_limit, sms, stream) ||
          try_forward_tiled<T, 32, 32, 1, 1>(a, smem_limit, sms, stream);
-}
-
-// Weights as float32: w1 unchanged (G, c_h, k); w2 (c_h, m, G) -> (G, c_h, m).
-std::pair<at::Tensor, at::Tensor> float_weights(const at::Tensor& w1, const at::Tensor& w2) {
-  // Fresh tensors (copy=true): the kernels read them as float4, so they must start 16-byte aligned.
-  auto w1f = w1.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  auto w2t = w2.to(at::kFloat, false, /*copy=*/true).permute({2, 0, 1}).contiguous();
-  return {w1f, w2t};
 }
 
 void check_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const c10::optional<at::Tensor>& bias) {
@@ -528,11 +564,10 @@ void check_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
 }
 
 // Run the forward kernels: y (allocated by the caller, in x's layout) from x, w1 (G, c_h, k),
-// w2 (c_h, m, G), an optional float32 bias, and `other` joined by `combine`.
-void run_forward(const at::Tensor& x, bool cl, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& bias_f32,
+// w2 (c_h, m, G) (any strides), an optional bias (C_out,), and `other` joined by `combine`.
+void run_forward(const at::Tensor& x, bool cl, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& bias,
                  const at::Tensor& other, int combine, int act, bool mask_mode, at::Tensor& y) {
   const int64_t G = w1.size(0), ch = w1.size(1), k = w1.size(2), m = w2.size(1);
-  auto [w1f, w2t] = float_weights(w1, w2);
   const int dev = x.get_device();
   const int sms = num_sms(dev);
   const size_t smem_limit = smem_optin_limit(dev);
@@ -540,9 +575,13 @@ void run_forward(const at::Tensor& x, bool cl, const at::Tensor& w1, const at::T
   FALCONNET_DISPATCH_FLOATING(x.scalar_type(), "sf_conv_forward", [&] {
     FwdArgs<scalar_t> a{};
     a.x = x.data_ptr<scalar_t>();
-    a.w1 = w1f.data_ptr<float>();
-    a.w2t = w2t.data_ptr<float>();
-    a.bias = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+    a.w1 = w1.data_ptr<scalar_t>();
+    a.w2 = w2.data_ptr<scalar_t>();
+    for (int d = 0; d < 3; ++d) {
+      a.w1s[d] = w1.stride(d);
+      a.w2s[d] = w2.stride(d);
+    }
+    a.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     a.other = other.defined() ? other.data_ptr<scalar_t>() : nullptr;
     a.y = y.data_ptr<scalar_t>();
     a.s = make_shape(x, G, ch, k, m, cl);
@@ -582,8 +621,8 @@ at::Tensor sf_conv_forward_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
   }
   at::Tensor y = at::empty({x.size(0), C_out, x.size(2), x.size(3)}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
-  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  run_forward(x, cl, w1, w2, bf, residual, kCombineAdd, act, /*mask_mode=*/false, y);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  run_forward(x, cl, w1, w2, b, residual, kCombineAdd, act, /*mask_mode=*/false, y);
   return y;
 }
 
@@ -647,8 +686,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cuda
     at::Tensor gz = gy;
     if (act != kActNone) {
       gz = at::empty_like(gy, gy.options().memory_format(fmt));
-      const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-      run_forward(x, cl, w1, w2, bf, gy, kCombineMul, act, /*mask_mode=*/true, gz);
+      const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+      run_forward(x, cl, w1, w2, b, gy, kCombineMul, act, /*mask_mode=*/true, gz);
     }
     // 2. grad_x: the transpose of an SF-Conv pair is an SF-Conv pair with the roles swapped:
     //    G' = c_h windows of k' = m channels of grad_z, c_h' = G, m' = k, and
