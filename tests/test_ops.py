@@ -163,11 +163,20 @@ def _check_sf_conv(device, config, hw, epilogue, layout, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("config,hw", SF_CONFIGS)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_sf_conv_matches_float64_reference_cpu(monkeypatch, backend, config, hw, epilogue, layout):
-    _use_backend(monkeypatch, "cpu", backend, "sf_conv")
+def test_sf_conv_cpp_matches_float64_reference(monkeypatch, config, hw, epilogue, layout):
+    _use_backend(monkeypatch, "cpu", "cpp", "sf_conv")
     for dtype in CPU_DTYPES:
         _check_sf_conv("cpu", config, hw, epilogue, layout, dtype)
+
+
+# The torch backend is the reference itself: one epilogue (the fullest) checks its dispatch and
+# its written-out backward (reference.sf_conv_backward_ref) against autograd in float64.
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config,hw", SF_CONFIGS)
+def test_sf_conv_torch_backend_matches_float64_reference(monkeypatch, config, hw, layout):
+    _use_backend(monkeypatch, "cpu", "torch", "sf_conv")
+    for dtype in CPU_DTYPES:
+        _check_sf_conv("cpu", config, hw, ("relu6", True, True), layout, dtype)
 
 
 # On the GPU every new shape, flag set and dtype compiles new Triton kernels, so the GPU matrix
@@ -245,11 +254,19 @@ def _check_dw_conv3x3(device, shape, stride, activation, layout, dtype):
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("stride", (1, 2))
 @pytest.mark.parametrize("shape", DW_SHAPES)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_dw_conv3x3_matches_float64_reference_cpu(monkeypatch, backend, shape, stride, activation, layout):
-    _use_backend(monkeypatch, "cpu", backend, "dw_conv3x3")
+def test_dw_conv3x3_cpp_matches_float64_reference(monkeypatch, shape, stride, activation, layout):
+    _use_backend(monkeypatch, "cpu", "cpp", "dw_conv3x3")
     for dtype in CPU_DTYPES:
         _check_dw_conv3x3("cpu", shape, stride, activation, layout, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", (1, 2))
+@pytest.mark.parametrize("shape", DW_SHAPES)
+def test_dw_conv3x3_torch_backend_matches_float64_reference(monkeypatch, shape, stride, layout):
+    _use_backend(monkeypatch, "cpu", "torch", "dw_conv3x3")
+    for dtype in CPU_DTYPES:
+        _check_dw_conv3x3("cpu", shape, stride, "relu6", layout, dtype)
 
 
 DW_CUDA_CASES = [

@@ -12,6 +12,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -284,6 +285,29 @@ inline void prefetch_tile(const S* src, const PixelView& v, int64_t p0, int coun
 constexpr int64_t kLastLevelCacheBytes = int64_t{32} << 20;
 
 inline bool use_streaming_stores(int64_t footprint_bytes) { return footprint_bytes > kLastLevelCacheBytes / 2; }
+
+// Runs worker(grab) on each of the intra-op threads; grab(begin, end) hands out the next chunk of
+// [0, n) (false when none is left). Chunks are taken dynamically rather than split statically as
+// at::parallel_for does: on a machine whose cores are shared with other processes, a thread that
+// gets less CPU simply takes fewer chunks, instead of the whole op waiting for its fixed half.
+// Each worker keeps its own scratch (and partial sums) across the chunks it takes.
+template <typename Worker>
+void parallel_dynamic(int64_t n, const Worker& worker) {
+  if (n <= 0) return;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  // ~8 chunks per worker balance the load; more would only add atomic traffic
+  const int64_t chunk = std::clamp<int64_t>(n / (8 * workers), 1, 64);
+  std::atomic<int64_t> next{0};
+  auto grab = [&](int64_t& begin, int64_t& end) {
+    begin = next.fetch_add(chunk, std::memory_order_relaxed);
+    if (begin >= n) return false;
+    end = std::min(n, begin + chunk);
+    return true;
+  };
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) worker(grab);
+  });
+}
 
 // A weight tensor in the compute type, contiguous (a no-op for float32/float64 weights).
 inline at::Tensor weight_in_compute_type(const at::Tensor& w) {

@@ -13,7 +13,7 @@
 // Loop order and layout, and why:
 // * Work unit = a tile of T consecutive pixels of the flattened N*H*W index (so 7x7 images do
 //   not waste lanes: a tile may span images). Tiles are distributed over threads by
-//   at::parallel_for; each thread owns private scratch buffers.
+//   parallel_dynamic (chunks handed out on demand); each thread owns private scratch buffers.
 // * Inside a tile everything is channel-major with the SIMD lanes over pixels: buf[c*T + p].
 //   Both stages are then small GEMMs "weights (rows x K) times tile (K x T)" whose B rows are
 //   contiguous vectors and whose A entries are broadcast scalars: stage 1 per group g
@@ -462,11 +462,11 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
                       (rp == nullptr || rin.layout == Layout::kNHWC);
   // w2t (c_h, G, m): the weight rows the channel-lane kernel reads as vectors
   const at::Tensor w2t = lanes2 ? w2c.permute({0, 2, 1}).contiguous() : at::Tensor();
-  // Grain: ~4 tiles keeps scheduling overhead negligible but still splits 7x7 batches.
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
     if (rp) res.resize(s.C_out * T);
-    for (int64_t tile = begin; tile < end; ++tile) {
+    int64_t begin = 0, end = 0;
+    while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
       if (tile + 1 < end) {
         const int64_t p1 = (tile + 1) * T;
         prefetch_tile(xp, xin, p1, static_cast<int>(std::min<int64_t>(T, P - p1)));
@@ -589,13 +589,14 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   // Reduced weight gradients (compute type), summed over the threads' partial results.
   std::vector<A> gw1(n_w1, A(0)), gw2(n_w2, A(0)), gb(s.C_out, A(0));
   std::mutex merge;
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), gz(s.C_out * T), z, ghid(s.G * s.c_h * T),
         gxt(s.C_in * T);
     if (act != Activation::kNone) z.resize(s.C_out * T);
     // Lane-wise partial sums: [weight index][lane].
     std::vector<A> acc_w1(n_w1 * L, A(0)), acc_w2(n_w2 * L, A(0)), acc_b(s.C_out * T, A(0));
-    for (int64_t tile = begin; tile < end; ++tile) {
+    int64_t begin = 0, end = 0;
+    while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t p0 = tile * T;
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
       load_tile(xp, xin, p0, count, xt.data(), T);
