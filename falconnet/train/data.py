@@ -317,9 +317,8 @@ def load_split(
         return load_digits_split(split)
     if data_dir is None:
         raise DatasetError(f"{dataset}: --data-dir is required (the folder holding the dataset)")
-    if dataset != "imagefolder" or not download:
-        if not os.path.isdir(data_dir) and not download:
-            raise DatasetError(f"{dataset}: data directory {data_dir!r} does not exist")
+    if not download and not os.path.isdir(data_dir):
+        raise DatasetError(f"{dataset}: data directory {data_dir!r} does not exist")
     if dataset in _CIFAR:
         return load_cifar_split(dataset, data_dir, split, download)
     if dataset == "tinyimagenet":

@@ -36,7 +36,7 @@ from .checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from .data import FileImageSplit, ImageSplit, channel_stats, load_split
+from .data import ImageSplit, channel_stats, load_split
 from .modelspec import create_model
 from .recipe import TrainConfig, build_optimizer, build_scheduler
 
