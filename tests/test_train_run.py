@@ -99,3 +99,39 @@ def test_cli_errors(capsys, tmp_path):
     assert main(["train", "--dataset", "tinyimagenet", "--data-dir", str(tmp_path)]) == 2
     assert "tiny-imagenet-200" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_run_refuses_to_clobber_and_resumes(standin, tmp_path, capsys):
+    from falconnet.cli import main
+
+    args = ["train", "--model", "standin", "--img-size", "16", "--epochs", "1", "--warmup-epochs", "0",
+            "--out-dir", str(tmp_path), "--no-deploy", "--no-progress"]
+    assert main(args) == 0
+    saved = open(tmp_path / "last.pt", "rb").read()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 2
+    assert "already completed 1 of 1 epochs" in capsys.readouterr().err
+    assert open(tmp_path / "last.pt", "rb").read() == saved
+
+
+def test_presets_build_the_table_rows():
+    import falconnet
+    from falconnet.layers import BLOCKS
+    from falconnet.train.presets import PresetError, resolve_preset
+
+    name, kwargs = resolve_preset("table3-T")  # row T is the default RepSO: the same model
+    assert name == "lightnet_repso"
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(falconnet.create_model(name, num_classes=10, **kwargs)) == count(falconnet.create_model("lightnet_repso", num_classes=10))
+    name, kwargs = resolve_preset("table3-C")  # one 3x3 branch: fewer parameters than T's seven
+    assert count(falconnet.create_model(name, num_classes=10, **kwargs)) < count(falconnet.create_model("lightnet_repso", num_classes=10))
+    if "meta_basic" in BLOCKS:
+        name, kwargs = resolve_preset("table2-E")
+        assert count(falconnet.create_model(name, num_classes=10, **kwargs)) > 0
+    else:
+        with pytest.raises(PresetError, match="meta_basic"):
+            resolve_preset("table2-E")
+    with pytest.raises(PresetError, match="table3-T"):
+        resolve_preset("table4-A")
