@@ -135,3 +135,25 @@ def test_presets_build_the_table_rows():
             resolve_preset("table2-E")
     with pytest.raises(PresetError, match="table3-T"):
         resolve_preset("table4-A")
+
+
+def test_imagefolder_trains_from_files_and_from_memory(standin, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c, level in (("dark", 40), ("light", 215)):  # two classes a model can tell apart
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(level, 20, size=(12, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    common = dict(dataset="imagefolder", data_dir=str(tmp_path / "data"), load_size=16, epochs=1, batch_size=8)
+    lazy = train(tiny(**common, workers=1), str(tmp_path / "files"), progress=False, log=lambda s: None)
+    held = train(tiny(**common, gpu_data=True), str(tmp_path / "memory"), progress=False, log=lambda s: None)
+    for result in (lazy, held):
+        assert result.history[0]["train_images"] == 16 and result.history[0]["val_images"] == 6
+    # the same images and the same batches, decoded in a worker or held in memory: same weights
+    for name, value in lazy.final_state.items():
+        assert torch.equal(value, held.final_state[name]), name
