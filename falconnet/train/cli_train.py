@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("execution")
     g.add_argument("--device", default="auto", help="auto (cuda when visible), cpu, cuda or cuda:<index> (default auto)")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="autocast precision (default auto: bf16 on GPU, none on CPU)")
-    g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="channels_last memory format (default auto: on, on GPU and CPU alike; it measured 1.9x faster for FalconNet on the CPU)")
+    g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="channels_last memory format (default auto: on, on GPU and CPU alike; never slower for FalconNet on the CPU in our measurements)")
     g.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1: OpenMP threads on shared cores slow CPU training 10-20x; use the core count on a quiet machine; 0 keeps PyTorch's default)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes (torchrun runs)")

@@ -10,8 +10,8 @@ CPU cores (1,437 training images of 8x8 pixels):
 * img_size 32: LightNet downsamples by 32, so 32 is the smallest size that keeps a 1x1 map at the
   head; 224 would cost 49x the compute for 8x8 sources.
 * epochs 12, warm-up 1: 1,437 images need far fewer passes than 50,000. FalconNet trains at
-  about 180 images per CPU-second at 32 px (one thread, channels_last, training-form RepSO with
-  7 branches), so 12 epochs cost about 110 CPU-seconds.
+  100-180 images per CPU-second at 32 px (one thread; the rate depends on the RepSO training
+  path), so 12 epochs cost 100-170 CPU-seconds.
 * batch 32, lr 0.05 (the paper's lr per image, x 4): 256 would leave 5 steps per epoch; 32 gives
   44. Measured on 2 busy cores (2026-11-26): batch 32 / lr 0.05 reached 97.5% best, 96.7% last;
   batch 64 / lr 0.1 96.1% (target: 95%). Batch 32 costs ~15% more per image than 64.
