@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default digits: scikit-learn's handwritten digits, no download)")
     g.add_argument("--data-dir", default=None, help="folder holding the dataset (cifar: the one with cifar-10-batches-py/ or cifar-100-python/; tinyimagenet: the one with tiny-imagenet-200/; imagefolder: the one with train/<class>/ and val/<class>/)")
-    g.add_argument("--download", action="store_true", help="download CIFAR through torchvision into --data-dir first")
+    g.add_argument("--download", action="store_true", help="download CIFAR through torchvision into --data-dir first (run it once in a single process, not under torchrun)")
     g.add_argument("--load-size", type=int, default=None, help="imagefolder only: size images are decoded to before augmentation (default --img-size)")
     g.add_argument("--num-classes", type=int, default=None, help="expected number of classes (default: the dataset's); a mismatch is an error")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for image files; threads for decoding (default 4)")
@@ -138,6 +138,9 @@ def run(args) -> int:
             raise DatasetError(f"--dataset {args.dataset} needs --data-dir (see --help for the expected layout)")
         if args.download:
             from .data import load_split
+
+            if cfg.dataset not in ("cifar10", "cifar100"):
+                raise DatasetError(f"--download fetches cifar10 and cifar100 only, not {cfg.dataset}")
 
             load_split(cfg.dataset, "train", cfg.data_dir, download=True)
             load_split(cfg.dataset, "val", cfg.data_dir, download=True)
