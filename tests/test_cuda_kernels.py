@@ -181,6 +181,20 @@ def test_sf_conv_backward_large_reduction(cfg, dtype):
     check_sf_backward(cfg, N, H, H, dtype, "channels_last", "relu", True)
 
 
+# stage width (the narrower side of the point-wise conv) -> resolution at 224x224 input
+BENCH_SIZES = {32: 56, 64: 28, 128: 14, 256: 7}
+
+
+@pytest.mark.parametrize("cfg", DEFAULT_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_sf_conv_benchmark_shapes(cfg):
+    # The benchmarked case exactly (bf16, channels_last, batch 128 at the stage's resolution), so
+    # the kernel variants, tiles and buffering the launcher picks are the ones that get timed.
+    C_in, C_out = cfg[0], cfg[1]
+    H = BENCH_SIZES[min(C_in, C_out)]
+    check_sf_forward(cfg, 128, H, H, torch.bfloat16, "channels_last", "relu", True, True)
+    check_sf_backward(cfg, 128, H, H, torch.bfloat16, "channels_last", "relu", True)
+
+
 def test_sf_conv_mixed_layouts():
     # grad_y in the other layout than x; the kernel must index each in its own layout.
     check_sf_backward(DEFAULT_CONFIGS[0], 2, 6, 5, torch.bfloat16, "channels_last", "relu6", True, gy_layout="nchw")
@@ -294,6 +308,22 @@ def test_dw_conv3x3_large_reduction(stride, dtype):
     low = ref.dw_conv3x3_backward_ref(gy, x, w, b, stride, "relu")
     for name, out, lo, ex in zip(("grad_x", "grad_weight", "grad_bias"), (gx, gw, gb), low, exact):
         assert_close(name, out, lo, ex, dtype)
+
+
+@pytest.mark.parametrize("C,H", [(128, 56), (256, 28), (512, 14), (1024, 7)], ids=lambda v: str(v))
+def test_dw_conv3x3_benchmark_shapes(C, H):
+    # The benchmarked case (bf16, channels_last, batch 128, the hidden widths of the 4 stages), so
+    # the launch configuration under test is the one that gets timed.
+    x, w, b = dw_inputs(128, C, H, H, torch.bfloat16, "channels_last", True)
+    y = ops().dw_conv3x3_forward(x, w, b, 1, "relu6")
+    exact = ref.dw_conv3x3_ref(x.double(), w.double(), b.double(), 1, "relu6")
+    assert_close("y", y, ref.dw_conv3x3_ref(x, w, b, 1, "relu6"), exact, torch.bfloat16)
+    gy = to_layout(torch.randn_like(y), "channels_last")
+    out = ops().dw_conv3x3_backward(gy, x, w, b, 1, "relu6")
+    exact = ref.dw_conv3x3_backward_ref(gy.double(), x.double(), w.double(), b.double(), 1, "relu6")
+    low = ref.dw_conv3x3_backward_ref(gy, x, w, b, 1, "relu6")
+    for name, o, lo, ex in zip(("grad_x", "grad_weight", "grad_bias"), out, low, exact):
+        assert_close(name, o, lo, ex, torch.bfloat16)
 
 
 def test_dw_conv3x3_mixed_layouts_and_batch_zero():

@@ -467,51 +467,51 @@ __global__ void __launch_bounds__(kThreads) sf_conv_forward_generic(const FwdArg
 struct FastConfig {
   int tp = 0, nbuf = 0;
   size_t smem = 0;
+  int64_t tiles = 0;
 };
 
 // Pick the tile (pixels) and buffering of the tiled kernel, or tp = 0 when nothing fits.
 template <typename T>
-FastConfig plan_forward(const SfShape& s, int K, int M, int JX, int PX, size_t smem_limit) {
+FastConfig plan_forward(const SfShape& s, int K, int M, int JX, int PX, size_t smem_limit, int sms) {
   FastConfig best;
   const size_t weights = round16(sizeof(float) * s.G * s.ch * (K + M)) + round16(sizeof(float) * s.C_out);
   const int ldx = padded_pitch<T>(s.C_in), ldy = padded_pitch<T>(s.C_out);
   const int jgroups = s.ch / JX;
   const int chunk = 32 * PX;
-  // Enough (pixel chunk, j group) items to keep all 8 warps busy, and x tiles of >= 8 KB so that
-  // a block keeps bytes in flight; no point beyond the pixels there are. Double buffering is
-  // worth more than a bigger tile (the 14x14 and 7x7 shapes have only 1-3 tiles per SM), so
-  // every tile size is tried double-buffered before single-buffered ones.
+  // Tile = `chunks` pixel chunks of 32*PX. Wanted, in this order: enough (chunk, j group) items
+  // to keep the 8 warps busy; x tiles of >= 8 KB so a block keeps bytes in flight; at least two
+  // tiles per SM (the 14x14 and 7x7 shapes have few pixels); and double buffering, which is
+  // worth more than a bigger tile, so every size is tried double-buffered first.
   const int min_chunks = std::max(1, (kWarps + jgroups - 1) / jgroups);
   int chunks = min_chunks;
   while (static_cast<size_t>(chunks) * chunk * s.C_in * sizeof(T) < 8192 && chunks < 16) chunks *= 2;
+  const int64_t per_two_waves = s.pixels() / (2 * static_cast<int64_t>(sms) * chunk);
+  chunks = static_cast<int>(std::min<int64_t>(chunks, std::max<int64_t>(min_chunks, per_two_waves)));
   const int64_t max_chunks = std::max<int64_t>(1, (s.hw + chunk - 1) / chunk);
-  chunks = static_cast<int>(std::min<int64_t>(chunks, max_chunks));
+  chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunks, max_chunks)));
   for (int nbuf = 2; nbuf >= 1; --nbuf) {
+    // Double-buffered tiles below min_chunks would idle warps; the PX = 1 variant covers that.
     const int smallest = nbuf == 2 ? std::min(chunks, min_chunks) : 1;
-    for (int c = chunks; c >= smallest; c = c / 2) {
+    for (int c = chunks; c >= smallest && c >= 1; c = c / 2) {
       const int tp = c * chunk;
       const size_t bytes = weights + nbuf * round16(sizeof(T) * tp * ldx) + round16(sizeof(T) * tp * ldy);
       if (bytes <= smem_limit) {
         best.tp = tp;
         best.nbuf = nbuf;
         best.smem = bytes;
+        best.tiles = num_tiles(s, tp);
         return best;
       }
-      if (c == 1) break;
     }
   }
   return best;
 }
 
 template <typename T, int K, int M, int JX, int PX>
-bool try_forward_tiled(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t stream) {
-  const SfShape& s = a.s;
-  if (s.k != K || s.m != M || s.ch % JX != 0) return false;
-  const FastConfig cfg = plan_forward<T>(s, K, M, JX, PX, smem_limit);
-  if (cfg.tp == 0) return false;
+void launch_forward_tiled(FwdArgs<T> a, const FastConfig& cfg, int sms, cudaStream_t stream) {
   a.tp = cfg.tp;
   a.nbuf = cfg.nbuf;
-  a.tiles = num_tiles(s, cfg.tp);
+  a.tiles = cfg.tiles;
   auto kernel = sf_conv_forward_tiled<T, K, M, JX, PX>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
   int per_sm = 0;
@@ -520,31 +520,52 @@ bool try_forward_tiled(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t s
   const int64_t grid = std::min<int64_t>(a.tiles, static_cast<int64_t>(per_sm) * sms);
   kernel<<<static_cast<unsigned>(grid), kThreads, cfg.smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+struct TiledVariant {
+  int K, M, JX, PX;
+  void (*launch)(FwdArgs<T>, const FastConfig&, int, cudaStream_t);
+};
+
+#define FALCONNET_SF_VARIANT(K, M, JX, PX) TiledVariant<T>{K, M, JX, PX, &launch_forward_tiled<T, K, M, JX, PX>}
+
+// Run the tiled kernel if one of its variants matches (k, m); false otherwise. The (k, m) pairs
+// are those of the default FalconNet configs and, swapped, of their transposes (grad_x runs the
+// forward kernel on the transposed pair); JX*m <= 32 accumulators per pixel. PX = 2 pixels per
+// thread halves the weight reads; PX = 1 halves the tile, for configs whose weights fill shared
+// memory or whose pixels are few. The variant with the best plan wins: enough tiles to fill the
+// SMs, then double buffering, then PX = 2.
+template <typename T>
+bool forward_fast(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t stream) {
+  static const TiledVariant<T> variants[] = {
+      FALCONNET_SF_VARIANT(4, 8, 2, 2),   FALCONNET_SF_VARIANT(4, 8, 2, 1),   FALCONNET_SF_VARIANT(8, 4, 4, 2),
+      FALCONNET_SF_VARIANT(8, 4, 4, 1),   FALCONNET_SF_VARIANT(8, 8, 4, 2),   FALCONNET_SF_VARIANT(8, 8, 4, 1),
+      FALCONNET_SF_VARIANT(8, 16, 2, 2),  FALCONNET_SF_VARIANT(8, 16, 2, 1),  FALCONNET_SF_VARIANT(16, 8, 4, 2),
+      FALCONNET_SF_VARIANT(16, 8, 4, 1),  FALCONNET_SF_VARIANT(16, 16, 2, 2), FALCONNET_SF_VARIANT(16, 16, 2, 1),
+      FALCONNET_SF_VARIANT(16, 32, 1, 2), FALCONNET_SF_VARIANT(16, 32, 1, 1), FALCONNET_SF_VARIANT(32, 16, 2, 2),
+      FALCONNET_SF_VARIANT(32, 16, 2, 1), FALCONNET_SF_VARIANT(32, 32, 1, 2), FALCONNET_SF_VARIANT(32, 32, 1, 1),
+  };
+  const TiledVariant<T>* chosen = nullptr;
+  FastConfig chosen_cfg;
+  int chosen_score = -1;
+  for (const auto& v : variants) {
+    if (a.s.k != v.K || a.s.m != v.M || a.s.ch % v.JX != 0) continue;
+    const FastConfig cfg = plan_forward<T>(a.s, v.K, v.M, v.JX, v.PX, smem_limit, sms);
+    if (cfg.tp == 0) continue;
+    const int score = 4 * (cfg.tiles >= sms) + 2 * (cfg.nbuf == 2) + (v.PX == 2);
+    if (score > chosen_score) {
+      chosen = &v;
+      chosen_cfg = cfg;
+      chosen_score = score;
+    }
+  }
+  if (chosen == nullptr) return false;
+  chosen->launch(a, chosen_cfg, sms, stream);
   return true;
 }
 
-// (k, m) pairs of the default FalconNet configs, and (m, k) for their transposes (grad_x runs
-// the forward kernel on the transposed pair). JX*m accumulators per pixel stay at <= 32.
-// PX = 2 pixels per thread halves the weight reads; PX = 1 halves the tile, for the configs
-// whose weights fill shared memory.
-template <typename T>
-bool forward_fast(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t stream) {
-  return try_forward_tiled<T, 4, 8, 4, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 8, 4, 4, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 8, 8, 4, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 8, 16, 2, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 8, 16, 2, 1>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 16, 8, 4, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 16, 8, 4, 1>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 16, 16, 2, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 16, 16, 2, 1>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 16, 32, 1, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 16, 32, 1, 1>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 32, 16, 2, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 32, 16, 2, 1>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 32, 32, 1, 2>(a, smem_limit, sms, stream) ||
-         try_forward_tiled<T, 32, 32, 1, 1>(a, smem_limit, sms, stream);
-}
+#undef FALCONNET_SF_VARIANT
 
 void check_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const c10::optional<at::Tensor>& bias) {
   check_input(w1, "w1", x);
