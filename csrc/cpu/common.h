@@ -281,7 +281,8 @@ inline void prefetch_tile(const S* src, const PixelView& v, int64_t p0, int coun
 // so they only pay when the op's footprint (input + output) exceeds about half the last-level
 // cache and the output would be evicted before the next layer reads it anyway. 32 MiB is the L3
 // of the 2-core AMD dev machine and of a Zen CCX (sysconf reports the host's total in a VM, so
-// it is not asked). Measured there: ~10% on 128->32 at 56x56, batch 16 (32 MB footprint).
+// it is not asked). Measured there, 1 thread, batch 16, 56x56: 32->128 channels_last 0.94 ms
+// streaming vs 2.9 ms with plain stores, 128->32 NCHW 1.9 vs 2.8 ms.
 constexpr int64_t kLastLevelCacheBytes = int64_t{32} << 20;
 
 inline bool use_streaming_stores(int64_t footprint_bytes) { return footprint_bytes > kLastLevelCacheBytes / 2; }
