@@ -127,12 +127,12 @@ def test_presets_build_the_table_rows():
     assert count(falconnet.create_model(name, num_classes=10, **kwargs)) == count(falconnet.create_model("lightnet_repso", num_classes=10))
     name, kwargs = resolve_preset("table3-C")  # one 3x3 branch: fewer parameters than T's seven
     assert count(falconnet.create_model(name, num_classes=10, **kwargs)) < count(falconnet.create_model("lightnet_repso", num_classes=10))
-    if "meta_basic" in BLOCKS:
-        name, kwargs = resolve_preset("table2-E")
-        assert count(falconnet.create_model(name, num_classes=10, **kwargs)) > 0
-    else:
-        with pytest.raises(PresetError, match="meta_basic"):
-            resolve_preset("table2-E")
+    assert "meta_basic" in BLOCKS
+    name, kwargs = resolve_preset("table2-E")  # row E (identity, DW, identity; e=4) is the IRB block
+    irb = count(falconnet.create_model("lightnet_irb", num_classes=10))
+    assert count(falconnet.create_model(name, num_classes=10, **kwargs)) == irb
+    name, kwargs = resolve_preset("table2-A")  # row A: no learnable spatial operator at all
+    assert count(falconnet.create_model(name, num_classes=10, **kwargs)) < irb
     with pytest.raises(PresetError, match="table3-T"):
         resolve_preset("table4-A")
 

@@ -150,6 +150,7 @@ BLOCKS = {
     "fasternet": fasternet_block,
     "repso": repso_block,
     "falcon": falcon_block,
+    "meta_basic": MetaBasicBlock,  # Table 2 rows (--preset table2-*)
 }
 
 
