@@ -80,12 +80,31 @@ def _collapsible(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _triton_module(op: str):
-    if op == "sf_conv":
-        from . import triton_sf_conv as mod
+_REFERENCE = {
+    ("sf_conv", "forward"): ref.sf_conv_ref,
+    ("sf_conv", "backward"): ref.sf_conv_backward_ref,
+    ("dw_conv3x3", "forward"): ref.dw_conv3x3_ref,
+    ("dw_conv3x3", "backward"): ref.dw_conv3x3_backward_ref,
+}
+
+
+def _run(op: str, pass_: str, x: Tensor, *args):
+    """Call `op`'s `pass_` on the backend _backend.select picks for x's device."""
+    backend = _backend.select(op, x.device, pass_)
+    if backend in ("cpp", "cuda"):
+        out = getattr(torch.ops.falconnet_C, f"{op}_{pass_}")(*args)
+    elif backend == "triton":
+        if op == "sf_conv":
+            from . import triton_sf_conv as module
+        else:
+            from . import triton_dw_conv3x3 as module
+        out = getattr(module, f"{op}_{pass_}")(*args)
     else:
-        from . import triton_dw_conv3x3 as mod
-    return mod
+        out = _REFERENCE[(op, pass_)](*args)
+    # The fake kernels promise x's memory format for y and grad_x; a no-op for the kernels.
+    if pass_ == "forward":
+        return out.contiguous(memory_format=_out_format(x))
+    return (out[0].contiguous(memory_format=_out_format(x)), *out[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,12 +119,7 @@ def sf_conv_op(
     x = _collapsible(x)
     residual = None if residual is None else _collapsible(residual)
     w1, w2 = w1.contiguous(), w2.contiguous()
-    backend = _backend.select("sf_conv", x.device)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.falconnet_C.sf_conv_forward(x, w1, w2, bias, residual, activation)
-    if backend == "triton":
-        return _triton_module("sf_conv").sf_conv_forward(x, w1, w2, bias, residual, activation)
-    return ref.sf_conv_ref(x, w1, w2, bias, residual, activation).contiguous(memory_format=_out_format(x))
+    return _run("sf_conv", "forward", x, x, w1, w2, bias, residual, activation)
 
 
 @sf_conv_op.register_fake
@@ -121,15 +135,7 @@ def sf_conv_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, grad_y = _collapsible(x), _collapsible(grad_y)
     w1, w2 = w1.contiguous(), w2.contiguous()
-    backend = _backend.select("sf_conv", x.device, "backward")
-    if backend in ("cpp", "cuda"):
-        out = torch.ops.falconnet_C.sf_conv_backward(grad_y, x, w1, w2, bias, activation)
-    elif backend == "triton":
-        out = _triton_module("sf_conv").sf_conv_backward(grad_y, x, w1, w2, bias, activation)
-    else:
-        out = ref.sf_conv_backward_ref(grad_y, x, w1, w2, bias, activation)
-    gx, gw1, gw2, gb = out
-    return gx.contiguous(memory_format=_out_format(x)), gw1, gw2, gb
+    return tuple(_run("sf_conv", "backward", x, grad_y, x, w1, w2, bias, activation))
 
 
 @sf_conv_backward_op.register_fake
@@ -188,12 +194,7 @@ def dw_conv3x3_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
     check_dw_conv3x3(x, weight, bias, stride, activation)
     x = _collapsible(x)
     weight = weight.contiguous()
-    backend = _backend.select("dw_conv3x3", x.device)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.falconnet_C.dw_conv3x3_forward(x, weight, bias, stride, activation)
-    if backend == "triton":
-        return _triton_module("dw_conv3x3").dw_conv3x3_forward(x, weight, bias, stride, activation)
-    return ref.dw_conv3x3_ref(x, weight, bias, stride, activation).contiguous(memory_format=_out_format(x))
+    return _run("dw_conv3x3", "forward", x, x, weight, bias, stride, activation)
 
 
 @dw_conv3x3_op.register_fake
@@ -208,15 +209,7 @@ def dw_conv3x3_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     x, grad_y = _collapsible(x), _collapsible(grad_y)
     weight = weight.contiguous()
-    backend = _backend.select("dw_conv3x3", x.device, "backward")
-    if backend in ("cpp", "cuda"):
-        out = torch.ops.falconnet_C.dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation)
-    elif backend == "triton":
-        out = _triton_module("dw_conv3x3").dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation)
-    else:
-        out = ref.dw_conv3x3_backward_ref(grad_y, x, weight, bias, stride, activation)
-    gx, gw, gb = out
-    return gx.contiguous(memory_format=_out_format(x)), gw, gb
+    return tuple(_run("dw_conv3x3", "backward", x, grad_y, x, weight, bias, stride, activation))
 
 
 @dw_conv3x3_backward_op.register_fake
