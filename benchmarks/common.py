@@ -104,3 +104,14 @@ def environment() -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
     return env
+
+
+def fused_impls(op: str, device: str) -> list[str]:
+    """The fused backends built for `op` on `device`, as benchmark implementation names."""
+    import falconnet_kernels
+
+    info = falconnet_kernels.kernels_info()
+    if device == "cpu":
+        return ["falconnet-cpp"] if info["cpu_kernels"][op] else []
+    names = ["falconnet-cuda"] if info["cuda_kernels"][op] else []
+    return names + (["falconnet-triton"] if info["triton"] else [])

@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from common import BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, run_benchmark
+from common import BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, fused_impls, run_benchmark
 
 import falconnet_kernels
 
 
 def impls(device: str) -> list[str]:
-    names = ["torch-dw"]
-    info = falconnet_kernels.kernels_info()
-    if device == "cpu" and info["cpu_kernels"]["dw_conv3x3"]:
-        names.append("falconnet-cpp")
-    if device == "cuda":
-        if info["cuda_kernels"]["dw_conv3x3"]:
-            names.append("falconnet-cuda")
-        if info["triton"]:
-            names.append("falconnet-triton")
-    return names
+    return ["torch-dw"] + fused_impls("dw_conv3x3", device)
 
 
 @pytest.mark.benchmark(group="dw_conv3x3", timer=cuda_sync_timer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from common import BATCH, DTYPE, PW_SHAPES, cuda_sync_timer, run_benchmark
+from common import BATCH, DTYPE, PW_SHAPES, cuda_sync_timer, fused_impls, run_benchmark
 
 import falconnet_kernels
 from falconnet.layers import SFConv2d
@@ -27,16 +27,7 @@ def sf_torch(x, w1, w2):
 
 
 def impls(device: str) -> list[str]:
-    names = ["dense", "sf-torch"]
-    info = falconnet_kernels.kernels_info()
-    if device == "cpu" and info["cpu_kernels"]["sf_conv"]:
-        names.append("falconnet-cpp")
-    if device == "cuda":
-        if info["cuda_kernels"]["sf_conv"]:
-            names.append("falconnet-cuda")
-        if info["triton"]:
-            names.append("falconnet-triton")
-    return names
+    return ["dense", "sf-torch"] + fused_impls("sf_conv", device)
 
 
 LAYOUTS = {"cuda": ["channels_last"], "cpu": ["channels_last", "nchw"]}
