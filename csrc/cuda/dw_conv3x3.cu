@@ -16,8 +16,11 @@
 //   run of 16-byte vectors: coalesced. Each input vector of the 3 x ((WB-1)*S+3) window is
 //   loaded once per thread and used for all the outputs that need it (reuse in registers, the
 //   remaining 3x overlap between rows and neighbouring threads is served by L1/L2).
-// - Weights are pre-arranged on the host as float32 (9, C) so that the V channels of one tap
-//   are contiguous (two float4 loads), read through L1.
+// - Forward weights are read in their own (C, 9) layout and dtype; on the channels_last path a
+//   thread's channel vector is fixed for its whole grid-stride loop, so its 9*V weights and V
+//   biases are loaded once into registers (no host-side re-layout launches, which at the 7x7
+//   shapes would cost as much as the op). The backward re-lays them out once as float32 (9, C)
+//   (one small kernel) for 16-byte loads per tap.
 // - NCHW, or channels_last rows that are not 16-byte aligned: the same kernels with V = 1 and
 //   general strides; consecutive threads then take consecutive output columns (coalesced).
 // - Backward: kernel A recomputes z (only when the activation is not "none"), forms
@@ -515,10 +518,30 @@ struct LaunchGradInput {
   }
 };
 
-// Weights as float32 (9, C): the V channels of one tap are contiguous. Always a fresh tensor
-// (read as float4, so it must start 16-byte aligned).
-at::Tensor taps_major(const at::Tensor& weight) {
-  return weight.reshape({weight.size(0), 9}).to(at::kFloat, false, /*copy=*/true).t().contiguous();
+// Backward prologue and epilogue as one small kernel each (instead of several ATen launches,
+// which at the 7x7 shapes would cost as much as the op). Prologue: weights as float32 (9, C), the
+// V channels of one tap contiguous for 16-byte loads, and the bias as float32 (zeros if none).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dw_prepare_weights(const T* weight, const T* bias, float* w9, float* bias_f,
+                                                               int C) {
+  for (int e = blockIdx.x * kThreads + threadIdx.x; e < 10 * C; e += gridDim.x * kThreads) {
+    if (e < 9 * C) {
+      const int tap = e / C, c = e - tap * C;
+      w9[e] = to_float(weight[c * 9 + tap]);
+    } else {
+      const int c = e - 9 * C;
+      bias_f[c] = bias != nullptr ? to_float(bias[c]) : 0.f;
+    }
+  }
+}
+
+// Epilogue: the float32 sums (C, 9) and (C,) to the dtype.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dw_finalize_grads(const float* acc, T* grad_weight, T* grad_bias, int C) {
+  for (int e = blockIdx.x * kThreads + threadIdx.x; e < 10 * C; e += gridDim.x * kThreads) {
+    if (e < 9 * C) grad_weight[e] = from_float<T>(acc[e]);
+    else grad_bias[e - 9 * C] = from_float<T>(acc[e]);
+  }
 }
 
 template <typename T>
@@ -574,12 +597,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_conv3x3_backward_cuda(
   const at::Tensor gy = grad_y_in.contiguous(fmt);  // indexed with the output strides of x's layout
 
   at::Tensor gx = at::empty_like(x, x.options().memory_format(fmt));
-  auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor gw = at::zeros({s.C, 9}, fopts);
-  at::Tensor gb = at::zeros({s.C}, fopts);
-  if (x.numel() > 0) {
-    const at::Tensor w9 = taps_major(weight);
-    const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (x.numel() == 0) return {gx, at::zeros_like(weight), at::zeros({s.C}, x.options())};
+  at::Tensor grad_weight = at::empty({s.C, 1, 3, 3}, weight.options());
+  at::Tensor grad_bias = at::empty({s.C}, x.options());
+  {
+    const at::Tensor w = weight.contiguous();
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    // One float32 scratch: w9 (9, C) | bias (C) | sums of grad_weight (C, 9) | grad_bias (C).
+    at::Tensor scratch = at::empty({20 * static_cast<int64_t>(s.C)}, x.options().dtype(at::kFloat));
+    float* w9 = scratch.data_ptr<float>();
+    float* bias_f = w9 + 9 * s.C;
+    float* acc = w9 + 10 * s.C;
+    C10_CUDA_CHECK(cudaMemsetAsync(acc, 0, sizeof(float) * 10 * s.C, current_stream()));
+    const int small_grid = std::min((10 * s.C + kThreads - 1) / kThreads, 1024);
     const int dev = x.get_device();
     const int sms = num_sms(dev);
     const size_t smem_limit = smem_optin_limit(dev);
@@ -587,14 +617,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_conv3x3_backward_cuda(
     // grad_z differs from grad_y only under an activation; then it is materialized once.
     at::Tensor gz = act == kActNone ? gy : at::empty_like(gy, gy.options().memory_format(fmt));
     FALCONNET_DISPATCH_FLOATING(x.scalar_type(), "dw_conv3x3_backward", [&] {
+      dw_prepare_weights<scalar_t><<<small_grid, kThreads, 0, stream>>>(
+          w.data_ptr<scalar_t>(), bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, w9, bias_f, s.C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       DwArgs<scalar_t> a{};
       a.x = x.data_ptr<scalar_t>();
       a.gy = gy.data_ptr<scalar_t>();
-      a.w9 = w9.data_ptr<float>();
-      a.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
+      a.w9 = w9;
+      a.bias = bias_f;
       a.out = act == kActNone ? nullptr : gz.data_ptr<scalar_t>();
-      a.gw = gw.data_ptr<float>();
-      a.gb = gb.data_ptr<float>();
+      a.gw = acc;
+      a.gb = acc + 9 * s.C;
       a.s = s;
       a.act = act;
       const bool vec = vector_ok<scalar_t>(s, {a.x, a.gy, a.out, gx.data_ptr()});
@@ -603,9 +636,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_conv3x3_backward_cuda(
       b.gz = gz.data_ptr<scalar_t>();
       b.out = gx.data_ptr<scalar_t>();
       dispatch_v_s<scalar_t, LaunchGradInput>(vec, s.stride, b, sms, stream);
+      dw_finalize_grads<scalar_t><<<small_grid, kThreads, 0, stream>>>(acc, grad_weight.data_ptr<scalar_t>(),
+                                                                        grad_bias.data_ptr<scalar_t>(), s.C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {gx, gw.view({s.C, 1, 3, 3}).to(weight.scalar_type()), gb.to(x.scalar_type())};
+  return {gx, grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -49,7 +49,7 @@
 //   3. grad_w1, grad_w2, grad_bias from D = grad_z^T x, the gradient of the dense equivalent
 //      weight: one tensor-core GEMM over the pixels (cuBLAS), then two tiny contractions with
 //      the weights (see weight_grads for the algebra and why).
-//   Weight gradients accumulate in float32 buffers and are cast to the weight dtype at the end.
+//   D and the contractions are float32; the weight gradients are rounded to the dtype once.
 //
 // All arithmetic is float32 whatever the storage dtype.
 
@@ -661,23 +661,53 @@ at::Tensor sf_conv_forward_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
 // instead spend 2*(C_in*c_h + C_out*G) FMAs per pixel behind shared-memory loads. D is
 // accumulated and kept in float32 (mm with out_dtype float32), the contractions are tiny.
 
-void weight_grads(const at::Tensor& x, const at::Tensor& gz, const at::Tensor& w1, const at::Tensor& w2,
-                  at::Tensor& gw1, at::Tensor& gw2, at::Tensor& gb) {
+// Both contractions in one launch, one thread per weight gradient element, written in the weight
+// dtype: grad_w1 (G, c_h, k) first, then grad_w2 (c_h, m, G). D is (C_out, C_in) float32.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sf_conv_contract_dense_grad(const float* __restrict__ D, const T* w1,
+                                                                         const T* w2, T* gw1, T* gw2, int G, int ch,
+                                                                         int k, int m) {
+  const int C_in = G * k;
+  const int n1 = G * ch * k, n2 = ch * m * G;
+  for (int e = blockIdx.x * kThreads + threadIdx.x; e < n1 + n2; e += gridDim.x * kThreads) {
+    float v = 0.f;
+    if (e < n1) {
+      const int gj = e / k, i = e - gj * k;
+      const int g = gj / ch, j = gj - g * ch;
+      for (int t = 0; t < m; ++t) v = fmaf(D[(j * m + t) * C_in + g * k + i], to_float(w2[(j * m + t) * G + g]), v);
+      gw1[e] = from_float<T>(v);
+    } else {
+      const int f = e - n1;
+      const int jt = f / G, g = f - jt * G;  // jt = j*m + t, the output channel
+      const int j = jt / m;
+      for (int i = 0; i < k; ++i) v = fmaf(D[jt * C_in + g * k + i], to_float(w1[(g * ch + j) * k + i]), v);
+      gw2[f] = from_float<T>(v);
+    }
+  }
+}
+
+// grad_w1, grad_w2 (in the weights' dtype) and grad_bias (in grad_z's dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grads(const at::Tensor& x, const at::Tensor& gz,
+                                                            const at::Tensor& w1_in, const at::Tensor& w2_in) {
+  const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const int64_t G = w1.size(0), ch = w1.size(1), k = w1.size(2), m = w2.size(1);
   const int64_t C_in = G * k, C_out = ch * m;
   // (P, C) views: free in channels_last, one copy in NCHW.
   const at::Tensor x2 = x.permute({0, 2, 3, 1}).reshape({-1, C_in});
   const at::Tensor gz2 = gz.permute({0, 2, 3, 1}).reshape({-1, C_out});
-  at::Tensor D;
-  if (x.scalar_type() == at::kFloat) {
-    D = at::mm(gz2.t(), x2);
-  } else {
-    D = at::mm(gz2.t(), x2, at::kFloat);
-  }
-  const at::Tensor D4 = D.view({ch, m, G, k});
-  gw1.copy_(at::einsum("jtgi,jtg->gji", {D4, w2.to(at::kFloat)}));
-  gw2.copy_(at::einsum("jtgi,gji->jtg", {D4, w1.to(at::kFloat)}));
-  gb.copy_(at::sum(gz, {0, 2, 3}, /*keepdim=*/false, at::kFloat));
+  const at::Tensor D = x.scalar_type() == at::kFloat ? at::mm(gz2.t(), x2) : at::mm(gz2.t(), x2, at::kFloat);
+  at::Tensor gw1 = at::empty_like(w1), gw2 = at::empty_like(w2);
+  const int64_t n = w1.numel() + w2.numel();
+  const int grid = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
+  FALCONNET_DISPATCH_FLOATING(w1.scalar_type(), "sf_conv_backward", [&] {
+    sf_conv_contract_dense_grad<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
+        D.data_ptr<float>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), gw1.data_ptr<scalar_t>(),
+        gw2.data_ptr<scalar_t>(), static_cast<int>(G), static_cast<int>(ch), static_cast<int>(k), static_cast<int>(m));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // float32 accumulation, one rounding to the dtype
+  at::Tensor gb = at::sum(gz, {0, 2, 3}, /*keepdim=*/false, gz.scalar_type());
+  return {gw1, gw2, gb};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cuda(
@@ -698,11 +728,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cuda
   const at::Tensor gy = grad_y_in.contiguous(fmt);  // the kernels index both in x's layout
 
   at::Tensor gx = at::empty_like(x, x.options().memory_format(fmt));
-  auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor gw1 = at::zeros(w1.sizes(), fopts);
-  at::Tensor gw2 = at::zeros(w2.sizes(), fopts);
-  at::Tensor gb = at::zeros({C_out}, fopts);
-  if (x.numel() > 0) {
+  if (x.numel() == 0) return {gx, at::zeros_like(w1), at::zeros_like(w2), at::zeros({C_out}, x.options())};
+  {
     // 1. grad_z = grad_y * act'(z + bias): the forward kernel in mask mode (z recomputed on chip).
     at::Tensor gz = gy;
     if (act != kActNone) {
@@ -716,9 +743,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cuda
     run_forward(gz, cl, w2.permute({0, 2, 1}), w1.permute({0, 2, 1}), at::Tensor(), at::Tensor(), kCombineAdd,
                 kActNone, /*mask_mode=*/false, gx);
     // 3. grad_w1, grad_w2, grad_bias.
-    weight_grads(x, gz, w1, w2, gw1, gw2, gb);
+    auto [gw1, gw2, gb] = weight_grads(x, gz, w1, w2);
+    return {gx, gw1, gw2, gb};
   }
-  return {gx, gw1.to(w1.scalar_type()), gw2.to(w2.scalar_type()), gb.to(x.scalar_type())};
 }
 
 }  // namespace
