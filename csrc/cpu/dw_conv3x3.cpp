@@ -207,10 +207,63 @@ void dw_row_conv_nhwc(const S* x, const A* wt, const A* b, const DwShape& s, int
   }
 }
 
+// Fast path (float32/float64, C a multiple of the vector width): NVB vectors of channels of one
+// output pixel accumulate in registers over the valid taps, then bias, activation and the store
+// happen once; the generic row kernel above keeps its accumulators in memory and needs separate
+// activation and conversion passes.
+template <typename A, int NVB>
+inline void dw_pixel_vectors(const A* x, const A* wt, const A* b, const DwShape& s, int64_t n, int64_t oh, int64_t ow,
+                             int64_t c0, Activation act, A* out) {
+  using V = Simd<A>;
+  using vec = typename V::vec;
+  constexpr int L = V::lanes;
+  const int64_t C = s.C;
+  vec acc[NVB];
+#pragma GCC unroll 4
+  for (int v = 0; v < NVB; ++v) acc[v] = b ? V::load(b + c0 + v * L) : V::zero();
+  for (int dy = 0; dy < 3; ++dy) {
+    const int64_t ih = oh * s.stride + dy - 1;
+    if (ih < 0 || ih >= s.H) continue;
+    for (int dx = 0; dx < 3; ++dx) {
+      const int64_t iw = ow * s.stride + dx - 1;
+      if (iw < 0 || iw >= s.W) continue;
+      const A* xp = x + ((n * s.H + ih) * s.W + iw) * C + c0;
+      const A* wp = wt + (dy * 3 + dx) * C + c0;
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) acc[v] += V::load(wp + v * L) * V::load(xp + v * L);
+    }
+  }
+  const vec zero = V::zero(), six = V::splat(A(6));
+#pragma GCC unroll 4
+  for (int v = 0; v < NVB; ++v) {
+    vec o = acc[v];
+    if (act != Activation::kNone) o = o < zero ? zero : o;  // NaN-propagating, as torch.relu
+    if (act == Activation::kRelu6) o = o > six ? six : o;
+    V::store(out + c0 + v * L, o);
+  }
+}
+
 template <typename S>
 void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, S* y, const DwShape& s,
                      Activation act) {
   using A = compute_t<S>;
+  constexpr int L = Simd<A>::lanes;
+  if constexpr (std::is_same_v<S, A>) {
+    if (s.C % L == 0) {
+      at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / s.Ho, oh = row % s.Ho;
+          for (int64_t ow = 0; ow < s.Wo; ++ow) {
+            A* out = y + (row * s.Wo + ow) * s.C;
+            int64_t c0 = 0;
+            for (; c0 + 4 * L <= s.C; c0 += 4 * L) dw_pixel_vectors<A, 4>(x, wt, b, s, n, oh, ow, c0, act, out);
+            for (; c0 < s.C; c0 += L) dw_pixel_vectors<A, 1>(x, wt, b, s, n, oh, ow, c0, act, out);
+          }
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> zrow(s.Wo * s.C);
     for (int64_t row = begin; row < end; ++row) {
