@@ -18,17 +18,18 @@ def _flag(name: str) -> bool:
 
 
 def _nvidia_wheel_header_dir() -> str | None:
-    """Torch's CUDA headers include cublas_v2.h and cusparse.h, which a bare CUDA toolkit may lack.
+    """Torch's CUDA headers include cuBLAS, cuSPARSE and cuSOLVER headers, which a bare CUDA
+    toolkit may lack; the nvidia-* wheels that torch depends on ship them.
 
-    The nvidia-* wheels that torch depends on ship them. Rather than putting the wheels' whole
-    include folder ahead of the toolkit's (its cuda_runtime.h may be another minor version), link
-    just the cuBLAS and cuSPARSE headers into a folder of our own and add that.
+    Rather than putting the wheels' include folders ahead of the toolkit's (their cuda_runtime.h
+    may be another minor version), link only the headers the toolkit lacks into a folder of our
+    own, so that nothing of the toolkit is shadowed.
     """
     _locate_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME
 
-    names = ("cublas_v2.h", "cusparse.h")
-    if CUDA_HOME and all(os.path.exists(os.path.join(CUDA_HOME, "include", n)) for n in names):
+    toolkit_include = os.path.join(CUDA_HOME or "", "include")
+    if CUDA_HOME and os.path.exists(os.path.join(toolkit_include, "cublas_v2.h")):
         return None
     try:
         import nvidia  # namespace package of the nvidia-* wheels
@@ -36,11 +37,12 @@ def _nvidia_wheel_header_dir() -> str | None:
         return None
     found = {}
     for base in list(nvidia.__path__):
-        for inc in glob.glob(os.path.join(base, "*", "include")):
-            for pattern in ("cublas*.h", "cusparse*.h"):
-                for path in glob.glob(os.path.join(inc, pattern)):
-                    found.setdefault(os.path.basename(path), path)
-    if not all(n in found for n in names):
+        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            for path in glob.glob(os.path.join(inc, "*.h")):
+                name = os.path.basename(path)
+                if not os.path.exists(os.path.join(toolkit_include, name)):
+                    found.setdefault(name, path)
+    if "cublas_v2.h" not in found:
         return None
     out = os.path.join(ROOT, "build", "nvidia_headers")
     os.makedirs(out, exist_ok=True)
