@@ -17,8 +17,9 @@
 //   buffer, all while the plane is in cache.
 // * channels_last: the SIMD lanes run along C (contiguous), one output row (n, oh) per task, the
 //   9 taps bounds-checked per pixel (cheap: once per pixel, not per channel), the weights
-//   transposed once to (9, C). Accumulators are blocks of kChannelBlock channels held in
-//   registers. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
+//   transposed once to (9, C). float32/float64 with C a multiple of the vector width keep 4
+//   vectors of channels in registers per pixel and fuse bias + activation into the one store;
+//   other cases accumulate blocks of kChannelBlock channels in a small buffer. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
 //   a scratch tensor and reduces grad_weight/grad_bias in per-thread partials; pass 2 over input
 //   rows gathers grad_x (a gather, not a scatter, so rows are independent across threads).
 #include "cpu/common.h"

@@ -5,30 +5,45 @@
 //   FLOPs forward  = 2 * (C_in*c_h + C_out*G)       (dense 1x1: 2 * C_in*C_out)
 //   bytes forward  = (C_in + C_out) * sizeof(T)     (+ C_out*sizeof(T) with a residual)
 // e.g. 32 -> 128 (k = c_h = 8, G = 4, m = 16): 1536 FLOP vs 640 bytes in float32, 2.4 FLOP/byte,
-// against 8192 FLOP for the dense conv. On 2 cores (~2 x 16 float FMA lanes x 2 pipes) that is
-// far under the machine balance, so the fused op should be memory-bound and the dense one not.
+// against 8192 FLOP for the dense conv (12.8 FLOP/byte). On the 2-core AVX-512 dev machine dense
+// oneDNN reaches ~200 GFLOP/s per core and an L3-resident copy ~120 GB/s (2 threads), so the
+// dense 1x1 conv sits near the compute roof and SF-Conv, with 2.7x (128 -> 32) to 16x (256 ->
+// 1024) fewer FLOPs, should be limited by bytes and by how cheaply it can reorder them.
 //   backward: 4 * the forward MACs (+ 2x the forward again when an activation needs z), bytes
 //   = (C_in [x] + C_out [grad_y] + C_in [grad_x]) * sizeof(T); grad_w1/grad_w2 are tiny.
 //
 // Loop order and layout, and why:
-// * Work unit = a tile of T consecutive pixels of the flattened N*H*W index (so 7x7 images do
-//   not waste lanes: a tile may span images). Tiles are distributed over threads by
-//   parallel_dynamic (chunks handed out on demand); each thread owns private scratch buffers.
+// * Work unit = a tile of T = 32 (float) consecutive pixels of the flattened N*H*W index (so 7x7
+//   images do not waste lanes: a tile may span images). Tiles are handed out in chunks on demand
+//   (parallel_dynamic): on a shared machine a static split waits for the slower core.
 // * Inside a tile everything is channel-major with the SIMD lanes over pixels: buf[c*T + p].
 //   Both stages are then small GEMMs "weights (rows x K) times tile (K x T)" whose B rows are
 //   contiguous vectors and whose A entries are broadcast scalars: stage 1 per group g
 //   (c_h x k) . (k x T), stage 2 per hidden channel j (m x G) . (G x T). No shape of the
-//   FalconNet range (k, c_h, m, G in 4..64) would fill a vector along a channel axis, but every
-//   shape fills it along pixels.
+//   FalconNet range (k, c_h, m, G in 4..64) fills a vector along a channel axis in both stages,
+//   but every shape fills it along pixels. Narrow groups (c_h <= 4) are batched 3 at a time into
+//   one register block so k = 4 loops still keep 24 accumulators busy.
 // * The hidden tile is written as hidden[j][g][p]: the layout stage 2 reads as contiguous rows.
-//   It is G*c_h*T values (<= 64 KiB for C_in = 1024), L1/L2-resident, never written to memory.
-// * NCHW rows are pixel-contiguous already (a tile load is a row copy); channels_last tiles are
-//   transposed on the fly with 16x16 in-register transposes (AVX-512) on the way in and out.
-// * The epilogue (bias, activation, residual) runs on the output tile while it is in cache.
+//   It is G*c_h*T values (<= 128 KiB for C_in = 1024), L1/L2-resident, never written to memory.
+// * NCHW rows are pixel-contiguous already: a float32/float64 tile that lies in one image is
+//   read and written in place (no copy); other tiles go through the buffers.
+// * channels_last: the input tile is transposed with 16x16 in-register transposes (AVX-512).
+//   The output is written without a transpose when m is a multiple of the vector width and G is
+//   small (<= 16): stage 2 then runs with lanes over output channels ("lanes" kernels below),
+//   which costs 1 broadcast per FMA but saves the transpose that dominates when each output
+//   value takes only G MACs. With more groups the pixel-lane kernel + transpose measured faster.
+// * The epilogue (bias, activation, residual) is applied in stage 2's registers before the
+//   single store. Outputs whose op footprint exceeds half the L3 go out as streaming stores.
+//   The next tile's input is prefetched while the current one computes.
 // * Backward recomputes the hidden tile (and z when the activation needs its mask) instead of
 //   storing it. grad_w1 / grad_w2 / grad_bias are reductions over pixels: each thread keeps them
 //   with the SIMD lanes unreduced (acc[..][lane]) so the inner loop stays a plain vector FMA,
-//   and the lanes and threads are summed once at the end.
+//   and the lanes and threads are summed once at the end (the thread order of that final sum
+//   varies, so results can differ run to run in the last bits).
+//
+// Measured (scripts/cpu_kernel_timing.py, float32, batch 16, 2 threads, shared machine; see the
+// final report of issue 3 for the table): forward geomean ~2x dense in both layouts; 128 -> 32 at
+// 56x56 in channels_last stays at ~0.8-0.95x (input transpose + a read-bound 25.7 MB input).
 #include "cpu/common.h"
 
 #include <torch/library.h>
