@@ -1,13 +1,17 @@
 """RepSO training forward+backward: the exact one-conv path (falconnet/layers/repso_train.py) vs the
 seven-branch PyTorch path, side by side, at the hidden widths of SPEC section 6 (default branches:
-three 3x3, 1x3, 3x1, 1x1, identity). GPU: bfloat16 channels_last batch 128; CPU: float32 batch 16.
+three 3x3, 1x3, 3x1, 1x1, identity), channels_last on both devices (issue 5's target). GPU: bfloat16
+batch 128. CPU: float32 batch 16, once with torch.set_num_threads(1) and once with 2 (the `threads`
+parameter; both paths of one shape and thread count run back to back in one session), 9 rounds
+each: compare the medians (pytest-benchmark's "Median" column), which a shared machine disturbs
+less than the minimum.
 
 Peak memory (extra_info): on GPU, torch.cuda.max_memory_allocated over one step minus what was
 allocated before it; on CPU, the bytes of the distinct storages autograd saves for the backward
 (saved_tensors_hooks) plus the output: the activations a training step keeps alive between
 forward and backward, which is what the seven-branch path multiplies.
 
-    pytest benchmarks/test_bench_repso_train.py --benchmark-group-by=param:shape
+    pytest benchmarks/test_bench_repso_train.py -k repso_train --benchmark-group-by=param:shape,param:threads
 """
 from __future__ import annotations
 
@@ -66,10 +70,23 @@ def peak_cuda_bytes(step) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+@pytest.fixture
+def threads(request, device):
+    """torch.set_num_threads for one CPU case (restored afterwards); the GPU cases run once."""
+    n = request.param
+    if device == "cuda" and n != 1:
+        pytest.skip("CPU thread counts only")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield n
+    torch.set_num_threads(before)
+
+
 @pytest.mark.benchmark(group="repso_train", timer=cuda_sync_timer)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"{c}@{h}" for c, h in DW_SHAPES])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_repso_train(benchmark, device, impl, shape):
+def test_repso_train(benchmark, device, impl, shape, threads):
     if impl == "one-conv-dw-op" and device != "cuda":
         pytest.skip("the extension's CPU dw_conv3x3 is slower than oneDNN (docs/repso_training.md): GPU only")
     C, H = shape
@@ -78,9 +95,7 @@ def test_repso_train(benchmark, device, impl, shape):
     layer = make_layer(C, device, dtype)
     # inputs drawn on the CPU: a failed CUDA-graph capture in an earlier case leaves the CUDA
     # generator unusable ("Offset increment outside graph capture"), which must not fail this one
-    x = torch.randn(N, C, H, H, dtype=dtype).to(device)
-    if device == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(N, C, H, H, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     gy = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=dtype))  # x's layout
     params = [x] + [p for p in layer.parameters()]
@@ -91,14 +106,15 @@ def test_repso_train(benchmark, device, impl, shape):
 
     info = {
         "op": "repso_train", "pass": "fwd+bwd", "impl": impl, "device": device,
-        "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last" if device == "cuda" else "contiguous",
+        "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last",
         "batch": N, "shape": f"{C}@{H}", "branches": "3x3 x3, 1x3, 3x1, 1x1, identity",
+        "cpu_threads": torch.get_num_threads(),
     }
     if device == "cuda":
         fn()
         info["peak_bytes"] = peak_cuda_bytes(fn)
     info["saved_bytes"] = saved_bytes(lambda: path(layer, x), x)
-    run_benchmark(benchmark, fn, device, info, rounds=None if device == "cuda" else 5)
+    run_benchmark(benchmark, fn, device, info, rounds=None if device == "cuda" else 9)
 
 
 # A whole training step (forward, cross-entropy, backward) of the registry's FalconNet, with

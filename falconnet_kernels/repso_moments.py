@@ -178,6 +178,105 @@ def _backward(ctx, grad_mean, grad_cov):
 repso_moments_op.register_autograd(_backward, setup_context=_setup)
 
 
+# ---------------------------------------------------------------------------------------------
+# The fold of RepSO's batch-statistics branches (falconnet/layers/repso_train.py), as one C++ op
+# on the CPU: at small maps its ~20 tensor ops and their backward cost more than the moments.
+
+
+def repso_fold_ref(mean: Tensor, cov: Tensor, kernels: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor):
+    """folded (C, K*K), bias (C), branch means and biased variances (C, B) for kernels (C, B, K*K)
+    and BatchNorm parameters gamma, beta (C, B), eps (B,) (the definition of the C++ op)."""
+    m = (kernels * mean.unsqueeze(1)).sum(-1)
+    v = (torch.bmm(kernels, cov.transpose(1, 2)) * kernels).sum(-1).clamp_min(0)
+    s = gamma * torch.rsqrt(v + eps.to(v.dtype))
+    folded = (s.unsqueeze(-1) * kernels).sum(1)
+    return folded, (beta - m * s).sum(1), m, v
+
+
+def repso_fold_backward_ref(grad_folded, grad_bias, mean, cov, kernels, gamma, eps):
+    """Gradients of repso_fold_ref's folded and bias for mean, cov, kernels, gamma, beta:
+    g_s = gF.k - g_bias m, g_m = -g_bias s, g_gamma = g_s r, g_v = -g_s gamma r^3 / 2 (0 where the
+    clamp cut v), g_k = s gF + g_m mean + g_v (cov + cov^T) k, g_mean = sum_b g_m k,
+    g_cov = sum_b g_v k k^T, g_beta = g_bias."""
+    m = (kernels * mean.unsqueeze(1)).sum(-1)
+    row = torch.bmm(kernels, cov.transpose(1, 2))  # (cov k)[p]
+    col = torch.bmm(kernels, cov)  # (cov^T k)[p]
+    v_raw = (row * kernels).sum(-1)
+    r = torch.rsqrt(v_raw.clamp_min(0) + eps.to(v_raw.dtype))
+    s = gamma * r
+    gb = grad_bias.unsqueeze(1)
+    g_s = (grad_folded.unsqueeze(1) * kernels).sum(-1) - gb * m
+    g_m = -gb * s
+    g_v = torch.where(v_raw < 0, torch.zeros_like(v_raw), -0.5 * g_s * gamma * r**3)
+    g_k = s.unsqueeze(-1) * grad_folded.unsqueeze(1) + g_m.unsqueeze(-1) * mean.unsqueeze(1) + g_v.unsqueeze(-1) * (row + col)
+    g_mean = (g_m.unsqueeze(-1) * kernels).sum(1)
+    g_cov = torch.bmm((g_v.unsqueeze(-1) * kernels).transpose(1, 2), kernels)
+    return g_mean, g_cov, g_k, g_s * r, gb.expand_as(gamma).clone()
+
+
+def fold_cpp_available(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and _backend_for(t) == "cpp" and (
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"{CPP_NAMESPACE}::repso_fold_forward", "CPU")
+        if _cpp_built() else False
+    )
+
+
+@torch.library.custom_op("falconnet::repso_fold", mutates_args=())
+def repso_fold_op(
+    mean: Tensor, cov: Tensor, kernels: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if fold_cpp_available(mean):
+        return getattr(torch.ops, CPP_NAMESPACE).repso_fold_forward(mean, cov, kernels, gamma, beta, eps)
+    return tuple(t.clone() for t in repso_fold_ref(mean, cov, kernels, gamma, beta, eps))
+
+
+@repso_fold_op.register_fake
+def _(mean, cov, kernels, gamma, beta, eps):
+    C, B = gamma.shape
+    return mean.new_empty(mean.shape), mean.new_empty((C,)), mean.new_empty((C, B)), mean.new_empty((C, B))
+
+
+@torch.library.custom_op("falconnet::repso_fold_backward", mutates_args=())
+def repso_fold_backward_op(
+    grad_folded: Tensor, grad_bias: Tensor, mean: Tensor, cov: Tensor, kernels: Tensor, gamma: Tensor, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if fold_cpp_available(mean):
+        return getattr(torch.ops, CPP_NAMESPACE).repso_fold_backward(grad_folded, grad_bias, mean, cov, kernels, gamma, eps)
+    return repso_fold_backward_ref(grad_folded, grad_bias, mean, cov, kernels, gamma, eps)
+
+
+@repso_fold_backward_op.register_fake
+def _(grad_folded, grad_bias, mean, cov, kernels, gamma, eps):
+    return (torch.empty_like(mean), torch.empty_like(cov), torch.empty_like(kernels), torch.empty_like(gamma),
+            torch.empty_like(gamma))
+
+
+def _fold_setup(ctx, inputs, output):
+    mean, cov, kernels, gamma, beta, eps = inputs
+    ctx.save_for_backward(mean, cov, kernels, gamma, eps)
+    # the branch means and variances feed the running statistics only
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _fold_backward(ctx, grad_folded, grad_bias, grad_bmean, grad_bvar):
+    mean, cov, kernels, gamma, eps = ctx.saved_tensors
+    if grad_folded is None:
+        grad_folded = torch.zeros_like(mean)
+    if grad_bias is None:
+        grad_bias = mean.new_zeros(mean.shape[:1])
+    g = torch.ops.falconnet.repso_fold_backward(grad_folded, grad_bias, mean, cov, kernels, gamma, eps)
+    return (*g, None)
+
+
+repso_fold_op.register_autograd(_fold_backward, setup_context=_fold_setup)
+
+
+def repso_fold(mean: Tensor, cov: Tensor, kernels: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor):
+    """(folded, bias, branch means, branch variances): see repso_fold_ref. The branch means and
+    variances are outputs without gradient (they feed the running statistics)."""
+    return torch.ops.falconnet.repso_fold(mean, cov, kernels, gamma, beta, eps)
+
+
 def repso_moments_macs(x_shape, K: int) -> int:
     """Forward: K*K sums and K*K*(K*K+1)/2 products per position and channel."""
     N, C, H, W = x_shape

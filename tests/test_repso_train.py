@@ -127,6 +127,55 @@ def test_moments_match_reference(monkeypatch, backend, K, shape):
         assert (gx.double() - ref_gx).abs().max() <= tol * ref_gx.abs().max()
 
 
+# The C++ channels_last fast path (K = 3, C a multiple of 16: vectorized across channels, images
+# grouped per plane set): odd sizes, 1-wide maps, a batch of 1, several channel blocks.
+@pytest.mark.parametrize("shape", [(2, 16, 7, 5), (3, 32, 1, 2), (1, 16, 4, 9), (16, 48, 7, 7), (2, 16, 1, 1)], ids=str)
+def test_moments_channels_last_fast_path(monkeypatch, shape):
+    use_backend(monkeypatch, "cpp")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 5).to(dtype).contiguous(memory_format=torch.channels_last)
+        mean, cov = rm.repso_moments(x, 3)
+        ref_mean, ref_cov = rm.repso_moments_ref(x.double(), 3)
+        # double accumulation: float64 ~1e-15 relative, else the float32 rounding of the output
+        tol = 1e-12 if dtype == torch.float64 else 4e-7
+        assert (mean.double() - ref_mean).abs().max() <= tol * ref_mean.abs().max()
+        assert (cov.double() - ref_cov).abs().max() <= tol * ref_cov.abs().max()
+        g_mean, g_cov = torch.randn_like(ref_mean), torch.randn_like(ref_cov)
+        gx = torch.ops.falconnet.repso_moments_backward(g_mean.to(mean.dtype), g_cov.to(mean.dtype), x, mean, 3)
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+        ref_gx = rm.repso_moments_backward_ref(g_mean, g_cov, x.double(), ref_mean, 3)
+        # grad_x is stored in x's dtype: its rounding bounds the error
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+        assert (gx.double() - ref_gx).abs().max() <= tol * ref_gx.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_fold_op_matches_reference(monkeypatch, backend):
+    """falconnet::repso_fold (C++ on the CPU) against its definition, with gradcheck and opcheck;
+    a kernel with zero taps and a branch whose variance clamps to 0 included."""
+    use_backend(monkeypatch, backend)
+    C, B, KK = 5, 7, 9
+    mean, cov = rm.repso_moments_ref(torch.randn(3, C, 6, 5, dtype=torch.float64), 3)
+    kernels = torch.randn(C, B, KK, dtype=torch.float64)
+    kernels[:, 3, :3] = 0
+    kernels[0, 5] = 0  # a zero kernel: variance 0, BatchNorm of a constant
+    gamma, beta = torch.rand(C, B, dtype=torch.float64) + 0.5, torch.randn(C, B, dtype=torch.float64)
+    eps = torch.full((B,), 1e-5, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_(True) for t in (mean, cov, kernels, gamma, beta)]
+    out = rm.repso_fold(*inputs, eps)
+    ref = rm.repso_fold_ref(*inputs, eps)
+    for a, b in zip(out, ref):
+        assert (a - b).abs().max() <= 1e-13 * max(1.0, b.abs().max().item())
+    assert not out[2].requires_grad and not out[3].requires_grad  # they feed the running statistics only
+    g = (torch.randn(C, KK, dtype=torch.float64), torch.randn(C, dtype=torch.float64))
+    g_ours = torch.autograd.grad(out[:2], inputs, g)
+    g_ref = torch.autograd.grad(ref[:2], inputs, g)
+    for a, b in zip(g_ours, g_ref):
+        assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item())
+    torch.autograd.gradcheck(lambda *t: rm.repso_fold(*t, eps)[:2], inputs)
+    torch.library.opcheck(torch.ops.falconnet.repso_fold, (mean, cov, kernels, gamma, beta, eps))
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_moments_gradcheck(monkeypatch, backend):
     use_backend(monkeypatch, backend)
@@ -167,6 +216,22 @@ def test_float64_every_table3_row(monkeypatch, row, backend):
     assert (y1 - y0).abs().max() <= 1e-10 * max(1.0, scale([y0]))
     assert max_err(g1, g0) <= 1e-10 * max(1.0, scale(g0))
     assert max_err(b1, b0) <= 1e-12 * max(1.0, scale(b0))  # includes num_batches_tracked
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_float64_channels_last_fast_path(monkeypatch, backend):
+    """The benchmark's layout: channels_last, C a multiple of 16 (the C++ moments fast path and the
+    C++ fold), against the branch sum to ~1e-10."""
+    use_backend(monkeypatch, backend)
+    module = make_repso(32, "T")
+    x = (torch.randn(3, 32, 9, 7, dtype=torch.float64) * 1.5 + 0.5).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    twin = copy.deepcopy(module)
+    y0, g0, b0 = run(branch_sum, module, x, grad_y)
+    y1, g1, b1 = run(fused, twin, x, grad_y)
+    assert (y1 - y0).abs().max() <= 1e-10 * max(1.0, scale([y0]))
+    assert max_err(g1, g0) <= 1e-10 * max(1.0, scale(g0))
+    assert max_err(b1, b0) <= 1e-12 * max(1.0, scale(b0))
 
 
 @pytest.mark.parametrize("conv", ["falconnet", "torch"])

@@ -15,8 +15,11 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -269,6 +272,508 @@ void moments_backward_kernel(const stat_t* grad_mean, const stat_t* grad_cov, co
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Channels_last, K = 3, C a multiple of 16: vectorized across channels.
+//
+// x[n, h, w, c0:c0+16] is one 64-byte line, so a block of 16 channels is read as whole lines and
+// every arithmetic op works on 8 channels at once (one AVX-512 register of doubles). Per block and
+// image, the padded plane of w = xp - a is built once in double ([Hp + 2][Wp + 4][16], with zero
+// guard rows/columns so every lag read is in bounds, -a in the zero padding). The accumulation is
+// the per-channel kernel's lag decomposition, with the per-column accumulators replaced by one
+// accumulator set per (row slot, column slot) class: the "middle" rows and columns that every
+// window contains share one slot each, every other padded row or column has its own. Within a run
+// of positions of one class, its 13 lag products and the plain sum stay in registers.
+namespace cl3 {
+
+constexpr int64_t kCB = 16;    // channels per block: one cache line of float32
+constexpr int64_t kV = 8;      // doubles per vector
+constexpr int64_t kLags = 13;  // (D, d) with D in 0..2, d in -2..2, D == 0 only for d >= 0
+constexpr int64_t kAcc = kLags + 1;  // plus the plain sum
+constexpr int kLagD[kLags] = {0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2};
+constexpr int kLagd[kLags] = {0, 1, 2, -2, -1, 0, 1, 2, -2, -1, 0, 1, 2};
+typedef double Vec8 __attribute__((vector_size(64)));
+
+inline Vec8 load8(const double* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(Vec8));
+  return v;
+}
+inline void store8(double* p, Vec8 v) { std::memcpy(p, &v, sizeof(Vec8)); }
+
+typedef float Vec8f __attribute__((vector_size(32)));
+
+// A zeroed buffer of n doubles starting on a 64-byte boundary: every 8-double load and store of
+// the planes, accumulators and stencils then stays within one cache line.
+struct Aligned {
+  std::vector<double> storage;
+  double* data;
+  explicit Aligned(int64_t n) : storage(n + kV, 0.0) {
+    const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
+    data = storage.data() + ((64 - address % 64) % 64) / sizeof(double);
+  }
+};
+
+inline int64_t lag_index(int64_t D, int64_t d) { return D == 0 ? d : 3 + (D - 1) * 5 + (d + 2); }
+
+// The padded plane of one image and one block of 16 channels, as two half planes of 8 channels
+// (so that the five rows the backward's stencil reads fit in L1 at 56 x 58 columns):
+// plane[h * half_stride + (r * Wc + t + 2) * 8 + c] for padded row r in [0, Hp), column t in
+// [0, Wp); the guards (rows Hp, Hp+1, columns -2, -1, Wp, Wp+1) stay 0 from the allocation.
+template <typename scalar_t>
+void fill_plane(const scalar_t* x, int64_t C, int64_t H, int64_t W, const double* a, double* plane,
+                int64_t half_stride) {
+  const int64_t Wp = W + 2, Wc = Wp + 4, Hp = H + 2;
+  const Vec8 a0 = load8(a), a1 = load8(a + kV);
+  for (int64_t r = 0; r < Hp; ++r) {
+    double* row = plane + (r * Wc + 2) * kV;
+    const bool pad_row = r == 0 || r == Hp - 1;
+    for (int64_t t = 0; t < Wp; ++t) {
+      double* out = row + t * kV;
+      if (pad_row || t == 0 || t == Wp - 1) {
+        store8(out, -a0);
+        store8(out + half_stride, -a1);
+      } else {
+        const scalar_t* in = x + ((r - 1) * W + (t - 1)) * C;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          Vec8f lo, hi;
+          std::memcpy(&lo, in, sizeof(Vec8f));
+          std::memcpy(&hi, in + kV, sizeof(Vec8f));
+          store8(out, __builtin_convertvector(lo, Vec8) - a0);
+          store8(out + half_stride, __builtin_convertvector(hi, Vec8) - a1);
+        } else {
+          for (int64_t c = 0; c < kV; ++c) out[c] = static_cast<double>(in[c]) - a[c];
+          for (int64_t c = 0; c < kV; ++c) out[half_stride + c] = static_cast<double>(in[kV + c]) - a[kV + c];
+        }
+      }
+    }
+  }
+}
+
+// slot of each padded index along an axis of length n (padded n + 2): 0 for the middle [2, n),
+// 1 + k for the k-th other index; returns the number of slots
+inline int64_t slots(int64_t n, std::vector<int64_t>& slot) {
+  slot.resize(n + 2);
+  int64_t count = 1;
+  for (int64_t r = 0; r < n + 2; ++r) slot[r] = (r >= 2 && r < n) ? 0 : count++;
+  return count;
+}
+
+// One class block: padded rows [r0, r1) x columns [t0, t1) of n_img planes (pointers to row 0,
+// column 0, one half of the block), all of one (row slot, column slot) class; its 13 lag products
+// and the plain sum stay in registers for the whole block.
+inline void accumulate_block(const double* plane, int64_t plane_stride, int64_t n_img, int64_t row_stride, int64_t r0,
+                             int64_t r1, int64_t t0, int64_t t1, double* acc) {
+  Vec8 s[kAcc];
+#pragma GCC unroll 14
+  for (int l = 0; l < kAcc; ++l) s[l] = load8(acc + l * kCB);
+  for (int64_t g = 0; g < n_img; ++g)
+    for (int64_t r = r0; r < r1; ++r) {
+      const double* row = plane + g * plane_stride + r * row_stride;
+      for (int64_t t = t0; t < t1; ++t) {
+        const double* u = row + t * kV;
+        const Vec8 w = load8(u);
+        s[kLags] += w;
+#pragma GCC unroll 13
+        for (int l = 0; l < kLags; ++l) s[l] += w * load8(u + kLagD[l] * row_stride + kLagd[l] * kV);
+      }
+    }
+#pragma GCC unroll 14
+  for (int l = 0; l < kAcc; ++l) store8(acc + l * kCB, s[l]);
+}
+
+// runs of equal slot along a padded axis: (i0, i1, slot)
+inline std::vector<std::array<int64_t, 3>> slot_runs(const std::vector<int64_t>& slot) {
+  std::vector<std::array<int64_t, 3>> runs;
+  for (int64_t i = 0; i < static_cast<int64_t>(slot.size()); ++i) {
+    if (runs.empty() || runs.back()[2] != slot[i]) runs.push_back({i, i, slot[i]});
+    runs.back()[1] = i + 1;
+  }
+  return runs;
+}
+
+// Planes of this many images at once (about 256 KiB, in L2): at small maps one class block then
+// spans all of them, so the accumulators' register loads and stores are paid once per group.
+inline int64_t images_per_group(int64_t N, int64_t plane_doubles) {
+  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 15) / plane_doubles));
+}
+
+template <typename scalar_t, typename stat_t>
+void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat_t* mean_out, stat_t* cov_out) {
+  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * kV;
+  const double M = static_cast<double>(N * H * W);
+  std::vector<int64_t> rslot, cslot;
+  const int64_t n_rs = slots(H, rslot), n_cs = slots(W, cslot);
+  const std::vector<std::array<int64_t, 3>> row_runs = slot_runs(rslot), col_runs = slot_runs(cslot);
+  // a representative padded index of each slot (for the window test)
+  std::vector<int64_t> rrep(n_rs), crep(n_cs);
+  for (int64_t r = Hp - 1; r >= 0; --r) rrep[rslot[r]] = r;
+  for (int64_t t = Wp - 1; t >= 0; --t) crep[cslot[t]] = t;
+  const int64_t half_stride = (Hp + 2) * row_stride, plane_stride = 2 * half_stride;
+  const int64_t G = images_per_group(N, plane_stride);
+  at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
+    Aligned plane_buf(G * plane_stride), acc_buf(n_rs * n_cs * kAcc * kCB);
+    double* const plane = plane_buf.data;
+    double* const acc = acc_buf.data;
+    const int64_t acc_size = n_rs * n_cs * kAcc * kCB;
+    std::vector<double> ew(9 * kCB), a(kCB), total(kCB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCB;
+      const scalar_t* centre = x + ((H / 2) * W + W / 2) * C + c0;  // image 0
+      for (int64_t c = 0; c < kCB; ++c) a[c] = static_cast<double>(centre[c]);
+      std::fill(acc, acc + acc_size, 0.0);
+      for (int64_t n0 = 0; n0 < N; n0 += G) {
+        const int64_t n_img = std::min(G, N - n0);
+        for (int64_t g = 0; g < n_img; ++g)
+          fill_plane(x + (n0 + g) * H * W * C + c0, C, H, W, a.data(), plane + g * plane_stride, half_stride);
+        for (const auto& rr : row_runs)
+          for (const auto& cr : col_runs)
+            for (int64_t h = 0; h < kCB; h += kV)
+              accumulate_block(plane + (h / kV) * half_stride + 2 * kV, plane_stride, n_img, row_stride, rr[0],
+                               rr[1], cr[0], cr[1],
+                               acc + (rr[2] * n_cs + cr[2]) * kAcc * kCB + h);
+      }
+      // sum of accumulator l over the classes inside the window with top-left padded corner (pi, pj)
+      auto window_sum = [&](int64_t l, int64_t pi, int64_t pj) {
+        std::fill(total.begin(), total.end(), 0.0);
+        for (int64_t rs = 0; rs < n_rs; ++rs) {
+          if (rrep[rs] < pi || rrep[rs] >= pi + H) continue;
+          for (int64_t cs = 0; cs < n_cs; ++cs) {
+            if (crep[cs] < pj || crep[cs] >= pj + W) continue;
+            const double* v = acc + ((rs * n_cs + cs) * kAcc + l) * kCB;
+            for (int64_t c = 0; c < kCB; ++c) total[c] += v[c];
+          }
+        }
+      };
+      for (int64_t p = 0; p < 9; ++p) {
+        window_sum(kLags, p / 3, p % 3);
+        for (int64_t c = 0; c < kCB; ++c) {
+          ew[p * kCB + c] = total[c] / M;
+          mean_out[(c0 + c) * 9 + p] = static_cast<stat_t>(ew[p * kCB + c] + a[c]);
+        }
+      }
+      for (int64_t p = 0; p < 9; ++p) {
+        for (int64_t q = p; q < 9; ++q) {
+          int64_t pi = p / 3, pj = p % 3, qi = q / 3, qj = q % 3;
+          if (qi < pi || (qi == pi && qj < pj)) {
+            std::swap(pi, qi);
+            std::swap(pj, qj);
+          }
+          window_sum(lag_index(qi - pi, qj - pj), pi, pj);
+          for (int64_t c = 0; c < kCB; ++c) {
+            const stat_t v = static_cast<stat_t>(total[c] / M - ew[p * kCB + c] * ew[q * kCB + c]);
+            cov_out[((c0 + c) * 9 + p) * 9 + q] = v;
+            cov_out[((c0 + c) * 9 + q) * 9 + p] = v;
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_x(v) = 1/M [ cst_k + sum_taps st_k[tap] w(v + tap) ] for the class k of v (see
+// moments_backward_kernel), with per-channel stencils as [25][16] vectors.
+// Four adjacent positions of one half block over the tap rectangle [di0, di1] x [dj0, dj1]
+// (st: the stencil of that half, [25][16]): each tap's weight load feeds four products.
+__attribute__((always_inline)) inline void stencil_quad(const double* u, int64_t row_stride, const double* st, int di0,
+                                                        int di1, int dj0, int dj1, Vec8 acc[4]) {
+  Vec8 s0 = acc[0], s1 = acc[1], s2 = acc[2], s3 = acc[3];
+  for (int di = di0; di <= di1; ++di)
+    for (int dj = dj0; dj <= dj1; ++dj) {
+      const double* src = u + di * row_stride + dj * kV;
+      const Vec8 w = load8(st + ((di + 2) * 5 + dj + 2) * kCB);
+      s0 += w * load8(src);
+      s1 += w * load8(src + kV);
+      s2 += w * load8(src + 2 * kV);
+      s3 += w * load8(src + 3 * kV);
+    }
+  acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
+}
+
+// 8 channels of one position, rounded to the output dtype
+template <typename scalar_t>
+inline void store8_out(scalar_t* out, Vec8 v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vec8f f = __builtin_convertvector(v, Vec8f);
+    std::memcpy(out, &f, sizeof(Vec8f));
+  } else {
+    double tmp[kV];
+    store8(tmp, v);
+    for (int64_t c = 0; c < kV; ++c) out[c] = static_cast<scalar_t>(tmp[c]);
+  }
+}
+
+template <typename scalar_t, typename stat_t>
+void backward(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x, const stat_t* mean, int64_t N,
+              int64_t C, int64_t H, int64_t W, scalar_t* grad_x) {
+  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * kV, half_stride = (Hp + 2) * row_stride;
+  const double inv_M = 1.0 / static_cast<double>(N * H * W);
+  // valid offsets along an axis of length n at index i: [max(0, i + 1 - (n-1)), min(2, i + 1)];
+  // runs of equal range
+  auto classes = [](int64_t n, std::vector<std::array<int64_t, 4>>& cls) {  // (lo, hi, i0, i1)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t lo = std::max<int64_t>(0, i + 2 - n), hi = std::min<int64_t>(2, i + 1);
+      if (cls.empty() || cls.back()[0] != lo || cls.back()[1] != hi) cls.push_back({lo, hi, i, i});
+      cls.back()[3] = i + 1;
+    }
+  };
+  std::vector<std::array<int64_t, 4>> rcls, ccls;
+  classes(H, rcls);
+  classes(W, ccls);
+  const int64_t n_rc = rcls.size(), n_cc = ccls.size(), n_k = n_rc * n_cc;
+  // A class with valid offsets pi in [pi0, pi1] reaches stencil rows di = qi - pi in [-pi1, 2 - pi0]
+  // (columns alike): a rectangle of taps, so the loops need no tap lists (whose index loads cost
+  // as much as the products at small maps).
+  at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
+    Aligned plane_buf(2 * half_stride), stencil_buf(n_k * 25 * kCB), cls_cst_buf(n_k * kCB);
+    double* const plane = plane_buf.data;
+    double* const stencil = stencil_buf.data;
+    double* const cls_cst = cls_cst_buf.data;
+    std::vector<double> G(81 * kCB), cst(9 * kCB), a(kCB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCB;
+      for (int64_t c = 0; c < kCB; ++c) a[c] = static_cast<double>(mean[(c0 + c) * 9 + 4]);
+      for (int64_t p = 0; p < 9; ++p)
+        for (int64_t q = 0; q < 9; ++q)
+          for (int64_t c = 0; c < kCB; ++c)
+            G[(p * 9 + q) * kCB + c] = static_cast<double>(grad_cov[((c0 + c) * 9 + p) * 9 + q]) +
+                                       static_cast<double>(grad_cov[((c0 + c) * 9 + q) * 9 + p]);
+      for (int64_t p = 0; p < 9; ++p)
+        for (int64_t c = 0; c < kCB; ++c) {
+          double t = static_cast<double>(grad_mean[(c0 + c) * 9 + p]);
+          for (int64_t q = 0; q < 9; ++q)
+            t -= G[(p * 9 + q) * kCB + c] * (static_cast<double>(mean[(c0 + c) * 9 + q]) - a[c]);
+          cst[p * kCB + c] = t;
+        }
+      std::fill(stencil, stencil + n_k * 25 * kCB, 0.0);
+      std::fill(cls_cst, cls_cst + n_k * kCB, 0.0);
+      for (int64_t rc = 0; rc < n_rc; ++rc)
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+          const int64_t k = rc * n_cc + cc;
+          for (int64_t pi = rcls[rc][0]; pi <= rcls[rc][1]; ++pi)
+            for (int64_t pj = ccls[cc][0]; pj <= ccls[cc][1]; ++pj) {
+              const int64_t p = pi * 3 + pj;
+              for (int64_t c = 0; c < kCB; ++c) cls_cst[k * kCB + c] += cst[p * kCB + c];
+              for (int64_t q = 0; q < 9; ++q) {
+                double* st = stencil + (k * 25 + (q / 3 - pi + 2) * 5 + (q % 3 - pj + 2)) * kCB;
+                const double* g = G.data() + (p * 9 + q) * kCB;
+                for (int64_t c = 0; c < kCB; ++c) st[c] += g[c];
+              }
+            }
+        }
+      for (int64_t n = 0; n < N; ++n) {
+        fill_plane(x + n * H * W * C + c0, C, H, W, a.data(), plane, half_stride);
+        // one half plane at a time: its five stencil rows stay in L1
+        for (int64_t h = 0; h < kCB; h += kV)
+          for (int64_t rc = 0; rc < n_rc; ++rc)
+            for (int64_t i = rcls[rc][2]; i < rcls[rc][3]; ++i) {
+              // w at image (i, 0) in the plane: padded (i + 1, 1)
+              const double* centre = plane + (h / kV) * half_stride + (i + 1) * row_stride + 3 * kV;
+              scalar_t* out_row = grad_x + ((n * H + i) * W) * C + c0 + h;
+              for (int64_t cc = 0; cc < n_cc; ++cc) {
+                const int64_t k = rc * n_cc + cc;
+                const int di0 = -static_cast<int>(rcls[rc][1]), di1 = 2 - static_cast<int>(rcls[rc][0]);
+                const int dj0 = -static_cast<int>(ccls[cc][1]), dj1 = 2 - static_cast<int>(ccls[cc][0]);
+                const double* st = stencil + k * 25 * kCB + h;
+                const Vec8 k0 = load8(cls_cst + k * kCB + h);
+                int64_t j = ccls[cc][2];
+                const int64_t j1 = ccls[cc][3];
+                const bool interior = di0 == -2 && di1 == 2 && dj0 == -2 && dj1 == 2;
+                for (; j + 4 <= j1; j += 4) {
+                  Vec8 acc[4] = {k0, k0, k0, k0};
+                  if (interior)  // constant bounds: fully unrolled
+                    stencil_quad(centre + j * kV, row_stride, st, -2, 2, -2, 2, acc);
+                  else
+                    stencil_quad(centre + j * kV, row_stride, st, di0, di1, dj0, dj1, acc);
+                  for (int q = 0; q < 4; ++q) store8_out(out_row + (j + q) * C, acc[q] * inv_M);
+                }
+                for (; j < j1; ++j) {
+                  Vec8 s0 = k0;
+                  const double* u = centre + j * kV;
+                  for (int di = di0; di <= di1; ++di)
+                    for (int dj = dj0; dj <= dj1; ++dj)
+                      s0 += load8(st + ((di + 2) * 5 + dj + 2) * kCB) * load8(u + di * row_stride + dj * kV);
+                  store8_out(out_row + j * C, s0 * inv_M);
+                }
+              }
+            }
+      }
+    }
+  });
+}
+
+}  // namespace cl3
+
+// The channels_last fast path applies to K = 3, C a multiple of 16, x channels_last-contiguous.
+bool use_cl3(const at::Tensor& x, int64_t K) {
+  return K == 3 && x.dim() == 4 && x.size(1) % cl3::kCB == 0 && x.size(1) > 0 &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fold (falconnet/layers/repso_train.py, _fold_batch_stats), per channel c and branch b with
+// embedded kernel k_b (K*K), batch-statistics BatchNorm (gamma_b, beta_b, eps_b):
+//   m_b = k_b . mean,  v_b = max(k_b^T cov k_b, 0),  r_b = 1/sqrt(v_b + eps_b),  s_b = gamma_b r_b
+//   folded = sum_b s_b k_b,  bias = sum_b (beta_b - m_b s_b)
+// At small maps the same math as ~20 tensor ops (and their backward, batched 9x9 products among
+// them) costs more than the moments kernels; here it is one pass over (C, B, K*K), in double.
+namespace fold {
+
+template <typename T>
+void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, const T* beta, const double* eps, int64_t C,
+             int64_t B, int64_t KK, T* folded, T* bias, T* bmean, T* bvar) {
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    std::vector<double> f(KK);
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* mu = mean + c * KK;
+      const T* cv = cov + c * KK * KK;
+      std::fill(f.begin(), f.end(), 0.0);
+      double total_shift = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* k = kernels + (c * B + b) * KK;
+        double m = 0, v = 0;
+        for (int64_t p = 0; p < KK; ++p) {
+          if (k[p] == T(0)) continue;
+          m += static_cast<double>(k[p]) * mu[p];
+          double row = 0;
+          for (int64_t q = 0; q < KK; ++q) row += static_cast<double>(cv[p * KK + q]) * k[q];
+          v += static_cast<double>(k[p]) * row;
+        }
+        v = std::max(v, 0.0);
+        const double s = static_cast<double>(gamma[c * B + b]) / std::sqrt(v + eps[b]);
+        for (int64_t p = 0; p < KK; ++p) f[p] += s * k[p];
+        total_shift += static_cast<double>(beta[c * B + b]) - m * s;
+        bmean[c * B + b] = static_cast<T>(m);
+        bvar[c * B + b] = static_cast<T>(v);
+      }
+      for (int64_t p = 0; p < KK; ++p) folded[c * KK + p] = static_cast<T>(f[p]);
+      bias[c] = static_cast<T>(total_shift);
+    }
+  });
+}
+
+// The gradients of folded and bias back to mean, cov, the kernels, gamma and beta:
+//   g_s = gF . k - g_bias m,  g_m = -g_bias s,  g_gamma = g_s r,  g_v = -g_s gamma r^3 / 2 (0 where
+//   the clamp cut v),  g_k = s gF + g_m mean + g_v (cov + cov^T) k,  g_mean = sum_b g_m k,
+//   g_cov = sum_b g_v k k^T,  g_beta = g_bias.
+template <typename T>
+void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* cov, const T* kernels, const T* gamma,
+              const double* eps, int64_t C, int64_t B, int64_t KK, T* g_mean, T* g_cov, T* g_kernels, T* g_gamma,
+              T* g_beta) {
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    std::vector<double> gm(KK), gc(KK * KK), row(KK), col(KK);
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* mu = mean + c * KK;
+      const T* cv = cov + c * KK * KK;
+      const T* gF = grad_folded + c * KK;
+      const double gb = static_cast<double>(grad_bias[c]);
+      std::fill(gm.begin(), gm.end(), 0.0);
+      std::fill(gc.begin(), gc.end(), 0.0);
+      for (int64_t b = 0; b < B; ++b) {
+        const T* k = kernels + (c * B + b) * KK;
+        double m = 0, v = 0, gFk = 0;
+        for (int64_t p = 0; p < KK; ++p) {
+          double r = 0, cl = 0;
+          for (int64_t q = 0; q < KK; ++q) {
+            r += static_cast<double>(cv[p * KK + q]) * k[q];
+            cl += static_cast<double>(cv[q * KK + p]) * k[q];
+          }
+          row[p] = r;
+          col[p] = cl;
+          m += static_cast<double>(k[p]) * mu[p];
+          v += static_cast<double>(k[p]) * r;
+          gFk += static_cast<double>(gF[p]) * k[p];
+        }
+        const bool clamped = v < 0;  // clamp_min's gradient is 0 below the bound
+        v = std::max(v, 0.0);
+        const double g = static_cast<double>(gamma[c * B + b]);
+        const double rs = 1.0 / std::sqrt(v + eps[b]);
+        const double s = g * rs;
+        const double g_s = gFk - gb * m;
+        const double g_m = -gb * s;
+        const double g_v = clamped ? 0.0 : -0.5 * g_s * g * rs * rs * rs;
+        g_gamma[c * B + b] = static_cast<T>(g_s * rs);
+        g_beta[c * B + b] = static_cast<T>(gb);
+        T* gk = g_kernels + (c * B + b) * KK;
+        for (int64_t p = 0; p < KK; ++p) {
+          gk[p] = static_cast<T>(s * gF[p] + g_m * mu[p] + g_v * (row[p] + col[p]));
+          gm[p] += g_m * k[p];
+        }
+        if (g_v != 0.0)
+          for (int64_t p = 0; p < KK; ++p) {
+            if (k[p] == T(0)) continue;
+            const double gvk = g_v * k[p];
+            for (int64_t q = 0; q < KK; ++q) gc[p * KK + q] += gvk * k[q];
+          }
+      }
+      for (int64_t p = 0; p < KK; ++p) g_mean[c * KK + p] = static_cast<T>(gm[p]);
+      for (int64_t p = 0; p < KK * KK; ++p) g_cov[c * KK * KK + p] = static_cast<T>(gc[p]);
+    }
+  });
+}
+
+void check(const at::Tensor& mean, const at::Tensor& cov, const at::Tensor& kernels, const at::Tensor& gamma,
+           const at::Tensor& eps) {
+  TORCH_CHECK(mean.dim() == 2, "repso_fold: mean must be (C, K*K), got ", mean.sizes());
+  const int64_t C = mean.size(0), KK = mean.size(1);
+  TORCH_CHECK(cov.sizes() == at::IntArrayRef({C, KK, KK}), "repso_fold: cov must be (C, K*K, K*K), got ", cov.sizes());
+  TORCH_CHECK(kernels.dim() == 3 && kernels.size(0) == C && kernels.size(2) == KK,
+              "repso_fold: kernels must be (C, B, K*K), got ", kernels.sizes());
+  const int64_t B = kernels.size(1);
+  TORCH_CHECK(gamma.sizes() == at::IntArrayRef({C, B}), "repso_fold: gamma and beta must be (C, B), got ",
+              gamma.sizes());
+  TORCH_CHECK(eps.numel() == B, "repso_fold: eps must have B entries, got ", eps.numel());
+  for (const at::Tensor* t : {&cov, &kernels, &gamma})
+    TORCH_CHECK(t->scalar_type() == mean.scalar_type() && t->device().is_cpu(),
+                "repso_fold: every tensor must be a CPU tensor of mean's dtype");
+}
+
+}  // namespace fold
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fold_forward(const at::Tensor& mean,
+                                                                            const at::Tensor& cov,
+                                                                            const at::Tensor& kernels,
+                                                                            const at::Tensor& gamma,
+                                                                            const at::Tensor& beta,
+                                                                            const at::Tensor& eps) {
+  fold::check(mean, cov, kernels, gamma, eps);
+  TORCH_CHECK(beta.sizes() == gamma.sizes() && beta.scalar_type() == mean.scalar_type(),
+              "repso_fold: beta must be like gamma");
+  const int64_t C = mean.size(0), KK = mean.size(1), B = kernels.size(1);
+  const at::Tensor mu = mean.contiguous(), cv = cov.contiguous(), k = kernels.contiguous(), g = gamma.contiguous(),
+                   bt = beta.contiguous(), e = eps.to(at::kDouble).contiguous();
+  at::Tensor folded = at::empty({C, KK}, mean.options()), bias = at::empty({C}, mean.options());
+  at::Tensor bmean = at::empty({C, B}, mean.options()), bvar = at::empty({C, B}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "repso_fold_forward", [&] {
+    fold::forward<scalar_t>(mu.const_data_ptr<scalar_t>(), cv.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                            g.const_data_ptr<scalar_t>(), bt.const_data_ptr<scalar_t>(), e.const_data_ptr<double>(), C,
+                            B, KK, folded.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), bmean.data_ptr<scalar_t>(),
+                            bvar.data_ptr<scalar_t>());
+  });
+  return {folded, bias, bmean, bvar};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fold_backward(
+    const at::Tensor& grad_folded, const at::Tensor& grad_bias, const at::Tensor& mean, const at::Tensor& cov,
+    const at::Tensor& kernels, const at::Tensor& gamma, const at::Tensor& eps) {
+  fold::check(mean, cov, kernels, gamma, eps);
+  const int64_t C = mean.size(0), KK = mean.size(1), B = kernels.size(1);
+  const auto dt = mean.scalar_type();
+  const at::Tensor gF = grad_folded.to(dt).contiguous(), gb = grad_bias.to(dt).contiguous();
+  TORCH_CHECK(gF.sizes() == mean.sizes() && gb.numel() == C, "repso_fold_backward: gradient shapes");
+  const at::Tensor mu = mean.contiguous(), cv = cov.contiguous(), k = kernels.contiguous(), g = gamma.contiguous(),
+                   e = eps.to(at::kDouble).contiguous();
+  at::Tensor g_mean = at::empty_like(mu), g_cov = at::empty_like(cv), g_k = at::empty_like(k),
+             g_gamma = at::empty_like(g), g_beta = at::empty_like(g);
+  AT_DISPATCH_FLOATING_TYPES(dt, "repso_fold_backward", [&] {
+    fold::backward<scalar_t>(gF.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
+                             cv.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                             e.const_data_ptr<double>(), C, B, KK, g_mean.data_ptr<scalar_t>(),
+                             g_cov.data_ptr<scalar_t>(), g_k.data_ptr<scalar_t>(), g_gamma.data_ptr<scalar_t>(),
+                             g_beta.data_ptr<scalar_t>());
+  });
+  return {g_mean, g_cov, g_k, g_gamma, g_beta};
+}
+
 void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 4, "repso_moments: x must be a 4-D (N, C, H, W) tensor, got ", x.sizes());
   TORCH_CHECK(K >= 1 && K % 2 == 1, "repso_moments: K must be a positive odd integer, got ", K);
@@ -279,10 +784,22 @@ at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 
 std::tuple<at::Tensor, at::Tensor> repso_moments_forward(const at::Tensor& x_in, int64_t K) {
   check_x(x_in, K);
-  const at::Tensor x = x_in.contiguous();  // channel planes; a channels_last input is copied once
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = K * K;
-  auto opts = x.options().dtype(stat_type(x.scalar_type()));
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), KK = K * K;
+  auto opts = x_in.options().dtype(stat_type(x_in.scalar_type()));
   at::Tensor mean = at::empty({C, KK}, opts), cov = at::empty({C, KK, KK}, opts);
+  if (use_cl3(x_in, K)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "repso_moments_forward_cl3", [&] {
+      if (x_in.scalar_type() == at::kDouble) {
+        cl3::forward<scalar_t, double>(x_in.const_data_ptr<scalar_t>(), N, C, H, W, mean.data_ptr<double>(),
+                                       cov.data_ptr<double>());
+      } else {
+        cl3::forward<scalar_t, float>(x_in.const_data_ptr<scalar_t>(), N, C, H, W, mean.data_ptr<float>(),
+                                      cov.data_ptr<float>());
+      }
+    });
+    return {mean, cov};
+  }
+  const at::Tensor x = x_in.contiguous();  // channel planes; another channels_last input is copied once
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "repso_moments_forward", [&] {
     if (x.scalar_type() == at::kDouble) {
       moments_forward_kernel<scalar_t, double>(x.const_data_ptr<scalar_t>(), N, C, H, W, K,
@@ -298,15 +815,30 @@ std::tuple<at::Tensor, at::Tensor> repso_moments_forward(const at::Tensor& x_in,
 at::Tensor repso_moments_backward(const at::Tensor& grad_mean_in, const at::Tensor& grad_cov_in, const at::Tensor& x_in,
                                   const at::Tensor& mean_in, int64_t K) {
   check_x(x_in, K);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = K * K;
-  const auto st = stat_type(x.scalar_type());
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), KK = K * K;
+  const auto st = stat_type(x_in.scalar_type());
   TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({C, KK}), "repso_moments_backward: mean must have shape (", C, ", ",
               KK, "), got ", mean_in.sizes());
   TORCH_CHECK(grad_cov_in.sizes() == at::IntArrayRef({C, KK, KK}), "repso_moments_backward: grad_cov must have shape (",
               C, ", ", KK, ", ", KK, "), got ", grad_cov_in.sizes());
   const at::Tensor grad_mean = grad_mean_in.to(st).contiguous(), grad_cov = grad_cov_in.to(st).contiguous();
   const at::Tensor mean = mean_in.to(st).contiguous();
+  if (use_cl3(x_in, K)) {
+    at::Tensor grad_x = at::empty_like(x_in, at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "repso_moments_backward_cl3", [&] {
+      if (st == at::kDouble) {
+        cl3::backward<scalar_t, double>(grad_mean.const_data_ptr<double>(), grad_cov.const_data_ptr<double>(),
+                                        x_in.const_data_ptr<scalar_t>(), mean.const_data_ptr<double>(), N, C, H, W,
+                                        grad_x.data_ptr<scalar_t>());
+      } else {
+        cl3::backward<scalar_t, float>(grad_mean.const_data_ptr<float>(), grad_cov.const_data_ptr<float>(),
+                                       x_in.const_data_ptr<scalar_t>(), mean.const_data_ptr<float>(), N, C, H, W,
+                                       grad_x.data_ptr<scalar_t>());
+      }
+    });
+    return grad_x;
+  }
+  const at::Tensor x = x_in.contiguous();
   at::Tensor grad_x = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "repso_moments_backward", [&] {
     if (st == at::kDouble) {
@@ -336,9 +868,17 @@ TORCH_LIBRARY_FRAGMENT(FALCONNET_OPS_NAMESPACE, m) {
   m.def("repso_moments_forward(Tensor x, int K) -> (Tensor, Tensor)");
   // -> grad_x from the gradients of mean and cov
   m.def("repso_moments_backward(Tensor grad_mean, Tensor grad_cov, Tensor x, Tensor mean, int K) -> Tensor");
+  // RepSO's fold of B batch-statistics branches: -> folded (C, K*K), bias (C), branch means and biased variances (C, B)
+  m.def("repso_fold_forward(Tensor mean, Tensor cov, Tensor kernels, Tensor gamma, Tensor beta, Tensor eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> gradients of mean, cov, kernels, gamma, beta
+  m.def("repso_fold_backward(Tensor grad_folded, Tensor grad_bias, Tensor mean, Tensor cov, Tensor kernels,"
+        " Tensor gamma, Tensor eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(FALCONNET_OPS_NAMESPACE, CPU, m) {
   m.impl("repso_moments_forward", &repso_moments_forward);
   m.impl("repso_moments_backward", &repso_moments_backward);
+  m.impl("repso_fold_forward", &repso_fold_forward);
+  m.impl("repso_fold_backward", &repso_fold_backward);
 }

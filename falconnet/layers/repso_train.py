@@ -9,6 +9,7 @@ parameters, and through the moments op into x, so every gradient is that of the 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from falconnet_kernels.repso_moments import repso_moments, stats_dtype
+from falconnet_kernels.repso_moments import fold_cpp_available, repso_fold, repso_moments, stats_dtype
 
 
 def _window_size(weights: Sequence[Tensor]) -> int:
@@ -83,6 +84,114 @@ def _scale_shift(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tenso
     return scale, -mean * scale
 
 
+
+@functools.lru_cache(maxsize=64)
+def _embedding_matrix(shapes: tuple, K: int, with_identity: bool, dtype: torch.dtype, device: torch.device):
+    """(S, B*K*K) 0/1 matrix E and the (B*K*K,) identity row: for the branch weights flattened
+    and concatenated into W (C, S), W @ E + identity row = every branch kernel embedded in KxK,
+    side by side. One matmul replaces B pads and a stack (and their B backward ops)."""
+    B = len(shapes) + int(with_identity)
+    S = sum(kh * kw for kh, kw in shapes)
+    E = torch.zeros(S, B * K * K, dtype=dtype)
+    row = 0
+    for b, (kh, kw) in enumerate(shapes):
+        dh, dw = (K - kh) // 2, (K - kw) // 2
+        for i in range(kh):
+            for j in range(kw):
+                E[row, b * K * K + (i + dh) * K + (j + dw)] = 1
+                row += 1
+    identity = torch.zeros(B * K * K, dtype=dtype)
+    if with_identity:
+        identity[(B - 1) * K * K + (K * K) // 2] = 1
+    return E.to(device), identity.to(device)
+
+
+def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
+    """_bn_update_running for every BatchNorm at once (a few foreach ops instead of ~5 per BN);
+    mean and var are (C, B) batch statistics, column b for bns[b]."""
+    tracked = [b for b, bn in enumerate(bns) if bn.training and bn.track_running_stats]
+    counters = [bns[b].num_batches_tracked for b in tracked if bns[b].num_batches_tracked is not None]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    with_stats = [b for b in tracked if bns[b].running_mean is not None]
+    if not with_stats:
+        return
+    factors = []
+    for b in with_stats:
+        bn = bns[b]
+        if bn.momentum is None:  # cumulative moving average
+            factors.append(1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0)
+        else:
+            factors.append(float(bn.momentum))
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_means = [bns[b].running_mean for b in with_stats]
+        running_vars = [bns[b].running_var for b in with_stats]
+        new_means = [mean[:, b].to(bns[b].running_mean.dtype) for b in with_stats]
+        new_vars = [unbiased[:, b].to(bns[b].running_var.dtype) for b in with_stats]
+        keep = [1 - f for f in factors]
+        torch._foreach_mul_(running_means, keep)
+        torch._foreach_add_(running_means, torch._foreach_mul(new_means, factors))
+        torch._foreach_mul_(running_vars, keep)
+        torch._foreach_add_(running_vars, torch._foreach_mul(new_vars, factors))
+
+
+def _fold_batch_stats(
+    weights: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d], with_identity: bool, K: int, dtype,
+    mean_s: Tensor, cov_s: Tensor, count: int,
+) -> tuple[Tensor, Tensor]:
+    """The folded (C, K*K) kernel and (C,) bias when every BatchNorm uses batch statistics and is
+    affine, vectorized over the branches: ~20 tensor ops forward and as many backward, whatever the
+    branch count (each op on a (C, B)-sized tensor costs about as much as on a (C,) one, so at
+    small maps the per-branch loop's ~100 ops cost more than the moments kernels)."""
+    C, KK = mean_s.shape
+    E, identity = _embedding_matrix(tuple((w.shape[2], w.shape[3]) for w in weights), K, with_identity, dtype,
+                                    mean_s.device)
+    flat = torch.cat([w.reshape(C, -1) for w in weights], 1).to(dtype)  # (C, S)
+    kernels = torch.addmm(identity, flat, E).view(C, -1, KK)  # (C, B, K*K)
+    if fold_cpp_available(mean_s):
+        # the same math in one C++ pass forward and one backward
+        gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
+        beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
+        eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64)
+        folded, bias, mean, var = repso_fold(mean_s, cov_s, kernels, gamma, beta, eps)
+        _update_running_batched(bns, mean.detach(), var.detach(), count)
+        return folded, bias
+    # k.mean and cov k in one batched product: (C, B, K*K) @ (C, K*K, K*K + 1)
+    prod = torch.bmm(kernels, torch.cat([cov_s, mean_s.unsqueeze(-1)], -1))
+    mean = prod[..., KK]  # (C, B)
+    var = (prod[..., :KK] * kernels).sum(-1).clamp_min(0)  # clamp: see _branch_moments
+    _update_running_batched(bns, mean.detach(), var.detach(), count)
+    gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
+    beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
+    eps = [bn.eps for bn in bns]
+    eps = eps[0] if len(set(eps)) == 1 else torch.tensor(eps, dtype=dtype, device=mean_s.device)
+    scale = gamma * torch.rsqrt(var + eps)
+    shift = beta - mean * scale
+    folded = torch.bmm(scale.unsqueeze(1), kernels).view(C, KK)
+    return folded, shift.sum(1)
+
+
+
+def _fold_per_branch(kernels, bns, batch, dtype, count, mean_s, cov_s) -> tuple[Tensor, Tensor]:
+    """The fold branch by branch: any mix of batch-statistics and running-statistics (eval-mode)
+    BatchNorms, affine or not."""
+    stacked = torch.stack(kernels)  # (B, C, K*K)
+    if mean_s is not None:
+        means, variances = _branch_moments(stacked, mean_s, cov_s)  # (B, C) each
+    scales, shifts = [], []
+    for b, bn in enumerate(bns):
+        if batch[b]:
+            mean, var = means[b], variances[b]
+            _bn_update_running(bn, mean.detach(), var.detach(), count)
+            scale, shift = _scale_shift(bn, mean, var, dtype)
+        else:
+            scale, shift = _scale_shift(bn, None, None, dtype)
+        scales.append(scale)
+        shifts.append(shift)
+    folded = (torch.stack(scales).unsqueeze(-1) * stacked).sum(0)
+    return folded, torch.stack(shifts).sum(0)
+
 def _use_fused_dw_conv(x: Tensor, K: int, conv: str) -> bool:
     """Whether the one conv runs on falconnet_kernels.dw_conv3x3 (3x3 only) or on F.conv2d.
 
@@ -122,13 +231,7 @@ def repso_train_forward(
             raise ValueError(f"weights[{i}] must have {C} output channels (depthwise over x), got {tuple(w.shape)}")
     K = _window_size(weights)
     dtype = stats_dtype(x.dtype)
-    kernels = [_embed(w.to(dtype), K) for w in weights]
-    all_bns = list(bns)
-    if identity_bn is not None:
-        centre = torch.zeros(C, K * K, dtype=dtype, device=x.device)
-        centre[:, (K * K) // 2] = 1
-        kernels.append(centre)
-        all_bns.append(identity_bn)
+    all_bns = list(bns) + ([identity_bn] if identity_bn is not None else [])
 
     count = N * H * W
     batch = [_uses_batch_stats(bn) for bn in all_bns]
@@ -137,22 +240,17 @@ def repso_train_forward(
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         mean_s, cov_s = repso_moments(x, K)  # (C, K*K), (C, K*K, K*K)
 
-    # All branches at once: (B, C, K*K) kernels.
-    stacked = torch.stack(kernels)
-    if any(batch):
-        means, variances = _branch_moments(stacked, mean_s, cov_s)  # (B, C) each
-    scales, shifts = [], []
-    for b, bn in enumerate(all_bns):
-        if batch[b]:
-            mean, var = means[b], variances[b]
-            _bn_update_running(bn, mean.detach(), var.detach(), count)
-            scale, shift = _scale_shift(bn, mean, var, dtype)
-        else:
-            scale, shift = _scale_shift(bn, None, None, dtype)
-        scales.append(scale)
-        shifts.append(shift)
-    folded = (torch.stack(scales).unsqueeze(-1) * stacked).sum(0)
-    bias = torch.stack(shifts).sum(0)
+    if any(batch) and all(batch) and all(bn.affine for bn in all_bns):
+        # the training case: every branch folded at once
+        folded, bias = _fold_batch_stats(weights, all_bns, identity_bn is not None, K, dtype, mean_s, cov_s, count)
+    else:
+        kernels = [_embed(w.to(dtype), K) for w in weights]
+        if identity_bn is not None:
+            centre = torch.zeros(C, K * K, dtype=dtype, device=x.device)
+            centre[:, (K * K) // 2] = 1
+            kernels.append(centre)
+        folded, bias = _fold_per_branch(kernels, all_bns, batch, dtype, count, mean_s if any(batch) else None,
+                                        cov_s if any(batch) else None)
 
     weight = folded.view(C, 1, K, K).to(x.dtype)
     bias = bias.to(x.dtype)
