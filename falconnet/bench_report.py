@@ -1,6 +1,6 @@
 """`falconnet bench`: read a pytest-benchmark JSON of benchmarks/, print the table, write a chart.
 
-Every row: median time, achieved GB/s (the op's minimum bytes over the median), that as a share of
+Every row: median and minimum time, achieved GB/s (the op's minimum bytes over the median), that as a share of
 the plain copy measured in the same run, and the speedup over the baseline measured in the same
 run (dense 1x1 conv for sf_conv, PyTorch's depthwise conv for dw_conv3x3).
 """
@@ -38,6 +38,7 @@ def load_rows(path: str) -> tuple[list[dict], dict]:
         if "op" not in info:
             continue
         info["median_s"] = b["stats"]["median"]
+        info["min_s"] = b["stats"]["min"]
         info["gbps"] = info["bytes_min"] / info["median_s"] / 1e9 if info.get("bytes_min") else None
         rows.append(info)
     return rows, data.get("machine_info", {})
@@ -80,13 +81,15 @@ def render(analysis: dict, machine: dict) -> str:
     for key in sorted(analysis["tables"], key=str):
         op, pas, device, layout = key
         lines += ["", f"## {op} {pas} on {device}, {layout}", "",
-                  "| shape | impl | median us | GB/s | % copy | speedup vs " + BASELINE[op] + " |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| shape | impl | median us | min us | GB/s | % copy | speedup vs " + BASELINE[op] + " |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for r in sorted(analysis["tables"][key], key=lambda r: (_shape_key(r["shape"]), r["impl"])):
             share = f"{100 * r['copy_share']:.0f}" if r["copy_share"] else "-"
             speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
             gbps = f"{r['gbps']:.0f}" if r["gbps"] else "-"
-            lines.append(f"| {r['shape']} | {r['impl']} | {1e6 * r['median_s']:.1f} | {gbps} | {share} | {speed} |")
+            lines.append(
+                f"| {r['shape']} | {r['impl']} | {1e6 * r['median_s']:.1f} | {1e6 * r['min_s']:.1f} | {gbps} | {share} | {speed} |"
+            )
         gm = analysis["geomeans"][key]
         lines.append("")
         lines.append("geomean speedup: " + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(gm.items())))
