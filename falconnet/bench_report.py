@@ -13,7 +13,13 @@ import sys
 import tempfile
 from collections import defaultdict
 
-BASELINE = {"sf_conv": "dense", "dw_conv3x3": "torch-dw", "model": "resnet18"}
+BASELINE = {
+    "sf_conv": "dense",
+    "dw_conv3x3": "torch-dw",
+    "model": "resnet18",
+    "repso_train": "seven-branch",
+    "falconnet_train_step": "seven-branch",
+}
 
 
 def add_arguments(parser) -> None:
@@ -37,6 +43,11 @@ def load_rows(path: str) -> tuple[list[dict], dict]:
         info = dict(b.get("extra_info") or {})
         if "op" not in info:
             continue
+        info.setdefault("pass", "step")
+        info.setdefault("shape", "-")
+        info.setdefault("layout", None)
+        if "cpu_threads" in info:  # the same case timed at several thread counts
+            info["layout"] = f"{info['layout'] or ''} {info['cpu_threads']} thread(s)".strip()
         info["median_s"] = b["stats"]["median"]
         info["min_s"] = b["stats"]["min"]
         info["gbps"] = info["bytes_min"] / info["median_s"] / 1e9 if info.get("bytes_min") else None
@@ -54,7 +65,7 @@ def analyse(rows: list[dict]) -> dict:
             keyed[(r["op"], r["pass"], r["device"], r.get("layout"), r["shape"])][r["impl"]] = r
     tables = defaultdict(list)
     for (op, pas, device, layout, shape), impls in keyed.items():
-        base = impls.get(BASELINE[op])
+        base = impls.get(BASELINE.get(op))
         for impl, r in sorted(impls.items()):
             r = dict(r)
             r["speedup"] = base["median_s"] / r["median_s"] if base else None
@@ -80,8 +91,8 @@ def render(analysis: dict, machine: dict) -> str:
         lines.append(f"plain copy (roofline, same run): {analysis['copy_gbps']:.0f} GB/s")
     for key in sorted(analysis["tables"], key=str):
         op, pas, device, layout = key
-        lines += ["", f"## {op} {pas} on {device}, {layout}", "",
-                  "| shape | impl | median us | min us | GB/s | % copy | speedup vs " + BASELINE[op] + " |",
+        lines += ["", f"## {op} {pas} on {device}" + (f", {layout}" if layout else ""), "",
+                  f"| shape | impl | median us | min us | GB/s | % copy | speedup vs {BASELINE.get(op)} |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in sorted(analysis["tables"][key], key=lambda r: (_shape_key(r["shape"]), r["impl"])):
             share = f"{100 * r['copy_share']:.0f}" if r["copy_share"] else "-"
@@ -97,8 +108,10 @@ def render(analysis: dict, machine: dict) -> str:
 
 
 def _shape_key(shape: str):
-    head = shape.split("@")[0].split("->")
-    return tuple(int(v) for v in head) + (int(shape.split("@")[1]),)
+    """Sort '32->128@56', '128@56' and free-form shapes: numbers first, in order."""
+    import re
+
+    return tuple(int(v) for v in re.findall(r"\d+", shape)) or (0,)
 
 
 def write_png(analysis: dict, path: str) -> None:
