@@ -118,32 +118,26 @@ def test_repso_train(benchmark, device, impl, shape, threads):
 
 
 # A whole training step (forward, cross-entropy, backward) of the registry's FalconNet, with
-# RepSO's training forward as the seven-branch sum or as the one conv (the wiring the layer's
-# flag selects). GPU: bf16 channels_last, batch 128 at 224; CPU: float32 batch 16 at 64x64.
+# RepSO's training forward as the seven-branch sum or as the one conv (RepSO.one_conv_training).
+# channels_last; GPU: bf16, batch 128 at 224; CPU: float32, batch 16 at 64x64.
 MODEL_STEP = {"cuda": (128, 224), "cpu": (16, 64)}
 
 
 @pytest.mark.benchmark(group="falconnet_train_step", timer=cuda_sync_timer)
 @pytest.mark.parametrize("impl", ["seven-branch", "one-conv"])
-def test_falconnet_train_step(benchmark, device, impl, monkeypatch):
+def test_falconnet_train_step(benchmark, device, impl):
     from falconnet.models import create_model
 
-    if impl == "one-conv":
-        def train_forward(self, x):
-            if self.stride != 1 or self.is_identity:
-                return RepSO._seven_branch_forward(self, x)
-            return one_conv(self, x)
-
-        monkeypatch.setattr(RepSO, "_seven_branch_forward", RepSO._train_forward, raising=False)
-        monkeypatch.setattr(RepSO, "_train_forward", train_forward)
     N, size = MODEL_STEP[device]
     dtype = DTYPE[device]
     torch.manual_seed(0)
     model = create_model("falconnet", num_classes=100).to(device=device, dtype=dtype).train()
-    x = torch.randn(N, 3, size, size, dtype=dtype).to(device)
-    if device == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    for module in model.modules():
+        if isinstance(module, RepSO):  # the layer's own flag, as training uses it
+            module.one_conv_training = impl == "one-conv"
+    # channels_last on both devices, as `falconnet train` runs by default
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(N, 3, size, size, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 100, (N,)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
 
