@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on a GPU machine in one go (about 6-8 minutes on an H100/H200).
-# Results go to $OUT (default ./gpu_results): build.log, tests.log, bench_gpu.json, bench_gpu.md,
-# bench_gpu.png, env.txt. Commit the JSON/Markdown/PNG under benchmarks/results/.
+# Results go to $OUT (default ./gpu_results): bench_<group>.json per benchmark group, bench_gpu.md,
+# bench_gpu.png and logs.tgz (env, build, tests, benchmark logs) - 8 files, the device tool's limit.
+# Commit them under benchmarks/results/<date>-<gpu>/ with a NOTES.md.
 #   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: tests only, no benchmarks)
 #   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s).
 set -u
@@ -20,12 +21,23 @@ fi
 stamp "built"; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
 
 stamp "tests (CUDA and Triton on the GPU)"
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -rf --timeout=120 -p no:cacheprovider tests/ -m "cuda or triton" \
-  > "$OUT/tests.log" 2>&1
-echo "tests exit code: $?" >> "$OUT/tests.log"
-grep -E "^(FAILED|ERROR)|Fatal Python error|passed|failed|exit code" "$OUT/tests.log" | tail -40
-grep -B2 -A12 "Fatal Python error" "$OUT/tests.log" | head -40
-if [ "${1:-}" = "--quick" ]; then tar czf "$OUT/logs.tgz" -C "$OUT" build.log tests.log env.txt; exit 0; fi
+# One pytest process per file, verbose: a crash (the 2026-11-26 run died with SIGSEGV) then costs
+# only its file, and the last test name in the log is the one that crashed.
+for f in tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py tests/test_model_compile.py; do
+  stamp "tests: $f"
+  timeout ${TEST_TIMEOUT:-120} $PY -m pytest -v -rf --timeout=100 -p no:cacheprovider "$f" -m "cuda or triton" \
+    > "$OUT/tests_$(basename $f .py).log" 2>&1
+  code=$?
+  echo "exit code: $code" >> "$OUT/tests_$(basename $f .py).log"
+  grep -E "^(FAILED|ERROR)|passed|failed|no tests ran" "$OUT/tests_$(basename $f .py).log" | tail -12
+  if grep -q "Fatal Python error" "$OUT/tests_$(basename $f .py).log"; then
+    echo "CRASH in $f after:"; grep -E "PASSED|FAILED|SKIPPED" "$OUT/tests_$(basename $f .py).log" | tail -2
+    grep -A14 "Fatal Python error" "$OUT/tests_$(basename $f .py).log" | head -16
+  fi
+done
+if [ "${1:-}" = "--quick" ]; then
+  tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log env.txt) && (cd "$OUT" && rm -f *.log env.txt); exit 0
+fi
 
 stamp "benchmarks"
 # One pytest run per group, each with its own JSON, so a stage cut off by its timeout loses only itself.
