@@ -42,8 +42,47 @@
 //   varies, so results can differ run to run in the last bits).
 //
 // Measured (scripts/cpu_kernel_timing.py, float32, batch 16, 2 threads, shared machine; see the
-// final report of issue 3 for the table): forward geomean ~2x dense in both layouts; 128 -> 32 at
-// 56x56 in channels_last stays at ~0.8-0.95x (input transpose + a read-bound 25.7 MB input).
+// final report of issue 3 for the table): forward geomean ~2x dense in both layouts.
+//
+// Issue 3's channels_last floor (>= 1.2x dense at every shape), 2026-11-26 03:20-03:36 UTC, 2-core
+// AMD EPYC (oneDNN's 128 -> 32 time implies ~7 zmm FMA/ns/core), load average ~0.9, no other job
+// of ours running. The host is noisy: the same binary moves +-10-15% between runs, so only
+// interleaved same-run comparisons are quoted.
+// * 128 -> 32 @ 56 (k = c_h = 4, G = 32, m = 8): fused 0.91-1.20 ms, dense oneDNN 0.90-1.10 ms
+//   (ratio 0.92-1.09x over ~15 interleaved runs). NOT met. Where the time goes (scratch copy with
+//   parts switched off, 2 threads): input loads + 16x16 transposes alone 0.27-0.30 ms, + stage 1
+//   0.56-0.62 ms, + stage 2 + output transpose/stores 0.98-1.08 ms. perf at 1 thread: the tile
+//   loop body (transposing loads, output transpose, streaming stores) 17% of samples, stage-1
+//   kernel 8.7%, stage-2 kernel 7.1%; the hottest instructions are the transposing input loads.
+//   The NCHW path (no transposes) ran 1.27 ms in the same run as channels_last's 1.18 ms
+//   (03:35, this commit's kernel), so the channels_last transposes are not what separates the
+//   fused op from dense here; the shortfall is the two stages themselves (dense channels_last
+//   is oneDNN's native layout: 0.99 ms there vs 2.65 ms for NCHW dense).
+//   Arithmetic: per pixel 96 zmm FMAs (stage 1: C_in*c_h/16 = 32; stage 2: C_out*G/16 = 64)
+//   against dense's 256; at dense's 7.1 FMA/ns/core that is 0.34 ms, so the stages run at ~1/3
+//   of FMA peak: with k = 4 each accumulator gets 4 FMAs between its zeroing and its store, and
+//   each FMA pair needs a broadcast (stage 1: 2 loads + 4 broadcasts per 8 FMAs; stage 2: 1
+//   broadcast per 2 FMAs at m = 8 rows x 32 pixels). Bytes: 32 MB per call is 0.71 ms at the
+//   45 GB/s a DRAM-sized copy reaches, but the 25.7 MB input is partly L3-resident between
+//   benchmark rounds (a 16 MiB copy runs at 136 GB/s in L3), so the byte floor is not what
+//   binds. 1.2x needs <= 0.75-0.92 ms (dense / 1.2), i.e. the stages ~20-25% faster in both
+//   layouts, not a cheaper transpose.
+//   Tried, correct (float64-checked), no gain beyond the noise: stage 1 straight from
+//   channels_last rows for k = c_h = 4 (in-lane 4x4 transposes, per-lane weight vectors, no
+//   broadcasts, no x tile round trip: 1.08-1.18 vs 1.08-1.21 ms); half the input transpose done
+//   by 128-bit insert loads; prefetchnta instead of prefetcht1; prefetch 2 tiles ahead or none;
+//   no streaming stores; stage 1 with K = 4 known at compile time; T = 64 pixels (slower:
+//   1.36 vs 1.20 ms). None was kept.
+// * 64 -> 256 @ 28 (k = c_h = 16, G = 4, m = 16; lanes over output channels, no output
+//   transpose): interleaved with dense the fused op takes 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
+//   pytest-benchmark's back-to-back rounds give 0.74-0.79 vs 0.87-0.90 ms (1.11-1.21x). The
+//   kernel is the same in both; what differs is the state of the output buffer and caches. The
+//   op footprint (16.06 MB) is just under the streaming-store threshold (half of 32 MiB), so the
+//   12.8 MB output goes through the cache (write-allocate). Back-to-back calls measured 0.60-0.74
+//   ms, some of them with ~470 minor page faults per call (getrusage), 0 for oneDNN. Cause not
+//   pinned down in the time; streaming the output (threshold lowered to 8 MiB) was inconclusive
+//   within the noise of that run. Next step: time back-to-back with the output preallocated
+//   (an out= variant) and with streaming forced, on a quiet host.
 #include "cpu/common.h"
 
 #include <torch/library.h>
