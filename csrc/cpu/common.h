@@ -278,14 +278,21 @@ inline void prefetch_tile(const S* src, const PixelView& v, int64_t p0, int coun
 
 // Streaming (non-temporal) stores skip the read-for-ownership of each output line, which saves a
 // third of the DRAM traffic of a large output; but they also keep the output out of the cache,
-// so they only pay when the op's footprint (input + output) exceeds about half the last-level
-// cache and the output would be evicted before the next layer reads it anyway. 32 MiB is the L3
-// of the 2-core AMD dev machine and of a Zen CCX (sysconf reports the host's total in a VM, so
-// it is not asked). Measured there, 1 thread, batch 16, 56x56: 32->128 channels_last 0.94 ms
-// streaming vs 2.9 ms with plain stores, 128->32 NCHW 1.9 vs 2.8 ms.
+// so they only pay when the op's footprint (input + output) is a sizeable part of the last-level
+// cache and the output would likely be evicted (or come from fresh, cold pages) anyway. 32 MiB
+// is the L3 of the 2-core AMD dev machine and of a Zen CCX (sysconf reports the host's total in
+// a VM, so it is not asked). Measured there, 1 thread, batch 16, 56x56: 32->128 channels_last
+// 0.94 ms streaming vs 2.9 ms with plain stores, 128->32 NCHW 1.9 vs 2.8 ms.
+// The threshold is a quarter of the L3 (was a half): at 64->256@28, batch 16 (footprint 16.06
+// MB, output 12.8 MB), plain stores made the op bimodal, 0.24 ms when the output buffer was
+// still cache-hot from the previous call but 0.47-0.84 ms when it was not (new pages: ~470 minor
+// faults per call), and the latter is what pytest-benchmark's back-to-back rounds saw (1.04x
+// dense). Streaming gives 0.38-0.46 ms in every state (1.8-2.1x dense, 2026-11-26, 2 threads);
+// 256->64@28 is unchanged (0.45-0.52 ms) and whole-model FalconNet inference (batch 8) showed no
+// change beyond the noise (median 51-57 vs 55-65 ms). Shapes at 14x14 and below stay under it.
 constexpr int64_t kLastLevelCacheBytes = int64_t{32} << 20;
 
-inline bool use_streaming_stores(int64_t footprint_bytes) { return footprint_bytes > kLastLevelCacheBytes / 2; }
+inline bool use_streaming_stores(int64_t footprint_bytes) { return footprint_bytes > kLastLevelCacheBytes / 4; }
 
 // Runs worker(grab) on each of the intra-op threads; grab(begin, end) hands out the next chunk of
 // [0, n) (false when none is left). Chunks are taken dynamically rather than split statically as

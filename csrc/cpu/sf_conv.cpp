@@ -33,7 +33,7 @@
 //   which costs 1 broadcast per FMA but saves the transpose that dominates when each output
 //   value takes only G MACs. With more groups the pixel-lane kernel + transpose measured faster.
 // * The epilogue (bias, activation, residual) is applied in stage 2's registers before the
-//   single store. Outputs whose op footprint exceeds half the L3 go out as streaming stores.
+//   single store. Outputs whose op footprint exceeds a quarter of the L3 go out as streaming stores.
 //   The next tile's input is prefetched while the current one computes.
 // * Backward recomputes the hidden tile (and z when the activation needs its mask) instead of
 //   storing it. grad_w1 / grad_w2 / grad_bias are reductions over pixels: each thread keeps them
@@ -74,15 +74,16 @@
 //   no streaming stores; stage 1 with K = 4 known at compile time; T = 64 pixels (slower:
 //   1.36 vs 1.20 ms). None was kept.
 // * 64 -> 256 @ 28 (k = c_h = 16, G = 4, m = 16; lanes over output channels, no output
-//   transpose): interleaved with dense the fused op takes 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
-//   pytest-benchmark's back-to-back rounds give 0.74-0.79 vs 0.87-0.90 ms (1.11-1.21x). The
-//   kernel is the same in both; what differs is the state of the output buffer and caches. The
-//   op footprint (16.06 MB) is just under the streaming-store threshold (half of 32 MiB), so the
-//   12.8 MB output goes through the cache (write-allocate). Back-to-back calls measured 0.60-0.74
-//   ms, some of them with ~470 minor page faults per call (getrusage), 0 for oneDNN. Cause not
-//   pinned down in the time; streaming the output (threshold lowered to 8 MiB) was inconclusive
-//   within the noise of that run. Next step: time back-to-back with the output preallocated
-//   (an out= variant) and with streaming forced, on a quiet host.
+//   transpose): interleaved with dense the fused op took 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
+//   pytest-benchmark's back-to-back rounds gave 0.74-0.84 vs 0.86-0.90 ms (1.04-1.21x). Same
+//   kernel; the difference was the output buffer: the op footprint (16.06 MB) sat just under the
+//   old streaming-store threshold (half of 32 MiB), so the 12.8 MB output went through the cache,
+//   fast (0.24 ms) when the buffer was still cache-hot from the previous call and 0.47-0.84 ms
+//   when it came from new pages (~470 minor page faults per call, getrusage). With the threshold
+//   at a quarter of the L3 (common.h) the output streams: 0.38-0.46 ms in every state. Same-run
+//   pytest-benchmark medians, before -> after (2 runs): 64->256@28 channels_last 0.838 ms (1.04x)
+//   -> 0.435 / 0.462 ms (2.11x / 1.78x); NCHW 0.604 (2.28x) -> 0.390 / 0.381 ms (4.2x / 4.0x);
+//   256->64@28 unchanged within noise. MET at 64->256; 128->32@56 (already streaming) unchanged.
 #include "cpu/common.h"
 
 #include <torch/library.h>
