@@ -470,43 +470,113 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
   });
 }
 
+// The backward computes in acc_t: double for float64 x, float for float32 and bf16 x (16 lanes per
+// AVX-512 register instead of 8, half the instructions; see backward()). One 64-byte vector holds
+// kLanes<acc_t> channels; a block of 16 channels is kCB / kLanes such "parts".
+template <typename A>
+struct Simd {
+  typedef A V __attribute__((vector_size(64)));
+  static constexpr int64_t kLanes = 64 / sizeof(A);
+  static V load(const A* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  // rounded to the output dtype
+  template <typename scalar_t>
+  static void store_out(scalar_t* out, V v) {
+    if constexpr (std::is_same_v<scalar_t, A>) {
+      std::memcpy(out, &v, sizeof(V));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      typedef float F __attribute__((vector_size(kLanes * sizeof(float))));
+      const F f = __builtin_convertvector(v, F);
+      std::memcpy(out, &f, sizeof(F));
+    } else {
+      A tmp[kLanes];
+      std::memcpy(tmp, &v, sizeof(V));
+      for (int64_t c = 0; c < kLanes; ++c) out[c] = static_cast<scalar_t>(tmp[c]);
+    }
+  }
+};
+
+// kLanes values of x converted to A
+template <typename A, typename scalar_t>
+inline typename Simd<A>::V load_as(const scalar_t* in) {
+  using S = Simd<A>;
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    return S::load(in);
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    typedef float F __attribute__((vector_size(S::kLanes * sizeof(float))));
+    F f;
+    std::memcpy(&f, in, sizeof(F));
+    return __builtin_convertvector(f, typename S::V);
+  } else {
+    A tmp[S::kLanes];
+    for (int64_t c = 0; c < S::kLanes; ++c) tmp[c] = static_cast<A>(in[c]);
+    return S::load(tmp);
+  }
+}
+
+// The padded plane of w = x - a for the backward, in acc_t, as kCB / kLanes parts with the layout
+// of fill_plane (guards zero from the allocation).
+template <typename A, typename scalar_t>
+void fill_plane_as(const scalar_t* x, int64_t C, int64_t H, int64_t W, const A* a, A* plane, int64_t part_stride) {
+  using S = Simd<A>;
+  constexpr int64_t L = S::kLanes, n_parts = kCB / L;
+  const int64_t Wp = W + 2, Wc = Wp + 4, Hp = H + 2;
+  typename S::V shift[n_parts];
+  for (int64_t h = 0; h < n_parts; ++h) shift[h] = S::load(a + h * L);
+  auto store = [](A* p, typename S::V v) { std::memcpy(p, &v, sizeof(v)); };
+  for (int64_t r = 0; r < Hp; ++r) {
+    A* row = plane + (r * Wc + 2) * L;
+    if (r == 0 || r == Hp - 1) {
+      for (int64_t t = 0; t < Wp; ++t)
+        for (int64_t h = 0; h < n_parts; ++h) store(row + t * L + h * part_stride, -shift[h]);
+      continue;
+    }
+    for (int64_t h = 0; h < n_parts; ++h) {
+      store(row + h * part_stride, -shift[h]);
+      store(row + (Wp - 1) * L + h * part_stride, -shift[h]);
+    }
+    const scalar_t* in = x + (r - 1) * W * C;
+    for (int64_t t = 1; t < Wp - 1; ++t, in += C)
+      for (int64_t h = 0; h < n_parts; ++h) store(row + t * L + h * part_stride, load_as<A>(in + h * L) - shift[h]);
+  }
+}
+
 // grad_x(v) = 1/M [ cst_k + sum_taps st_k[tap] w(v + tap) ] for the class k of v (see
-// moments_backward_kernel), with per-channel stencils as [25][16] vectors.
-// Four adjacent positions of one half block over the tap rectangle [di0, di1] x [dj0, dj1]
-// (st: the stencil of that half, [25][16]): each tap's weight load feeds four products.
-__attribute__((always_inline)) inline void stencil_quad(const double* u, int64_t row_stride, const double* st, int di0,
-                                                        int di1, int dj0, int dj1, Vec8 acc[4]) {
-  Vec8 s0 = acc[0], s1 = acc[1], s2 = acc[2], s3 = acc[3];
+// moments_backward_kernel), with per-channel stencils as [25][16] values.
+// Four adjacent positions of one part over the tap rectangle [di0, di1] x [dj0, dj1]
+// (st: the stencil of that part, [25][16]): each tap's weight load feeds four products.
+template <typename A>
+__attribute__((always_inline)) inline void stencil_quad(const A* u, int64_t row_stride, const A* st, int di0, int di1,
+                                                        int dj0, int dj1, typename Simd<A>::V acc[4]) {
+  using S = Simd<A>;
+  constexpr int64_t L = S::kLanes;
+  typename S::V s0 = acc[0], s1 = acc[1], s2 = acc[2], s3 = acc[3];
   for (int di = di0; di <= di1; ++di)
     for (int dj = dj0; dj <= dj1; ++dj) {
-      const double* src = u + di * row_stride + dj * kV;
-      const Vec8 w = load8(st + ((di + 2) * 5 + dj + 2) * kCB);
-      s0 += w * load8(src);
-      s1 += w * load8(src + kV);
-      s2 += w * load8(src + 2 * kV);
-      s3 += w * load8(src + 3 * kV);
+      const A* src = u + di * row_stride + dj * L;
+      const typename S::V w = S::load(st + ((di + 2) * 5 + dj + 2) * kCB);
+      s0 += w * S::load(src);
+      s1 += w * S::load(src + L);
+      s2 += w * S::load(src + 2 * L);
+      s3 += w * S::load(src + 3 * L);
     }
   acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
 }
 
-// 8 channels of one position, rounded to the output dtype
-template <typename scalar_t>
-inline void store8_out(scalar_t* out, Vec8 v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const Vec8f f = __builtin_convertvector(v, Vec8f);
-    std::memcpy(out, &f, sizeof(Vec8f));
-  } else {
-    double tmp[kV];
-    store8(tmp, v);
-    for (int64_t c = 0; c < kV; ++c) out[c] = static_cast<scalar_t>(tmp[c]);
-  }
-}
-
-template <typename scalar_t, typename stat_t>
-void backward(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x, const stat_t* mean, int64_t N,
-              int64_t C, int64_t H, int64_t W, scalar_t* grad_x) {
-  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * kV, half_stride = (Hp + 2) * row_stride;
-  const double inv_M = 1.0 / static_cast<double>(N * H * W);
+// Precision of the float path (float32 and bf16 x): grad_x is a sum of 26 centred terms (the
+// constant and 25 taps), each rounded once in float; the error is a few float32 ulps of the largest
+// term, as in PyTorch's own float32 BatchNorm backward (which sums in float32 too). The stencils
+// and constants are formed in double and rounded once. float64 x keeps double throughout.
+template <typename scalar_t, typename stat_t, typename A>
+void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x, const stat_t* mean, int64_t N,
+                 int64_t C, int64_t H, int64_t W, scalar_t* grad_x) {
+  using S = Simd<A>;
+  constexpr int64_t L = S::kLanes;
+  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
+  const A inv_M = static_cast<A>(1.0 / static_cast<double>(N * H * W));
   // valid offsets along an axis of length n at index i: [max(0, i + 1 - (n-1)), min(2, i + 1)];
   // runs of equal range
   auto classes = [](int64_t n, std::vector<std::array<int64_t, 4>>& cls) {  // (lo, hi, i0, i1)
@@ -524,14 +594,18 @@ void backward(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x
   // (columns alike): a rectangle of taps, so the loops need no tap lists (whose index loads cost
   // as much as the products at small maps).
   at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
-    Aligned plane_buf(2 * half_stride), stencil_buf(n_k * 25 * kCB), cls_cst_buf(n_k * kCB);
-    double* const plane = plane_buf.data;
-    double* const stencil = stencil_buf.data;
-    double* const cls_cst = cls_cst_buf.data;
-    std::vector<double> G(81 * kCB), cst(9 * kCB), a(kCB);
+    // byte sizes in doubles: the Aligned buffers are double arrays, 64-byte aligned
+    const int64_t per_double = sizeof(double) / sizeof(A);
+    Aligned plane_buf((kCB / L) * part_stride / per_double + 1), stencil_buf(n_k * 25 * kCB / per_double + 1),
+        cls_cst_buf(n_k * kCB / per_double + 1);
+    A* const plane = reinterpret_cast<A*>(plane_buf.data);
+    A* const stencil = reinterpret_cast<A*>(stencil_buf.data);
+    A* const cls_cst = reinterpret_cast<A*>(cls_cst_buf.data);
+    std::vector<double> G(81 * kCB), cst(9 * kCB), st_d(n_k * 25 * kCB), cc_d(n_k * kCB);
+    std::vector<A> a(kCB);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCB;
-      for (int64_t c = 0; c < kCB; ++c) a[c] = static_cast<double>(mean[(c0 + c) * 9 + 4]);
+      for (int64_t c = 0; c < kCB; ++c) a[c] = static_cast<A>(mean[(c0 + c) * 9 + 4]);
       for (int64_t p = 0; p < 9; ++p)
         for (int64_t q = 0; q < 9; ++q)
           for (int64_t c = 0; c < kCB; ++c)
@@ -541,64 +615,74 @@ void backward(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x
         for (int64_t c = 0; c < kCB; ++c) {
           double t = static_cast<double>(grad_mean[(c0 + c) * 9 + p]);
           for (int64_t q = 0; q < 9; ++q)
-            t -= G[(p * 9 + q) * kCB + c] * (static_cast<double>(mean[(c0 + c) * 9 + q]) - a[c]);
+            t -= G[(p * 9 + q) * kCB + c] * (static_cast<double>(mean[(c0 + c) * 9 + q]) - static_cast<double>(a[c]));
           cst[p * kCB + c] = t;
         }
-      std::fill(stencil, stencil + n_k * 25 * kCB, 0.0);
-      std::fill(cls_cst, cls_cst + n_k * kCB, 0.0);
+      std::fill(st_d.begin(), st_d.end(), 0.0);
+      std::fill(cc_d.begin(), cc_d.end(), 0.0);
       for (int64_t rc = 0; rc < n_rc; ++rc)
         for (int64_t cc = 0; cc < n_cc; ++cc) {
           const int64_t k = rc * n_cc + cc;
           for (int64_t pi = rcls[rc][0]; pi <= rcls[rc][1]; ++pi)
             for (int64_t pj = ccls[cc][0]; pj <= ccls[cc][1]; ++pj) {
               const int64_t p = pi * 3 + pj;
-              for (int64_t c = 0; c < kCB; ++c) cls_cst[k * kCB + c] += cst[p * kCB + c];
+              for (int64_t c = 0; c < kCB; ++c) cc_d[k * kCB + c] += cst[p * kCB + c];
               for (int64_t q = 0; q < 9; ++q) {
-                double* st = stencil + (k * 25 + (q / 3 - pi + 2) * 5 + (q % 3 - pj + 2)) * kCB;
+                double* st = st_d.data() + (k * 25 + (q / 3 - pi + 2) * 5 + (q % 3 - pj + 2)) * kCB;
                 const double* g = G.data() + (p * 9 + q) * kCB;
                 for (int64_t c = 0; c < kCB; ++c) st[c] += g[c];
               }
             }
         }
+      // rounded once to the compute type
+      for (int64_t i = 0; i < n_k * 25 * kCB; ++i) stencil[i] = static_cast<A>(st_d[i]);
+      for (int64_t i = 0; i < n_k * kCB; ++i) cls_cst[i] = static_cast<A>(cc_d[i]);
       for (int64_t n = 0; n < N; ++n) {
-        fill_plane(x + n * H * W * C + c0, C, H, W, a.data(), plane, half_stride);
-        // one half plane at a time: its five stencil rows stay in L1
-        for (int64_t h = 0; h < kCB; h += kV)
+        fill_plane_as<A>(x + n * H * W * C + c0, C, H, W, a.data(), plane, part_stride);
+        // one part at a time: its five stencil rows stay in L1
+        for (int64_t h = 0; h < kCB; h += L)
           for (int64_t rc = 0; rc < n_rc; ++rc)
             for (int64_t i = rcls[rc][2]; i < rcls[rc][3]; ++i) {
               // w at image (i, 0) in the plane: padded (i + 1, 1)
-              const double* centre = plane + (h / kV) * half_stride + (i + 1) * row_stride + 3 * kV;
+              const A* centre = plane + (h / L) * part_stride + (i + 1) * row_stride + 3 * L;
               scalar_t* out_row = grad_x + ((n * H + i) * W) * C + c0 + h;
               for (int64_t cc = 0; cc < n_cc; ++cc) {
                 const int64_t k = rc * n_cc + cc;
                 const int di0 = -static_cast<int>(rcls[rc][1]), di1 = 2 - static_cast<int>(rcls[rc][0]);
                 const int dj0 = -static_cast<int>(ccls[cc][1]), dj1 = 2 - static_cast<int>(ccls[cc][0]);
-                const double* st = stencil + k * 25 * kCB + h;
-                const Vec8 k0 = load8(cls_cst + k * kCB + h);
+                const A* st = stencil + k * 25 * kCB + h;
+                const typename S::V k0 = S::load(cls_cst + k * kCB + h);
                 int64_t j = ccls[cc][2];
                 const int64_t j1 = ccls[cc][3];
                 const bool interior = di0 == -2 && di1 == 2 && dj0 == -2 && dj1 == 2;
                 for (; j + 4 <= j1; j += 4) {
-                  Vec8 acc[4] = {k0, k0, k0, k0};
+                  typename S::V acc[4] = {k0, k0, k0, k0};
                   if (interior)  // constant bounds: fully unrolled
-                    stencil_quad(centre + j * kV, row_stride, st, -2, 2, -2, 2, acc);
+                    stencil_quad<A>(centre + j * L, row_stride, st, -2, 2, -2, 2, acc);
                   else
-                    stencil_quad(centre + j * kV, row_stride, st, di0, di1, dj0, dj1, acc);
-                  for (int q = 0; q < 4; ++q) store8_out(out_row + (j + q) * C, acc[q] * inv_M);
+                    stencil_quad<A>(centre + j * L, row_stride, st, di0, di1, dj0, dj1, acc);
+                  for (int q = 0; q < 4; ++q) S::store_out(out_row + (j + q) * C, acc[q] * inv_M);
                 }
                 for (; j < j1; ++j) {
-                  Vec8 s0 = k0;
-                  const double* u = centre + j * kV;
+                  typename S::V s0 = k0;
+                  const A* u = centre + j * L;
                   for (int di = di0; di <= di1; ++di)
                     for (int dj = dj0; dj <= dj1; ++dj)
-                      s0 += load8(st + ((di + 2) * 5 + dj + 2) * kCB) * load8(u + di * row_stride + dj * kV);
-                  store8_out(out_row + j * C, s0 * inv_M);
+                      s0 += S::load(st + ((di + 2) * 5 + dj + 2) * kCB) * S::load(u + di * row_stride + dj * L);
+                  S::store_out(out_row + j * C, s0 * inv_M);
                 }
               }
             }
       }
     }
   });
+}
+
+template <typename scalar_t, typename stat_t>
+void backward(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x, const stat_t* mean, int64_t N,
+              int64_t C, int64_t H, int64_t W, scalar_t* grad_x) {
+  using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  backward_as<scalar_t, stat_t, A>(grad_mean, grad_cov, x, mean, N, C, H, W, grad_x);
 }
 
 }  // namespace cl3
@@ -616,13 +700,26 @@ bool use_cl3(const at::Tensor& x, int64_t K) {
 //   folded = sum_b s_b k_b,  bias = sum_b (beta_b - m_b s_b)
 // At small maps the same math as ~20 tensor ops (and their backward, batched 9x9 products among
 // them) costs more than the moments kernels; here it is one pass over (C, B, K*K), in double.
+// Most embedded kernels are sparse (1x3, 3x1, 1x1, identity: 3 or 1 of 9 taps), so every product
+// runs over the nonzero taps of k only: at K = 3 with the default seven branches that is a third
+// of the dense work. KK is a template constant for K = 3 (fixed trip counts the compiler unrolls).
 namespace fold {
 
 template <typename T>
-void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, const T* beta, const double* eps, int64_t C,
-             int64_t B, int64_t KK, T* folded, T* bias, T* bmean, T* bvar) {
+inline int64_t nonzeros(const T* k, int64_t KK, int64_t* idx) {
+  int64_t n = 0;
+  for (int64_t p = 0; p < KK; ++p)
+    if (k[p] != T(0)) idx[n++] = p;
+  return n;
+}
+
+template <int64_t KK_, typename T>
+void forward_impl(const T* mean, const T* cov, const T* kernels, const T* gamma, const T* beta, const double* eps,
+                  int64_t C, int64_t B, int64_t kk, T* folded, T* bias, T* bmean, T* bvar) {
+  const int64_t KK = KK_ > 0 ? KK_ : kk;
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     std::vector<double> f(KK);
+    std::vector<int64_t> idx(KK);
     for (int64_t c = c0; c < c1; ++c) {
       const T* mu = mean + c * KK;
       const T* cv = cov + c * KK * KK;
@@ -630,17 +727,18 @@ void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, cons
       double total_shift = 0;
       for (int64_t b = 0; b < B; ++b) {
         const T* k = kernels + (c * B + b) * KK;
+        const int64_t n = nonzeros(k, KK, idx.data());
         double m = 0, v = 0;
-        for (int64_t p = 0; p < KK; ++p) {
-          if (k[p] == T(0)) continue;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = idx[i];
           m += static_cast<double>(k[p]) * mu[p];
           double row = 0;
-          for (int64_t q = 0; q < KK; ++q) row += static_cast<double>(cv[p * KK + q]) * k[q];
+          for (int64_t j = 0; j < n; ++j) row += static_cast<double>(cv[p * KK + idx[j]]) * k[idx[j]];
           v += static_cast<double>(k[p]) * row;
         }
         v = std::max(v, 0.0);
         const double s = static_cast<double>(gamma[c * B + b]) / std::sqrt(v + eps[b]);
-        for (int64_t p = 0; p < KK; ++p) f[p] += s * k[p];
+        for (int64_t i = 0; i < n; ++i) f[idx[i]] += s * k[idx[i]];
         total_shift += static_cast<double>(beta[c * B + b]) - m * s;
         bmean[c * B + b] = static_cast<T>(m);
         bvar[c * B + b] = static_cast<T>(v);
@@ -655,34 +753,41 @@ void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, cons
 //   g_s = gF . k - g_bias m,  g_m = -g_bias s,  g_gamma = g_s r,  g_v = -g_s gamma r^3 / 2 (0 where
 //   the clamp cut v),  g_k = s gF + g_m mean + g_v (cov + cov^T) k,  g_mean = sum_b g_m k,
 //   g_cov = sum_b g_v k k^T,  g_beta = g_bias.
-template <typename T>
-void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* cov, const T* kernels, const T* gamma,
-              const double* eps, int64_t C, int64_t B, int64_t KK, T* g_mean, T* g_cov, T* g_kernels, T* g_gamma,
-              T* g_beta) {
+// (cov + cov^T) is formed once per channel; v = k^T cov k = k . ((cov + cov^T) k) / 2.
+template <int64_t KK_, typename T>
+void backward_impl(const T* grad_folded, const T* grad_bias, const T* mean, const T* cov, const T* kernels,
+                   const T* gamma, const double* eps, int64_t C, int64_t B, int64_t kk, T* g_mean, T* g_cov,
+                   T* g_kernels, T* g_gamma, T* g_beta) {
+  const int64_t KK = KK_ > 0 ? KK_ : kk;
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    std::vector<double> gm(KK), gc(KK * KK), row(KK), col(KK);
+    std::vector<double> gm(KK), gc(KK * KK), sym(KK * KK), sk(KK);
+    std::vector<int64_t> idx(KK);
     for (int64_t c = c0; c < c1; ++c) {
       const T* mu = mean + c * KK;
       const T* cv = cov + c * KK * KK;
       const T* gF = grad_folded + c * KK;
       const double gb = static_cast<double>(grad_bias[c]);
+      for (int64_t p = 0; p < KK; ++p)
+        for (int64_t q = 0; q < KK; ++q)
+          sym[p * KK + q] = static_cast<double>(cv[p * KK + q]) + static_cast<double>(cv[q * KK + p]);
       std::fill(gm.begin(), gm.end(), 0.0);
       std::fill(gc.begin(), gc.end(), 0.0);
       for (int64_t b = 0; b < B; ++b) {
         const T* k = kernels + (c * B + b) * KK;
-        double m = 0, v = 0, gFk = 0;
+        const int64_t n = nonzeros(k, KK, idx.data());
         for (int64_t p = 0; p < KK; ++p) {
-          double r = 0, cl = 0;
-          for (int64_t q = 0; q < KK; ++q) {
-            r += static_cast<double>(cv[p * KK + q]) * k[q];
-            cl += static_cast<double>(cv[q * KK + p]) * k[q];
-          }
-          row[p] = r;
-          col[p] = cl;
+          double t = 0;
+          for (int64_t j = 0; j < n; ++j) t += sym[p * KK + idx[j]] * k[idx[j]];
+          sk[p] = t;
+        }
+        double m = 0, v = 0, gFk = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = idx[i];
           m += static_cast<double>(k[p]) * mu[p];
-          v += static_cast<double>(k[p]) * r;
+          v += static_cast<double>(k[p]) * sk[p];
           gFk += static_cast<double>(gF[p]) * k[p];
         }
+        v *= 0.5;
         const bool clamped = v < 0;  // clamp_min's gradient is 0 below the bound
         v = std::max(v, 0.0);
         const double g = static_cast<double>(gamma[c * B + b]);
@@ -694,21 +799,39 @@ void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* 
         g_gamma[c * B + b] = static_cast<T>(g_s * rs);
         g_beta[c * B + b] = static_cast<T>(gb);
         T* gk = g_kernels + (c * B + b) * KK;
-        for (int64_t p = 0; p < KK; ++p) {
-          gk[p] = static_cast<T>(s * gF[p] + g_m * mu[p] + g_v * (row[p] + col[p]));
-          gm[p] += g_m * k[p];
-        }
+        for (int64_t p = 0; p < KK; ++p) gk[p] = static_cast<T>(s * gF[p] + g_m * mu[p] + g_v * sk[p]);
+        for (int64_t i = 0; i < n; ++i) gm[idx[i]] += g_m * k[idx[i]];
         if (g_v != 0.0)
-          for (int64_t p = 0; p < KK; ++p) {
-            if (k[p] == T(0)) continue;
-            const double gvk = g_v * k[p];
-            for (int64_t q = 0; q < KK; ++q) gc[p * KK + q] += gvk * k[q];
+          for (int64_t i = 0; i < n; ++i) {
+            const double gvk = g_v * k[idx[i]];
+            for (int64_t j = 0; j < n; ++j) gc[idx[i] * KK + idx[j]] += gvk * k[idx[j]];
           }
       }
       for (int64_t p = 0; p < KK; ++p) g_mean[c * KK + p] = static_cast<T>(gm[p]);
       for (int64_t p = 0; p < KK * KK; ++p) g_cov[c * KK * KK + p] = static_cast<T>(gc[p]);
     }
   });
+}
+
+template <typename T>
+void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, const T* beta, const double* eps, int64_t C,
+             int64_t B, int64_t KK, T* folded, T* bias, T* bmean, T* bvar) {
+  if (KK == 9)
+    forward_impl<9>(mean, cov, kernels, gamma, beta, eps, C, B, KK, folded, bias, bmean, bvar);
+  else
+    forward_impl<0>(mean, cov, kernels, gamma, beta, eps, C, B, KK, folded, bias, bmean, bvar);
+}
+
+template <typename T>
+void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* cov, const T* kernels, const T* gamma,
+              const double* eps, int64_t C, int64_t B, int64_t KK, T* g_mean, T* g_cov, T* g_kernels, T* g_gamma,
+              T* g_beta) {
+  if (KK == 9)
+    backward_impl<9>(grad_folded, grad_bias, mean, cov, kernels, gamma, eps, C, B, KK, g_mean, g_cov, g_kernels,
+                     g_gamma, g_beta);
+  else
+    backward_impl<0>(grad_folded, grad_bias, mean, cov, kernels, gamma, eps, C, B, KK, g_mean, g_cov, g_kernels,
+                     g_gamma, g_beta);
 }
 
 void check(const at::Tensor& mean, const at::Tensor& cov, const at::Tensor& kernels, const at::Tensor& gamma,
