@@ -89,12 +89,26 @@ def repso_moments_backward_ref(grad_mean: Tensor, grad_cov: Tensor, x: Tensor, m
 # The custom ops.
 
 
-def _cpp_built() -> bool:
-    """The C++ kernels are in the extension only once it has been rebuilt with csrc/cpu/repso_moments.cpp."""
+_CPP_KERNELS_SEEN: set[str] = set()
+
+
+def _cpp_has(op: str) -> bool:
+    """Whether the extension registers a CPU kernel for op (remembered once seen: a kernel does
+    not go away, and the check costs a dispatcher lookup on every call of these small ops)."""
+    if op in _CPP_KERNELS_SEEN:
+        return True
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{CPP_NAMESPACE}::repso_moments_forward", "CPU")
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"{CPP_NAMESPACE}::{op}", "CPU")
     except RuntimeError:  # an extension built before this op existed lacks the schema
         return False
+    if found:
+        _CPP_KERNELS_SEEN.add(op)
+    return found
+
+
+def _cpp_built() -> bool:
+    """The C++ kernels are in the extension only once it has been rebuilt with csrc/cpu/repso_moments.cpp."""
+    return _cpp_has("repso_moments_forward")
 
 
 def _select(device: torch.device, dtype: torch.dtype) -> str:
@@ -215,9 +229,11 @@ def repso_fold_backward_ref(grad_folded, grad_bias, mean, cov, kernels, gamma, e
 
 
 def fold_cpp_available(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and _backend_for(t) == "cpp" and (
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"{CPP_NAMESPACE}::repso_fold_forward", "CPU")
-        if _cpp_built() else False
+    return (
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.float64)
+        and _backend_for(t) == "cpp"
+        and _cpp_has("repso_fold_forward")
     )
 
 

@@ -109,11 +109,11 @@ def _embedding_matrix(shapes: tuple, K: int, with_identity: bool, dtype: torch.d
 def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
     """_bn_update_running for every BatchNorm at once (a few foreach ops instead of ~5 per BN);
     mean and var are (C, B) batch statistics, column b for bns[b]."""
-    tracked = [b for b, bn in enumerate(bns) if bn.training and bn.track_running_stats]
-    counters = [bns[b].num_batches_tracked for b in tracked if bns[b].num_batches_tracked is not None]
+    tracked = [bn for bn in bns if bn.training and bn.track_running_stats]
+    counters = [bn.num_batches_tracked for bn in tracked if bn.num_batches_tracked is not None]
     if counters:
         torch._foreach_add_(counters, 1)
-    with_stats = [b for b in tracked if bns[b].running_mean is not None]
+    with_stats = [b for b, bn in enumerate(bns) if bn.training and bn.track_running_stats and bn.running_mean is not None]
     if not with_stats:
         return
     factors = []
@@ -124,16 +124,21 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
         else:
             factors.append(float(bn.momentum))
     with torch.no_grad():
-        unbiased = var * (count / (count - 1))
         running_means = [bns[b].running_mean for b in with_stats]
         running_vars = [bns[b].running_var for b in with_stats]
-        new_means = [mean[:, b].to(bns[b].running_mean.dtype) for b in with_stats]
-        new_vars = [unbiased[:, b].to(bns[b].running_var.dtype) for b in with_stats]
-        keep = [1 - f for f in factors]
-        torch._foreach_mul_(running_means, keep)
-        torch._foreach_add_(running_means, torch._foreach_mul(new_means, factors))
-        torch._foreach_mul_(running_vars, keep)
-        torch._foreach_add_(running_vars, torch._foreach_mul(new_vars, factors))
+        # rows of the (B, C) transposes (views)
+        means_t, vars_t = mean.t(), (var * (count / (count - 1))).t()
+        new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means)]
+        new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars)]
+        if len(set(factors)) == 1:  # the usual case: one momentum; running += factor (new - running)
+            torch._foreach_lerp_(running_means, new_means, factors[0])
+            torch._foreach_lerp_(running_vars, new_vars, factors[0])
+        else:
+            keep = [1 - f for f in factors]
+            torch._foreach_mul_(running_means, keep)
+            torch._foreach_add_(running_means, torch._foreach_mul(new_means, factors))
+            torch._foreach_mul_(running_vars, keep)
+            torch._foreach_add_(running_vars, torch._foreach_mul(new_vars, factors))
 
 
 def _fold_batch_stats(
