@@ -496,7 +496,10 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     else:
         block_p, num_warps = _default_config(meta, backward=False, itemsize=x.element_size())
         grid = _grid(P, x.device, meta, False)({"BLOCK_P": block_p})
-        _sf_conv_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
+        # num_stages=2 as in _FWD_CONFIGS: _forward_smem_bytes counts two x-tile stages; Triton's
+        # default of 3 needs 262144 bytes of shared memory at 1024->256 (BLOCK_P=32), over the
+        # 232448 an H100/H200 block may use (OutOfResources at launch)
+        _sf_conv_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps, num_stages=2)
     return y
 
 
@@ -528,5 +531,6 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         else:
             block_p, num_warps = _default_config(meta, backward=True, itemsize=x.element_size())
             grid = _grid(P, x.device, meta, True)({"BLOCK_P": block_p})
-            _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps)
+            # num_stages=2 as in _BWD_CONFIGS (the tested kernel is the one autotuning would pick)
+            _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps, num_stages=2)
     return grad_x, *(g.to(w1.dtype, copy=True) for g in (gw1, gw2, gb))
