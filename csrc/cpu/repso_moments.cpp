@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -546,24 +547,61 @@ void fill_plane_as(const scalar_t* x, int64_t C, int64_t H, int64_t W, const A* 
 
 // grad_x(v) = 1/M [ cst_k + sum_taps st_k[tap] w(v + tap) ] for the class k of v (see
 // moments_backward_kernel), with per-channel stencils as [25][16] values.
-// Four adjacent positions of one part over the tap rectangle [di0, di1] x [dj0, dj1]
-// (st: the stencil of that part, [25][16]): each tap's weight load feeds four products.
-template <typename A>
-__attribute__((always_inline)) inline void stencil_quad(const A* u, int64_t row_stride, const A* st, int di0, int di1,
-                                                        int dj0, int dj1, typename Simd<A>::V acc[4]) {
+// NP adjacent positions of one row and one part, sharing the stencil st ([25][16], that part's
+// lanes): per stencil row, NP + 4 plane loads and 5 weight loads feed 5 NP products (the same
+// plane value serves five positions), instead of two loads per product.
+template <int NP, typename A, typename scalar_t>
+__attribute__((always_inline)) inline void stencil_run(const A* u, int64_t row_stride, const A* st,
+                                                       typename Simd<A>::V k0, A scale, scalar_t* out,
+                                                       int64_t out_stride) {
   using S = Simd<A>;
+  using V = typename S::V;
   constexpr int64_t L = S::kLanes;
-  typename S::V s0 = acc[0], s1 = acc[1], s2 = acc[2], s3 = acc[3];
-  for (int di = di0; di <= di1; ++di)
-    for (int dj = dj0; dj <= dj1; ++dj) {
-      const A* src = u + di * row_stride + dj * L;
-      const typename S::V w = S::load(st + ((di + 2) * 5 + dj + 2) * kCB);
-      s0 += w * S::load(src);
-      s1 += w * S::load(src + L);
-      s2 += w * S::load(src + 2 * L);
-      s3 += w * S::load(src + 3 * L);
+  V acc[NP];
+  // every index below is a compile-time constant (index sequences, not loops), so acc stays in
+  // registers: a loop the compiler does not fully unroll spills it
+  [&]<int... Q>(std::integer_sequence<int, Q...>) { ((acc[Q] = k0), ...); }(std::make_integer_sequence<int, NP>{});
+  for (int di = -2; di <= 2; ++di) {
+    const A* wrow = st + (di + 2) * 5 * kCB;
+    const A* urow = u + di * row_stride - 2 * L;
+    const V w[5] = {S::load(wrow), S::load(wrow + kCB), S::load(wrow + 2 * kCB), S::load(wrow + 3 * kCB),
+                    S::load(wrow + 4 * kCB)};
+    // plane value t feeds positions q = t - dj for the five dj: one plane register live at a time
+    auto feed = [&]<int T>(std::integral_constant<int, T>) {
+      const V v = S::load(urow + T * L);
+      [&]<int... D>(std::integer_sequence<int, D...>) {
+        ((T - D >= 0 && T - D < NP ? (void)(acc[(T - D >= 0 && T - D < NP) ? T - D : 0] += w[D] * v) : (void)0), ...);
+      }(std::make_integer_sequence<int, 5>{});
+    };
+    [&]<int... T>(std::integer_sequence<int, T...>) {
+      (feed(std::integral_constant<int, T>{}), ...);
+    }(std::make_integer_sequence<int, NP + 4>{});
+  }
+  [&]<int... Q>(std::integer_sequence<int, Q...>) {
+    (S::store_out(out + Q * out_stride, acc[Q] * scale), ...);
+  }(std::make_integer_sequence<int, NP>{});
+}
+
+// positions [j, j1) of one row: runs of at most 8 (8 accumulators, 12 plane values and 5 weights
+// fill 25 of the 32 vector registers)
+template <typename A, typename scalar_t>
+inline void stencil_row(const A* centre, int64_t row_stride, const A* st, typename Simd<A>::V k0, A scale,
+                        scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
+  constexpr int64_t L = Simd<A>::kLanes;
+  for (; j < j1; j += 8) {
+    const A* u = centre + j * L;
+    scalar_t* out = out_row + j * C;
+    switch (std::min<int64_t>(8, j1 - j)) {
+      case 8: stencil_run<8>(u, row_stride, st, k0, scale, out, C); break;
+      case 7: stencil_run<7>(u, row_stride, st, k0, scale, out, C); break;
+      case 6: stencil_run<6>(u, row_stride, st, k0, scale, out, C); break;
+      case 5: stencil_run<5>(u, row_stride, st, k0, scale, out, C); break;
+      case 4: stencil_run<4>(u, row_stride, st, k0, scale, out, C); break;
+      case 3: stencil_run<3>(u, row_stride, st, k0, scale, out, C); break;
+      case 2: stencil_run<2>(u, row_stride, st, k0, scale, out, C); break;
+      default: stencil_run<1>(u, row_stride, st, k0, scale, out, C); break;
     }
-  acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
+  }
 }
 
 // Precision of the float path (float32 and bf16 x): grad_x is a sum of 26 centred terms (the
@@ -575,7 +613,9 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
                  int64_t C, int64_t H, int64_t W, scalar_t* grad_x) {
   using S = Simd<A>;
   constexpr int64_t L = S::kLanes;
-  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
+  // one zero guard row above each part and two below, two zero guard columns each side: every
+  // position reads its full 5 x 5 neighbourhood, and a class's unreachable taps are 0 in its stencil
+  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 3) * row_stride;
   const A inv_M = static_cast<A>(1.0 / static_cast<double>(N * H * W));
   // valid offsets along an axis of length n at index i: [max(0, i + 1 - (n-1)), min(2, i + 1)];
   // runs of equal range
@@ -591,8 +631,7 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
   classes(W, ccls);
   const int64_t n_rc = rcls.size(), n_cc = ccls.size(), n_k = n_rc * n_cc;
   // A class with valid offsets pi in [pi0, pi1] reaches stencil rows di = qi - pi in [-pi1, 2 - pi0]
-  // (columns alike): a rectangle of taps, so the loops need no tap lists (whose index loads cost
-  // as much as the products at small maps).
+  // (columns alike); its other taps stay 0, so every class runs the same unrolled 25-tap code.
   at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
     // byte sizes in doubles: the Aligned buffers are double arrays, 64-byte aligned
     const int64_t per_double = sizeof(double) / sizeof(A);
@@ -630,47 +669,37 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
               for (int64_t q = 0; q < 9; ++q) {
                 double* st = st_d.data() + (k * 25 + (q / 3 - pi + 2) * 5 + (q % 3 - pj + 2)) * kCB;
                 const double* g = G.data() + (p * 9 + q) * kCB;
-                for (int64_t c = 0; c < kCB; ++c) st[c] += g[c];
+                for (int64_t c = 0; c < kCB; c += kV) store8(st + c, load8(st + c) + load8(g + c));
               }
             }
         }
       // rounded once to the compute type
-      for (int64_t i = 0; i < n_k * 25 * kCB; ++i) stencil[i] = static_cast<A>(st_d[i]);
+      for (int64_t i = 0; i < n_k * 25 * kCB; i += kV) {
+        const Vec8 v = load8(st_d.data() + i);
+        if constexpr (std::is_same_v<A, double>) {
+          store8(stencil + i, v);
+        } else {
+          const Vec8f f = __builtin_convertvector(v, Vec8f);
+          std::memcpy(stencil + i, &f, sizeof(f));
+        }
+      }
       for (int64_t i = 0; i < n_k * kCB; ++i) cls_cst[i] = static_cast<A>(cc_d[i]);
       for (int64_t n = 0; n < N; ++n) {
-        fill_plane_as<A>(x + n * H * W * C + c0, C, H, W, a.data(), plane, part_stride);
+        fill_plane_as<A>(x + n * H * W * C + c0, C, H, W, a.data(), plane + row_stride, part_stride);
         // one part at a time: its five stencil rows stay in L1
         for (int64_t h = 0; h < kCB; h += L)
           for (int64_t rc = 0; rc < n_rc; ++rc)
             for (int64_t i = rcls[rc][2]; i < rcls[rc][3]; ++i) {
-              // w at image (i, 0) in the plane: padded (i + 1, 1)
-              const A* centre = plane + (h / L) * part_stride + (i + 1) * row_stride + 3 * L;
+              // w at image (i, 0): padded (i + 1, 1), below the guard row
+              const A* centre = plane + (h / L) * part_stride + (i + 2) * row_stride + 3 * L;
               scalar_t* out_row = grad_x + ((n * H + i) * W) * C + c0 + h;
               for (int64_t cc = 0; cc < n_cc; ++cc) {
                 const int64_t k = rc * n_cc + cc;
-                const int di0 = -static_cast<int>(rcls[rc][1]), di1 = 2 - static_cast<int>(rcls[rc][0]);
-                const int dj0 = -static_cast<int>(ccls[cc][1]), dj1 = 2 - static_cast<int>(ccls[cc][0]);
                 const A* st = stencil + k * 25 * kCB + h;
                 const typename S::V k0 = S::load(cls_cst + k * kCB + h);
-                int64_t j = ccls[cc][2];
-                const int64_t j1 = ccls[cc][3];
-                const bool interior = di0 == -2 && di1 == 2 && dj0 == -2 && dj1 == 2;
-                for (; j + 4 <= j1; j += 4) {
-                  typename S::V acc[4] = {k0, k0, k0, k0};
-                  if (interior)  // constant bounds: fully unrolled
-                    stencil_quad<A>(centre + j * L, row_stride, st, -2, 2, -2, 2, acc);
-                  else
-                    stencil_quad<A>(centre + j * L, row_stride, st, di0, di1, dj0, dj1, acc);
-                  for (int q = 0; q < 4; ++q) S::store_out(out_row + (j + q) * C, acc[q] * inv_M);
-                }
-                for (; j < j1; ++j) {
-                  typename S::V s0 = k0;
-                  const A* u = centre + j * L;
-                  for (int di = di0; di <= di1; ++di)
-                    for (int dj = dj0; dj <= dj1; ++dj)
-                      s0 += S::load(st + ((di + 2) * 5 + dj + 2) * kCB) * S::load(u + di * row_stride + dj * L);
-                  S::store_out(out_row + j * C, s0 * inv_M);
-                }
+                // the full 5 x 5 at every position (constant bounds, fully unrolled): branchy loops
+                // over each border class's own tap rectangle cost more at small maps than the zero taps
+                stencil_row<A>(centre, row_stride, st, k0, inv_M, out_row, C, ccls[cc][2], ccls[cc][3]);
               }
             }
       }
