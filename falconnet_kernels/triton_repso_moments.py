@@ -125,8 +125,10 @@ def _moments_bwd_kernel(
     K: tl.constexpr, KK_PAD: tl.constexpr, LAG_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT16: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    # positions on grid axis 0 (up to 2^31 - 1 programs): axis 1 allows only 65535, which
+    # cdiv(N*H*W, BLOCK_P) passes from N*H*W > 2.1M (batch 256 at 112x112)
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
     P: tl.constexpr = K // 2
     L: tl.constexpr = 2 * K - 1
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -260,7 +262,7 @@ def repso_moments_backward(
     else:
         a_hi, a_lo = A.float(), A.float()
     gx = torch.empty_like(x)
-    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(n_pos, meta["BLOCK_P"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_pos, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _moments_bwd_kernel[grid](
         x, gx, a_hi.contiguous(), a_lo.contiguous(), cst_pad, shift.float().contiguous(),
         C, H, W, n_pos, 1.0 / n_pos, *x.stride(), *gx.stride(),
