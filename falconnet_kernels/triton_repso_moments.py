@@ -28,7 +28,7 @@ import triton.language as tl
 
 # Tile sizes are autotuned on a GPU among the configurations that fit (the 3-D index and pointer
 # tensors of a tile live in registers, and the batched products' operands in shared memory); the
-# interpreter (TRITON_INTERPRET=1) runs the first fitting one, without timing.
+# interpreter (TRITON_INTERPRET=1), or FALCONNET_TRITON_AUTOTUNE=0, runs the first fitting one, untimed.
 _FWD_TILES = [(16, 32, 4), (16, 32, 8), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 64, 4), (2, 32, 4), (1, 32, 4), (1, 64, 4)]
 _BWD_TILES = [(16, 32, 4), (16, 32, 8), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 64, 4), (2, 32, 4), (2, 64, 4),
               (1, 32, 4), (1, 64, 4)]
@@ -42,9 +42,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _autotune_enabled() -> bool:
+    # FALCONNET_TRITON_AUTOTUNE=0, as for the other Triton kernels: the GPU tests set it, since
+    # every fitting config compiles anew for every shape (2-5 s each, ~3 minutes over the tests)
+    return not _interpreting() and os.environ.get("FALCONNET_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _fitting(configs, fits) -> list:
     kept = [cfg for cfg in configs if fits(cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_P"])]
-    return kept[:1] if _interpreting() else kept
+    return kept if _autotune_enabled() else kept[:1]
 
 
 def _prune_forward(configs, named_args, **kwargs):
