@@ -316,164 +316,9 @@ struct Aligned {
 
 inline int64_t lag_index(int64_t D, int64_t d) { return D == 0 ? d : 3 + (D - 1) * 5 + (d + 2); }
 
-// The padded plane of one image and one block of 16 channels, as two half planes of 8 channels
-// (so that the five rows the backward's stencil reads fit in L1 at 56 x 58 columns):
-// plane[h * half_stride + (r * Wc + t + 2) * 8 + c] for padded row r in [0, Hp), column t in
-// [0, Wp); the guards (rows Hp, Hp+1, columns -2, -1, Wp, Wp+1) stay 0 from the allocation.
-template <typename scalar_t>
-void fill_plane(const scalar_t* x, int64_t C, int64_t H, int64_t W, const double* a, double* plane,
-                int64_t half_stride) {
-  const int64_t Wp = W + 2, Wc = Wp + 4, Hp = H + 2;
-  const Vec8 a0 = load8(a), a1 = load8(a + kV);
-  for (int64_t r = 0; r < Hp; ++r) {
-    double* row = plane + (r * Wc + 2) * kV;
-    const bool pad_row = r == 0 || r == Hp - 1;
-    for (int64_t t = 0; t < Wp; ++t) {
-      double* out = row + t * kV;
-      if (pad_row || t == 0 || t == Wp - 1) {
-        store8(out, -a0);
-        store8(out + half_stride, -a1);
-      } else {
-        const scalar_t* in = x + ((r - 1) * W + (t - 1)) * C;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          Vec8f lo, hi;
-          std::memcpy(&lo, in, sizeof(Vec8f));
-          std::memcpy(&hi, in + kV, sizeof(Vec8f));
-          store8(out, __builtin_convertvector(lo, Vec8) - a0);
-          store8(out + half_stride, __builtin_convertvector(hi, Vec8) - a1);
-        } else {
-          for (int64_t c = 0; c < kV; ++c) out[c] = static_cast<double>(in[c]) - a[c];
-          for (int64_t c = 0; c < kV; ++c) out[half_stride + c] = static_cast<double>(in[kV + c]) - a[kV + c];
-        }
-      }
-    }
-  }
-}
-
-// slot of each padded index along an axis of length n (padded n + 2): 0 for the middle [2, n),
-// 1 + k for the k-th other index; returns the number of slots
-inline int64_t slots(int64_t n, std::vector<int64_t>& slot) {
-  slot.resize(n + 2);
-  int64_t count = 1;
-  for (int64_t r = 0; r < n + 2; ++r) slot[r] = (r >= 2 && r < n) ? 0 : count++;
-  return count;
-}
-
-// One class block: padded rows [r0, r1) x columns [t0, t1) of n_img planes (pointers to row 0,
-// column 0, one half of the block), all of one (row slot, column slot) class; its 13 lag products
-// and the plain sum stay in registers for the whole block.
-inline void accumulate_block(const double* plane, int64_t plane_stride, int64_t n_img, int64_t row_stride, int64_t r0,
-                             int64_t r1, int64_t t0, int64_t t1, double* acc) {
-  Vec8 s[kAcc];
-#pragma GCC unroll 14
-  for (int l = 0; l < kAcc; ++l) s[l] = load8(acc + l * kCB);
-  for (int64_t g = 0; g < n_img; ++g)
-    for (int64_t r = r0; r < r1; ++r) {
-      const double* row = plane + g * plane_stride + r * row_stride;
-      for (int64_t t = t0; t < t1; ++t) {
-        const double* u = row + t * kV;
-        const Vec8 w = load8(u);
-        s[kLags] += w;
-#pragma GCC unroll 13
-        for (int l = 0; l < kLags; ++l) s[l] += w * load8(u + kLagD[l] * row_stride + kLagd[l] * kV);
-      }
-    }
-#pragma GCC unroll 14
-  for (int l = 0; l < kAcc; ++l) store8(acc + l * kCB, s[l]);
-}
-
-// runs of equal slot along a padded axis: (i0, i1, slot)
-inline std::vector<std::array<int64_t, 3>> slot_runs(const std::vector<int64_t>& slot) {
-  std::vector<std::array<int64_t, 3>> runs;
-  for (int64_t i = 0; i < static_cast<int64_t>(slot.size()); ++i) {
-    if (runs.empty() || runs.back()[2] != slot[i]) runs.push_back({i, i, slot[i]});
-    runs.back()[1] = i + 1;
-  }
-  return runs;
-}
-
-// Planes of this many images at once (about 256 KiB, in L2): at small maps one class block then
-// spans all of them, so the accumulators' register loads and stores are paid once per group.
-inline int64_t images_per_group(int64_t N, int64_t plane_doubles) {
-  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 15) / plane_doubles));
-}
-
-template <typename scalar_t, typename stat_t>
-void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat_t* mean_out, stat_t* cov_out) {
-  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * kV;
-  const double M = static_cast<double>(N * H * W);
-  std::vector<int64_t> rslot, cslot;
-  const int64_t n_rs = slots(H, rslot), n_cs = slots(W, cslot);
-  const std::vector<std::array<int64_t, 3>> row_runs = slot_runs(rslot), col_runs = slot_runs(cslot);
-  // a representative padded index of each slot (for the window test)
-  std::vector<int64_t> rrep(n_rs), crep(n_cs);
-  for (int64_t r = Hp - 1; r >= 0; --r) rrep[rslot[r]] = r;
-  for (int64_t t = Wp - 1; t >= 0; --t) crep[cslot[t]] = t;
-  const int64_t half_stride = (Hp + 2) * row_stride, plane_stride = 2 * half_stride;
-  const int64_t G = images_per_group(N, plane_stride);
-  at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
-    Aligned plane_buf(G * plane_stride), acc_buf(n_rs * n_cs * kAcc * kCB);
-    double* const plane = plane_buf.data;
-    double* const acc = acc_buf.data;
-    const int64_t acc_size = n_rs * n_cs * kAcc * kCB;
-    std::vector<double> ew(9 * kCB), a(kCB), total(kCB);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c0 = b * kCB;
-      const scalar_t* centre = x + ((H / 2) * W + W / 2) * C + c0;  // image 0
-      for (int64_t c = 0; c < kCB; ++c) a[c] = static_cast<double>(centre[c]);
-      std::fill(acc, acc + acc_size, 0.0);
-      for (int64_t n0 = 0; n0 < N; n0 += G) {
-        const int64_t n_img = std::min(G, N - n0);
-        for (int64_t g = 0; g < n_img; ++g)
-          fill_plane(x + (n0 + g) * H * W * C + c0, C, H, W, a.data(), plane + g * plane_stride, half_stride);
-        for (const auto& rr : row_runs)
-          for (const auto& cr : col_runs)
-            for (int64_t h = 0; h < kCB; h += kV)
-              accumulate_block(plane + (h / kV) * half_stride + 2 * kV, plane_stride, n_img, row_stride, rr[0],
-                               rr[1], cr[0], cr[1],
-                               acc + (rr[2] * n_cs + cr[2]) * kAcc * kCB + h);
-      }
-      // sum of accumulator l over the classes inside the window with top-left padded corner (pi, pj)
-      auto window_sum = [&](int64_t l, int64_t pi, int64_t pj) {
-        std::fill(total.begin(), total.end(), 0.0);
-        for (int64_t rs = 0; rs < n_rs; ++rs) {
-          if (rrep[rs] < pi || rrep[rs] >= pi + H) continue;
-          for (int64_t cs = 0; cs < n_cs; ++cs) {
-            if (crep[cs] < pj || crep[cs] >= pj + W) continue;
-            const double* v = acc + ((rs * n_cs + cs) * kAcc + l) * kCB;
-            for (int64_t c = 0; c < kCB; ++c) total[c] += v[c];
-          }
-        }
-      };
-      for (int64_t p = 0; p < 9; ++p) {
-        window_sum(kLags, p / 3, p % 3);
-        for (int64_t c = 0; c < kCB; ++c) {
-          ew[p * kCB + c] = total[c] / M;
-          mean_out[(c0 + c) * 9 + p] = static_cast<stat_t>(ew[p * kCB + c] + a[c]);
-        }
-      }
-      for (int64_t p = 0; p < 9; ++p) {
-        for (int64_t q = p; q < 9; ++q) {
-          int64_t pi = p / 3, pj = p % 3, qi = q / 3, qj = q % 3;
-          if (qi < pi || (qi == pi && qj < pj)) {
-            std::swap(pi, qi);
-            std::swap(pj, qj);
-          }
-          window_sum(lag_index(qi - pi, qj - pj), pi, pj);
-          for (int64_t c = 0; c < kCB; ++c) {
-            const stat_t v = static_cast<stat_t>(total[c] / M - ew[p * kCB + c] * ew[q * kCB + c]);
-            cov_out[((c0 + c) * 9 + p) * 9 + q] = v;
-            cov_out[((c0 + c) * 9 + q) * 9 + p] = v;
-          }
-        }
-      }
-    }
-  });
-}
-
-// The backward computes in acc_t: double for float64 x, float for float32 and bf16 x (16 lanes per
-// AVX-512 register instead of 8, half the instructions; see backward()). One 64-byte vector holds
-// kLanes<acc_t> channels; a block of 16 channels is kCB / kLanes such "parts".
+// Both kernels compute in a type A: double for float64 x, float for float32 and bf16 x (16 lanes
+// per AVX-512 register instead of 8, half the instructions; see forward() and backward()). One
+// 64-byte vector holds kLanes<A> channels; a block of 16 channels is kCB / kLanes such "parts".
 template <typename A>
 struct Simd {
   typedef A V __attribute__((vector_size(64)));
@@ -518,8 +363,10 @@ inline typename Simd<A>::V load_as(const scalar_t* in) {
   }
 }
 
-// The padded plane of w = x - a for the backward, in acc_t, as kCB / kLanes parts with the layout
-// of fill_plane (guards zero from the allocation).
+// The padded plane of one image and one block of 16 channels, w = x - a in A, as kCB / kLanes parts
+// (so that the five rows the backward's stencil reads fit in L1 at 56 x 58 columns):
+// plane[h * part_stride + (r * Wc + t + 2) * kLanes + c] for padded row r in [0, Hp), column t in
+// [0, Wp); the guards (columns -2, -1, Wp, Wp+1, and the rows past Hp) stay 0 from the allocation.
 template <typename A, typename scalar_t>
 void fill_plane_as(const scalar_t* x, int64_t C, int64_t H, int64_t W, const A* a, A* plane, int64_t part_stride) {
   using S = Simd<A>;
@@ -543,6 +390,167 @@ void fill_plane_as(const scalar_t* x, int64_t C, int64_t H, int64_t W, const A* 
     for (int64_t t = 1; t < Wp - 1; ++t, in += C)
       for (int64_t h = 0; h < n_parts; ++h) store(row + t * L + h * part_stride, load_as<A>(in + h * L) - shift[h]);
   }
+}
+
+// slot of each padded index along an axis of length n (padded n + 2): 0 for the middle [2, n),
+// 1 + k for the k-th other index; returns the number of slots
+inline int64_t slots(int64_t n, std::vector<int64_t>& slot) {
+  slot.resize(n + 2);
+  int64_t count = 1;
+  for (int64_t r = 0; r < n + 2; ++r) slot[r] = (r >= 2 && r < n) ? 0 : count++;
+  return count;
+}
+
+// Float accumulators are added into the double totals after at most this many positions: each
+// product is exact inside the FMA and only the running sum rounds, so a chunk's error is about
+// sqrt(kFlush) * 2^-24 of its size, and independent chunks' errors average out in the double sum
+// (measured: float32 statistics within 4e-7 of the float64 reference, as with double throughout).
+constexpr int64_t kFlush = 64;
+
+// One class block: padded rows [r0, r1) x columns [t0, t1) of n_img planes (pointers to row 0,
+// column 0, one part of the block), all of one (row slot, column slot) class; its 13 lag products
+// and the plain sum stay in registers, added into the double totals acc ([kAcc][16]) at the end
+// (double) or every ~kFlush positions (float).
+template <typename A>
+inline void accumulate_block(const A* plane, int64_t plane_stride, int64_t n_img, int64_t row_stride, int64_t r0,
+                             int64_t r1, int64_t t0, int64_t t1, double* acc) {
+  using S = Simd<A>;
+  using V = typename S::V;
+  constexpr int64_t L = S::kLanes;
+  constexpr bool is_double = std::is_same_v<A, double>;
+  V s[kAcc];
+  auto flush = [&] {
+#pragma GCC unroll 14
+    for (int l = 0; l < kAcc; ++l) {
+      if constexpr (is_double) {
+        store8(acc + l * kCB, load8(acc + l * kCB) + s[l]);
+      } else {
+        const Vec8 lo = __builtin_convertvector(__builtin_shufflevector(s[l], s[l], 0, 1, 2, 3, 4, 5, 6, 7), Vec8);
+        const Vec8 hi =
+            __builtin_convertvector(__builtin_shufflevector(s[l], s[l], 8, 9, 10, 11, 12, 13, 14, 15), Vec8);
+        store8(acc + l * kCB, load8(acc + l * kCB) + lo);
+        store8(acc + l * kCB + kV, load8(acc + l * kCB + kV) + hi);
+      }
+      s[l] = V{};
+    }
+  };
+#pragma GCC unroll 14
+  for (int l = 0; l < kAcc; ++l) s[l] = V{};
+  int64_t pending = 0;
+  for (int64_t g = 0; g < n_img; ++g)
+    for (int64_t r = r0; r < r1; ++r) {
+      const A* row = plane + g * plane_stride + r * row_stride;
+      for (int64_t t = t0; t < t1; ++t) {
+        const A* u = row + t * L;
+        const V w = S::load(u);
+        s[kLags] += w;
+#pragma GCC unroll 13
+        for (int l = 0; l < kLags; ++l) s[l] += w * S::load(u + kLagD[l] * row_stride + kLagd[l] * L);
+      }
+      pending += t1 - t0;
+      if (!is_double && pending >= kFlush) {
+        flush();
+        pending = 0;
+      }
+    }
+  flush();
+}
+
+// runs of equal slot along a padded axis: (i0, i1, slot)
+inline std::vector<std::array<int64_t, 3>> slot_runs(const std::vector<int64_t>& slot) {
+  std::vector<std::array<int64_t, 3>> runs;
+  for (int64_t i = 0; i < static_cast<int64_t>(slot.size()); ++i) {
+    if (runs.empty() || runs.back()[2] != slot[i]) runs.push_back({i, i, slot[i]});
+    runs.back()[1] = i + 1;
+  }
+  return runs;
+}
+
+// Planes of this many images at once (about 256 KiB, in L2): at small maps one class block then
+// spans all of them, so the accumulators' register loads and stores are paid once per group.
+inline int64_t images_per_group(int64_t N, int64_t plane_doubles) {
+  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 15) / plane_doubles));
+}
+
+template <typename scalar_t, typename stat_t>
+void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat_t* mean_out, stat_t* cov_out) {
+  using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  constexpr int64_t L = Simd<A>::kLanes;
+  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L;
+  const double M = static_cast<double>(N * H * W);
+  std::vector<int64_t> rslot, cslot;
+  const int64_t n_rs = slots(H, rslot), n_cs = slots(W, cslot);
+  const std::vector<std::array<int64_t, 3>> row_runs = slot_runs(rslot), col_runs = slot_runs(cslot);
+  // a representative padded index of each slot (for the window test)
+  std::vector<int64_t> rrep(n_rs), crep(n_cs);
+  for (int64_t r = Hp - 1; r >= 0; --r) rrep[rslot[r]] = r;
+  for (int64_t t = Wp - 1; t >= 0; --t) crep[cslot[t]] = t;
+  const int64_t part_stride = (Hp + 2) * row_stride, plane_stride = (kCB / L) * part_stride;
+  const int64_t G = images_per_group(N, plane_stride * static_cast<int64_t>(sizeof(A)) / 8);
+  at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
+    Aligned plane_buf(G * plane_stride * static_cast<int64_t>(sizeof(A)) / 8 + 1), acc_buf(n_rs * n_cs * kAcc * kCB);
+    A* const plane = reinterpret_cast<A*>(plane_buf.data);
+    double* const acc = acc_buf.data;
+    const int64_t acc_size = n_rs * n_cs * kAcc * kCB;
+    std::vector<double> ew(9 * kCB), total(kCB);
+    std::vector<A> a(kCB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCB;
+      // the shift: the mean of image 0's centre row (a single sample can sit a few std from the
+      // mean, and float accumulation loses (mean(w) / std)^2 of its precision to the cancellation)
+      const scalar_t* centre_row = x + (H / 2) * W * C + c0;
+      for (int64_t c = 0; c < kCB; ++c) {
+        double t = 0;
+        for (int64_t j = 0; j < W; ++j) t += static_cast<double>(centre_row[j * C + c]);
+        a[c] = static_cast<A>(t / static_cast<double>(W));
+      }
+      std::fill(acc, acc + acc_size, 0.0);
+      for (int64_t n0 = 0; n0 < N; n0 += G) {
+        const int64_t n_img = std::min(G, N - n0);
+        for (int64_t g = 0; g < n_img; ++g)
+          fill_plane_as<A>(x + (n0 + g) * H * W * C + c0, C, H, W, a.data(), plane + g * plane_stride, part_stride);
+        for (const auto& rr : row_runs)
+          for (const auto& cr : col_runs)
+            for (int64_t h = 0; h < kCB; h += L)
+              accumulate_block<A>(plane + (h / L) * part_stride + 2 * L, plane_stride, n_img, row_stride, rr[0],
+                                  rr[1], cr[0], cr[1], acc + (rr[2] * n_cs + cr[2]) * kAcc * kCB + h);
+      }
+      // sum of accumulator l over the classes inside the window with top-left padded corner (pi, pj)
+      auto window_sum = [&](int64_t l, int64_t pi, int64_t pj) {
+        std::fill(total.begin(), total.end(), 0.0);
+        for (int64_t rs = 0; rs < n_rs; ++rs) {
+          if (rrep[rs] < pi || rrep[rs] >= pi + H) continue;
+          for (int64_t cs = 0; cs < n_cs; ++cs) {
+            if (crep[cs] < pj || crep[cs] >= pj + W) continue;
+            const double* v = acc + ((rs * n_cs + cs) * kAcc + l) * kCB;
+            for (int64_t c = 0; c < kCB; ++c) total[c] += v[c];
+          }
+        }
+      };
+      for (int64_t p = 0; p < 9; ++p) {
+        window_sum(kLags, p / 3, p % 3);
+        for (int64_t c = 0; c < kCB; ++c) {
+          ew[p * kCB + c] = total[c] / M;
+          mean_out[(c0 + c) * 9 + p] = static_cast<stat_t>(ew[p * kCB + c] + static_cast<double>(a[c]));
+        }
+      }
+      for (int64_t p = 0; p < 9; ++p) {
+        for (int64_t q = p; q < 9; ++q) {
+          int64_t pi = p / 3, pj = p % 3, qi = q / 3, qj = q % 3;
+          if (qi < pi || (qi == pi && qj < pj)) {
+            std::swap(pi, qi);
+            std::swap(pj, qj);
+          }
+          window_sum(lag_index(qi - pi, qj - pj), pi, pj);
+          for (int64_t c = 0; c < kCB; ++c) {
+            const stat_t v = static_cast<stat_t>(total[c] / M - ew[p * kCB + c] * ew[q * kCB + c]);
+            cov_out[((c0 + c) * 9 + p) * 9 + q] = v;
+            cov_out[((c0 + c) * 9 + q) * 9 + p] = v;
+          }
+        }
+      }
+    }
+  });
 }
 
 // grad_x(v) = 1/M [ cst_k + sum_taps st_k[tap] w(v + tap) ] for the class k of v (see
