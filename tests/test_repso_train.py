@@ -172,7 +172,7 @@ def test_fold_op_matches_reference(monkeypatch, backend):
     """falconnet::repso_fold (C++ on the CPU) against its definition, with gradcheck and opcheck;
     a kernel with zero taps and a branch whose variance clamps to 0 included."""
     use_backend(monkeypatch, backend)
-    C, B, KK = 5, 7, 9
+    C, B, KK = 13, 7, 9  # 13: one full group of 8 channels and a partial one
     mean, cov = rm.repso_moments_ref(torch.randn(3, C, 6, 5, dtype=torch.float64), 3)
     kernels = torch.randn(C, B, KK, dtype=torch.float64)
     kernels[:, 3, :3] = 0
