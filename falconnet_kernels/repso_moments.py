@@ -237,6 +237,12 @@ def fold_cpp_available(t: Tensor) -> bool:
     )
 
 
+def cpp_train_path_available(x: Tensor) -> bool:
+    """Whether RepSO's one-conv training forward can call the C++ moments and fold kernels directly
+    for x (falconnet/layers/repso_train.py, _OneConvTrainCPU)."""
+    return x.device.type == "cpu" and x.dtype in _SUPPORTED and _backend_for(x) == "cpp" and _cpp_has("repso_fold_forward")
+
+
 @torch.library.custom_op("falconnet::repso_fold", mutates_args=())
 def repso_fold_op(
     mean: Tensor, cov: Tensor, kernels: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor

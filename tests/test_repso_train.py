@@ -263,6 +263,28 @@ def test_float64_either_conv(conv):
     assert max_err([y1] + g1 + b1, [y0] + g0 + b0) <= 1e-10 * max(1.0, scale(g0))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_node_cpu_path_and_compiled_custom_op_path(channels_last):
+    """Eager CPU training runs moments, fold and conv as one autograd node (the C++ kernels called
+    directly); torch.compile traces the custom-op path instead (the kernels have no fake
+    implementations). Both equal the branch sum in float64, running statistics included."""
+    module = make_repso(16, "T")
+    x = torch.randn(3, 16, 6, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    y = fused(copy.deepcopy(module), x.requires_grad_())
+    assert type(y.grad_fn).__name__ == "_OneConvTrainCPUBackward"
+    x = x.detach()
+    y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    y2, g2, b2 = run(compiled, copy.deepcopy(module), x, grad_y)
+    for y, g, b in ((y1, g1, b1), (y2, g2, b2)):
+        assert max_err([y] + g, [y0] + g0) <= 1e-10 * max(1.0, scale(g0))
+        assert max_err(b, b0) <= 1e-12 * max(1.0, scale(b0))
+
+
 @pytest.mark.parametrize("shape", [(1, 4, 1, 2), (2, 4, 1, 1), (1, 4, 3, 3), (1, 4, 2, 1)], ids=str)
 def test_float64_smallest_batches(shape):
     """Batch 1 and 1x1 images: wherever BatchNorm itself has more than one value per channel."""

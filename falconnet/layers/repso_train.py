@@ -17,7 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from falconnet_kernels.repso_moments import fold_cpp_available, repso_fold, repso_moments, stats_dtype
+from falconnet_kernels.repso_moments import (
+    CPP_NAMESPACE,
+    cpp_train_path_available,
+    fold_cpp_available,
+    repso_fold,
+    repso_moments,
+    stats_dtype,
+)
 
 
 def _window_size(weights: Sequence[Tensor]) -> int:
@@ -141,6 +148,72 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
             torch._foreach_add_(running_vars, torch._foreach_mul(new_vars, factors))
 
 
+def _embedded_kernels(weights: Sequence[Tensor], with_identity: bool, K: int, dtype, device) -> Tensor:
+    """(C, B, K*K): every branch kernel (and the identity, last) embedded in KxK, by one addmm."""
+    C = weights[0].shape[0]
+    E, identity = _embedding_matrix(tuple((w.shape[2], w.shape[3]) for w in weights), K, with_identity, dtype, device)
+    flat = torch.cat([w.reshape(C, -1) for w in weights], 1).to(dtype)  # (C, S)
+    return torch.addmm(identity, flat, E).view(C, -1, K * K)
+
+
+def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
+    """The C++ fold's inputs: embedded kernels (C, B, K*K), gamma and beta (C, B), eps (B,) float64."""
+    kernels = _embedded_kernels(weights, with_identity, K, dtype, device)
+    gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
+    beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
+    eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64)
+    return kernels, gamma, beta, eps
+
+
+class _OneConvTrainCPU(torch.autograd.Function):
+    """moments -> fold -> conv and their backward in one autograd node, calling the C++ kernels
+    directly: the same math as the custom-op path (repso_moments, repso_fold, F.conv2d), without
+    two custom ops' Python autograd wrappers and dispatch (~65 us each per step), the conv's own
+    node, and the separate accumulation of grad_x's two parts. Eager CPU only (the kernels have no
+    fake implementations: under torch.compile the custom-op path runs)."""
+
+    @staticmethod
+    def forward(ctx, x, kernels, gamma, beta, eps, K):
+        cpp = getattr(torch.ops, CPP_NAMESPACE)
+        mean, cov = cpp.repso_moments_forward(x, K)
+        folded, bias, bmean, bvar = cpp.repso_fold_forward(mean, cov, kernels, gamma, beta, eps)
+        C = x.shape[1]
+        weight = folded.view(C, 1, K, K).to(x.dtype)
+        y = F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C)
+        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight)
+        ctx.K = K
+        ctx.mark_non_differentiable(bmean, bvar)
+        return y, bmean, bvar
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
+        x, mean, cov, kernels, gamma, eps, weight = ctx.saved_tensors
+        K, C = ctx.K, x.shape[1]
+        cpp = getattr(torch.ops, CPP_NAMESPACE)
+        need_x = ctx.needs_input_grad[0]
+        grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last)
+            else grad_y.contiguous(),
+            x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [need_x, True, True])
+        g_mean, g_cov, g_k, g_gamma, g_beta = cpp.repso_fold_backward(
+            grad_w.reshape(C, K * K).to(mean.dtype), grad_b.to(mean.dtype), mean, cov, kernels, gamma, eps)
+        grad_x = None
+        if need_x:
+            grad_x = cpp.repso_moments_backward(g_mean, g_cov, x, mean, K)
+            grad_x += grad_x_conv
+        return grad_x, g_k, g_gamma, g_beta, None, None
+
+
+def _use_one_node(x: Tensor, conv: str) -> bool:
+    return (
+        x.device.type == "cpu"
+        and conv != "falconnet"
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and cpp_train_path_available(x)
+    )
+
+
 def _fold_batch_stats(
     weights: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d], with_identity: bool, K: int, dtype,
     mean_s: Tensor, cov_s: Tensor, count: int,
@@ -150,18 +223,13 @@ def _fold_batch_stats(
     branch count (each op on a (C, B)-sized tensor costs about as much as on a (C,) one, so at
     small maps the per-branch loop's ~100 ops cost more than the moments kernels)."""
     C, KK = mean_s.shape
-    E, identity = _embedding_matrix(tuple((w.shape[2], w.shape[3]) for w in weights), K, with_identity, dtype,
-                                    mean_s.device)
-    flat = torch.cat([w.reshape(C, -1) for w in weights], 1).to(dtype)  # (C, S)
-    kernels = torch.addmm(identity, flat, E).view(C, -1, KK)  # (C, B, K*K)
     if fold_cpp_available(mean_s):
         # the same math in one C++ pass forward and one backward
-        gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
-        beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
-        eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64)
+        kernels, gamma, beta, eps = _fold_inputs(weights, bns, with_identity, K, dtype, mean_s.device)
         folded, bias, mean, var = repso_fold(mean_s, cov_s, kernels, gamma, beta, eps)
         _update_running_batched(bns, mean.detach(), var.detach(), count)
         return folded, bias
+    kernels = _embedded_kernels(weights, with_identity, K, dtype, mean_s.device)
     # k.mean and cov k in one batched product: (C, B, K*K) @ (C, K*K, K*K + 1)
     prod = torch.bmm(kernels, torch.cat([cov_s, mean_s.unsqueeze(-1)], -1))
     mean = prod[..., KK]  # (C, B)
@@ -240,12 +308,19 @@ def repso_train_forward(
 
     count = N * H * W
     batch = [_uses_batch_stats(bn) for bn in all_bns]
+    if any(batch) and count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    folding_all = all(batch) and all(bn.affine for bn in all_bns)
+    if folding_all and _use_one_node(x, conv):
+        # the training case on the CPU: moments, fold and conv in one autograd node
+        kernels, gamma, beta, eps = _fold_inputs(weights, all_bns, identity_bn is not None, K, dtype, x.device)
+        y, mean, var = _OneConvTrainCPU.apply(x, kernels, gamma, beta, eps, K)
+        _update_running_batched(all_bns, mean, var, count)
+        return y
     if any(batch):
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         mean_s, cov_s = repso_moments(x, K)  # (C, K*K), (C, K*K, K*K)
 
-    if any(batch) and all(batch) and all(bn.affine for bn in all_bns):
+    if folding_all:
         # the training case: every branch folded at once
         folded, bias = _fold_batch_stats(weights, all_bns, identity_bn is not None, K, dtype, mean_s, cov_s, count)
     else:
