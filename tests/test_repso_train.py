@@ -167,6 +167,57 @@ def test_moments_channels_last_fast_path(monkeypatch, shape):
         assert (gx.double() - ref_gx).abs().max() <= tol * ref_gx.abs().max()
 
 
+# The channels_last fast path of the one-conv backward (falconnet/layers/repso_train.py,
+# _OneConvTrainCPU): the conv's weight and bias gradients, and grad_x = moments backward + the conv's
+# input gradient in one pass. Against float64 (aten's conv backward and the moments reference);
+# float32 and bf16 within 3x PyTorch's own conv backward error at that dtype, plus 4 output ulps.
+@pytest.mark.parametrize("shape", [(2, 16, 7, 5), (3, 32, 1, 2), (1, 16, 4, 9), (4, 48, 7, 7), (2, 16, 12, 19)], ids=str)
+def test_cl3_conv_weight_grad_and_fused_grad_x(shape):
+    C = shape[1]
+    cpp = torch.ops.falconnet_C
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        cl = dict(memory_format=torch.channels_last)
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 5).to(dtype).contiguous(**cl)
+        grad_y = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(**cl)
+        w = torch.randn(C, 1, 3, 3, dtype=torch.float64).to(dtype)
+
+        def conv_backward(gy, xx, ww):
+            return torch.ops.aten.convolution_backward(
+                gy, xx, ww, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [True, True, True])
+
+        ref_gx, ref_gw, ref_gb = conv_backward(grad_y.double(), x.double(), w.double())
+        pt_gx, pt_gw, pt_gb = conv_backward(grad_y, x, w)  # PyTorch's own, at this dtype
+        gw, gb = cpp.repso_conv_weight_grad(grad_y, x)
+        assert gw.shape == (C, 1, 3, 3) and gb.shape == (C,) and gw.dtype == rm.stats_dtype(dtype)
+        # float64: PyTorch is exact against itself, the difference is summation order (~M ulps)
+        ulp = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+        assert max_err([gw], [ref_gw]) <= 3 * max_err([pt_gw], [ref_gw]) + ulp * scale([ref_gw])
+        assert max_err([gb], [ref_gb]) <= 3 * max_err([pt_gb], [ref_gb]) + ulp * scale([ref_gb])
+
+        mean, _ = rm.repso_moments(x, 3)
+        g_mean = torch.randn(C, 9, dtype=torch.float64)
+        g_cov = torch.randn(C, 9, 9, dtype=torch.float64)
+        gx = cpp.repso_train_backward_x(g_mean.to(mean.dtype), g_cov.to(mean.dtype), x, mean, grad_y, w)
+        assert gx.is_contiguous(**cl) and gx.dtype == dtype
+        ref_mean, _ = rm.repso_moments_ref(x.double(), 3)
+        moments_part = rm.repso_moments_backward_ref(g_mean, g_cov, x.double(), ref_mean, 3)
+        ref = moments_part + ref_gx
+        # PyTorch's own error for this sum: its conv input gradient at this dtype, plus the moments
+        # part rounded to this dtype
+        own = max_err([pt_gx], [ref_gx]) + max_err([moments_part.to(dtype)], [moments_part])
+        assert max_err([gx], [ref]) <= 3 * own + ulp * scale([ref]), (dtype, max_err([gx], [ref]), own)
+
+
+def test_cl3_backward_ops_reject_other_layouts():
+    cpp = torch.ops.falconnet_C
+    x = torch.randn(2, 16, 5, 5)  # NCHW
+    with pytest.raises(RuntimeError, match="channels_last"):
+        cpp.repso_conv_weight_grad(x, x)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)  # C not a multiple of 16
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpp.repso_conv_weight_grad(x, x)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_fold_op_matches_reference(monkeypatch, backend):
     """falconnet::repso_fold (C++ on the CPU) against its definition, with gradcheck and opcheck;

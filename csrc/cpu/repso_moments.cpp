@@ -556,14 +556,15 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
   });
 }
 
-// grad_x(v) = 1/M [ cst_k + sum_taps st_k[tap] w(v + tap) ] for the class k of v (see
-// moments_backward_kernel), with per-channel stencils as [25][16] values.
+// grad_x(v) = cst_k + sum_taps st_k[tap] w(v + tap) for the class k of v (see
+// moments_backward_kernel; 1/M is folded into cst and st), with per-channel stencils as [25][16]
+// values; with the conv (CONV), plus its input gradient sum_taps cw[tap] gy(v - tap).
 // NP adjacent positions of one row and one part, sharing the stencil st ([25][16], that part's
 // lanes): per stencil row, NP + 4 plane loads and 5 weight loads feed 5 NP products (the same
 // plane value serves five positions), instead of two loads per product.
-template <int NP, typename A, typename scalar_t>
-__attribute__((always_inline)) inline void stencil_run(const A* u, int64_t row_stride, const A* st,
-                                                       typename Simd<A>::V k0, A scale, scalar_t* out,
+template <int NP, bool CONV, typename A, typename scalar_t>
+__attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp, int64_t row_stride, const A* st,
+                                                       const A* cw, typename Simd<A>::V k0, scalar_t* out,
                                                        int64_t out_stride) {
   using S = Simd<A>;
   using V = typename S::V;
@@ -572,62 +573,95 @@ __attribute__((always_inline)) inline void stencil_run(const A* u, int64_t row_s
   // every index below is a compile-time constant (index sequences, not loops), so acc stays in
   // registers: a loop the compiler does not fully unroll spills it
   [&]<int... Q>(std::integer_sequence<int, Q...>) { ((acc[Q] = k0), ...); }(std::make_integer_sequence<int, NP>{});
-  for (int di = -2; di <= 2; ++di) {
-    const A* wrow = st + (di + 2) * 5 * kCB;
-    const A* urow = u + di * row_stride - 2 * L;
-    const V w[5] = {S::load(wrow), S::load(wrow + kCB), S::load(wrow + 2 * kCB), S::load(wrow + 3 * kCB),
-                    S::load(wrow + 4 * kCB)};
-    // plane value t feeds positions q = t - dj for the five dj: one plane register live at a time
+  // one row of a (2R+1)-wide stencil w over the plane row src (its column -R at src): plane value t
+  // feeds positions q = t - d for every d, one plane register live at a time
+  auto row_pass = [&]<int R>(std::integral_constant<int, R>, const A* src, const V* w) {
     auto feed = [&]<int T>(std::integral_constant<int, T>) {
-      const V v = S::load(urow + T * L);
+      const V v = S::load(src + T * L);
       [&]<int... D>(std::integer_sequence<int, D...>) {
         ((T - D >= 0 && T - D < NP ? (void)(acc[(T - D >= 0 && T - D < NP) ? T - D : 0] += w[D] * v) : (void)0), ...);
-      }(std::make_integer_sequence<int, 5>{});
+      }(std::make_integer_sequence<int, 2 * R + 1>{});
     };
     [&]<int... T>(std::integer_sequence<int, T...>) {
       (feed(std::integral_constant<int, T>{}), ...);
-    }(std::make_integer_sequence<int, NP + 4>{});
+    }(std::make_integer_sequence<int, NP + 2 * R>{});
+  };
+  for (int di = -2; di <= 2; ++di) {
+    const A* wrow = st + (di + 2) * 5 * kCB;
+    const V w[5] = {S::load(wrow), S::load(wrow + kCB), S::load(wrow + 2 * kCB), S::load(wrow + 3 * kCB),
+                    S::load(wrow + 4 * kCB)};
+    row_pass(std::integral_constant<int, 2>{}, u + di * row_stride - 2 * L, w);
+  }
+  if constexpr (CONV) {
+    // gy(v - tap) for tap (ki - 1, kj - 1): plane row di = 1 - ki, column offset 1 - kj
+    for (int di = -1; di <= 1; ++di) {
+      const A* wrow = cw + (1 - di) * 3 * kCB;
+      const V w[3] = {S::load(wrow + 2 * kCB), S::load(wrow + kCB), S::load(wrow)};
+      row_pass(std::integral_constant<int, 1>{}, gyp + di * row_stride - L, w);
+    }
   }
   [&]<int... Q>(std::integer_sequence<int, Q...>) {
-    (S::store_out(out + Q * out_stride, acc[Q] * scale), ...);
+    (S::store_out(out + Q * out_stride, acc[Q]), ...);
   }(std::make_integer_sequence<int, NP>{});
 }
 
 // positions [j, j1) of one row: runs of at most 8 (8 accumulators, 12 plane values and 5 weights
 // fill 25 of the 32 vector registers)
-template <typename A, typename scalar_t>
-inline void stencil_row(const A* centre, int64_t row_stride, const A* st, typename Simd<A>::V k0, A scale,
-                        scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
+template <bool CONV, typename A, typename scalar_t>
+inline void stencil_row(const A* centre, const A* gy_centre, int64_t row_stride, const A* st, const A* cw,
+                        typename Simd<A>::V k0, scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
   constexpr int64_t L = Simd<A>::kLanes;
   for (; j < j1; j += 8) {
     const A* u = centre + j * L;
+    const A* g = gy_centre + j * L;
     scalar_t* out = out_row + j * C;
     switch (std::min<int64_t>(8, j1 - j)) {
-      case 8: stencil_run<8>(u, row_stride, st, k0, scale, out, C); break;
-      case 7: stencil_run<7>(u, row_stride, st, k0, scale, out, C); break;
-      case 6: stencil_run<6>(u, row_stride, st, k0, scale, out, C); break;
-      case 5: stencil_run<5>(u, row_stride, st, k0, scale, out, C); break;
-      case 4: stencil_run<4>(u, row_stride, st, k0, scale, out, C); break;
-      case 3: stencil_run<3>(u, row_stride, st, k0, scale, out, C); break;
-      case 2: stencil_run<2>(u, row_stride, st, k0, scale, out, C); break;
-      default: stencil_run<1>(u, row_stride, st, k0, scale, out, C); break;
+      case 8: stencil_run<8, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
+      case 7: stencil_run<7, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
+      case 6: stencil_run<6, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
+      case 5: stencil_run<5, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
+      case 4: stencil_run<4, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
+      case 3: stencil_run<3, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
+      case 2: stencil_run<2, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
+      default: stencil_run<1, CONV>(u, g, row_stride, st, cw, k0, out, C); break;
     }
   }
 }
 
+// values rounded once from double to A
+template <typename A>
+inline void round_to(const double* src, int64_t n, A* dst) {
+  if constexpr (std::is_same_v<A, double>) {
+    std::memcpy(dst, src, n * sizeof(double));
+  } else {
+    int64_t i = 0;
+    for (; i + kV <= n; i += kV) {
+      const Vec8f f = __builtin_convertvector(load8(src + i), Vec8f);
+      std::memcpy(dst + i, &f, sizeof(f));
+    }
+    for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+  }
+}
+
 // Precision of the float path (float32 and bf16 x): grad_x is a sum of 26 centred terms (the
-// constant and 25 taps), each rounded once in float; the error is a few float32 ulps of the largest
-// term, as in PyTorch's own float32 BatchNorm backward (which sums in float32 too). The stencils
-// and constants are formed in double and rounded once. float64 x keeps double throughout.
+// constant and 25 taps; 9 more with the conv), each rounded once in float; the error is a few
+// float32 ulps of the largest term, as in PyTorch's own float32 BatchNorm backward (which sums in
+// float32 too). The stencils and constants are formed in double and rounded once. float64 x keeps
+// double throughout.
+// grad_y and conv_weight (C, 1, 3, 3), when given, add the input gradient of the depthwise conv
+// y = conv(x, conv_weight, padding 1) for grad_y: the whole grad_x of RepSO's one-conv training step
+// in one pass (falconnet/layers/repso_train.py).
 template <typename scalar_t, typename stat_t, typename A>
 void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x, const stat_t* mean, int64_t N,
-                 int64_t C, int64_t H, int64_t W, scalar_t* grad_x) {
+                 int64_t C, int64_t H, int64_t W, scalar_t* grad_x, const scalar_t* grad_y,
+                 const scalar_t* conv_weight) {
   using S = Simd<A>;
   constexpr int64_t L = S::kLanes;
   // one zero guard row above each part and two below, two zero guard columns each side: every
   // position reads its full 5 x 5 neighbourhood, and a class's unreachable taps are 0 in its stencil
   const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 3) * row_stride;
-  const A inv_M = static_cast<A>(1.0 / static_cast<double>(N * H * W));
+  const double inv_M = 1.0 / static_cast<double>(N * H * W);
+  const bool with_conv = grad_y != nullptr;
   // valid offsets along an axis of length n at index i: [max(0, i + 1 - (n-1)), min(2, i + 1)];
   // runs of equal range
   auto classes = [](int64_t n, std::vector<std::array<int64_t, 4>>& cls) {  // (lo, hi, i0, i1)
@@ -644,26 +678,30 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
   // A class with valid offsets pi in [pi0, pi1] reaches stencil rows di = qi - pi in [-pi1, 2 - pi0]
   // (columns alike); its other taps stay 0, so every class runs the same unrolled 25-tap code.
   at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
-    // byte sizes in doubles: the Aligned buffers are double arrays, 64-byte aligned
+    // sizes in doubles: the Aligned buffers are double arrays, 64-byte aligned
     const int64_t per_double = sizeof(double) / sizeof(A);
     Aligned plane_buf((kCB / L) * part_stride / per_double + 1), stencil_buf(n_k * 25 * kCB / per_double + 1),
-        cls_cst_buf(n_k * kCB / per_double + 1);
+        cls_cst_buf(n_k * kCB / per_double + 1), gy_buf(with_conv ? (kCB / L) * part_stride / per_double + 1 : 0),
+        cw_buf(9 * kCB / per_double + 1);
     A* const plane = reinterpret_cast<A*>(plane_buf.data);
+    A* const gy_plane = reinterpret_cast<A*>(gy_buf.data);
     A* const stencil = reinterpret_cast<A*>(stencil_buf.data);
     A* const cls_cst = reinterpret_cast<A*>(cls_cst_buf.data);
+    A* const cw = reinterpret_cast<A*>(cw_buf.data);  // [9][16]: conv weight tap, channel
     std::vector<double> G(81 * kCB), cst(9 * kCB), st_d(n_k * 25 * kCB), cc_d(n_k * kCB);
-    std::vector<A> a(kCB);
+    std::vector<A> a(kCB), zero(kCB, A(0));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCB;
       for (int64_t c = 0; c < kCB; ++c) a[c] = static_cast<A>(mean[(c0 + c) * 9 + 4]);
+      // G and the constants carry the 1/M of the statistics
       for (int64_t p = 0; p < 9; ++p)
         for (int64_t q = 0; q < 9; ++q)
           for (int64_t c = 0; c < kCB; ++c)
-            G[(p * 9 + q) * kCB + c] = static_cast<double>(grad_cov[((c0 + c) * 9 + p) * 9 + q]) +
-                                       static_cast<double>(grad_cov[((c0 + c) * 9 + q) * 9 + p]);
+            G[(p * 9 + q) * kCB + c] = (static_cast<double>(grad_cov[((c0 + c) * 9 + p) * 9 + q]) +
+                                        static_cast<double>(grad_cov[((c0 + c) * 9 + q) * 9 + p])) * inv_M;
       for (int64_t p = 0; p < 9; ++p)
         for (int64_t c = 0; c < kCB; ++c) {
-          double t = static_cast<double>(grad_mean[(c0 + c) * 9 + p]);
+          double t = static_cast<double>(grad_mean[(c0 + c) * 9 + p]) * inv_M;
           for (int64_t q = 0; q < 9; ++q)
             t -= G[(p * 9 + q) * kCB + c] * (static_cast<double>(mean[(c0 + c) * 9 + q]) - static_cast<double>(a[c]));
           cst[p * kCB + c] = t;
@@ -684,25 +722,21 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
               }
             }
         }
-      // rounded once to the compute type
-      for (int64_t i = 0; i < n_k * 25 * kCB; i += kV) {
-        const Vec8 v = load8(st_d.data() + i);
-        if constexpr (std::is_same_v<A, double>) {
-          store8(stencil + i, v);
-        } else {
-          const Vec8f f = __builtin_convertvector(v, Vec8f);
-          std::memcpy(stencil + i, &f, sizeof(f));
-        }
-      }
-      for (int64_t i = 0; i < n_k * kCB; ++i) cls_cst[i] = static_cast<A>(cc_d[i]);
+      round_to(st_d.data(), n_k * 25 * kCB, stencil);
+      round_to(cc_d.data(), n_k * kCB, cls_cst);
+      if (with_conv)
+        for (int64_t t = 0; t < 9; ++t)
+          for (int64_t c = 0; c < kCB; ++c) cw[t * kCB + c] = static_cast<A>(conv_weight[(c0 + c) * 9 + t]);
       for (int64_t n = 0; n < N; ++n) {
         fill_plane_as<A>(x + n * H * W * C + c0, C, H, W, a.data(), plane + row_stride, part_stride);
+        if (with_conv)  // grad_y zero-padded
+          fill_plane_as<A>(grad_y + n * H * W * C + c0, C, H, W, zero.data(), gy_plane + row_stride, part_stride);
         // one part at a time: its five stencil rows stay in L1
         for (int64_t h = 0; h < kCB; h += L)
           for (int64_t rc = 0; rc < n_rc; ++rc)
             for (int64_t i = rcls[rc][2]; i < rcls[rc][3]; ++i) {
-              // w at image (i, 0): padded (i + 1, 1), below the guard row
-              const A* centre = plane + (h / L) * part_stride + (i + 2) * row_stride + 3 * L;
+              // image (i, 0): padded (i + 1, 1), below the guard row
+              const int64_t centre_at = (h / L) * part_stride + (i + 2) * row_stride + 3 * L;
               scalar_t* out_row = grad_x + ((n * H + i) * W) * C + c0 + h;
               for (int64_t cc = 0; cc < n_cc; ++cc) {
                 const int64_t k = rc * n_cc + cc;
@@ -710,7 +744,12 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
                 const typename S::V k0 = S::load(cls_cst + k * kCB + h);
                 // the full 5 x 5 at every position (constant bounds, fully unrolled): branchy loops
                 // over each border class's own tap rectangle cost more at small maps than the zero taps
-                stencil_row<A>(centre, row_stride, st, k0, inv_M, out_row, C, ccls[cc][2], ccls[cc][3]);
+                if (with_conv)
+                  stencil_row<true, A>(plane + centre_at, gy_plane + centre_at, row_stride, st, cw + h, k0, out_row,
+                                       C, ccls[cc][2], ccls[cc][3]);
+                else
+                  stencil_row<false, A>(plane + centre_at, nullptr, row_stride, st, nullptr, k0, out_row, C,
+                                        ccls[cc][2], ccls[cc][3]);
               }
             }
       }
@@ -720,9 +759,96 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
 
 template <typename scalar_t, typename stat_t>
 void backward(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x, const stat_t* mean, int64_t N,
-              int64_t C, int64_t H, int64_t W, scalar_t* grad_x) {
+              int64_t C, int64_t H, int64_t W, scalar_t* grad_x, const scalar_t* grad_y = nullptr,
+              const scalar_t* conv_weight = nullptr) {
   using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  backward_as<scalar_t, stat_t, A>(grad_mean, grad_cov, x, mean, N, C, H, W, grad_x);
+  backward_as<scalar_t, stat_t, A>(grad_mean, grad_cov, x, mean, N, C, H, W, grad_x, grad_y, conv_weight);
+}
+
+// The weight and bias gradients of the depthwise 3x3 conv y = conv(x, w, padding 1) (C, 1, 3, 3):
+// grad_w[c, ki, kj] = sum_v gy(v) x(v + (ki - 1, kj - 1)), grad_b[c] = sum_v gy(v), x zero-padded.
+// Per block of 16 channels and image: a zero-padded plane of x; runs of up to 8 positions of a row
+// keep their gy values in registers and share each plane load among three taps; float products,
+// float sums added into double every row (as the moments forward). Results in stat_t.
+template <typename scalar_t, typename stat_t>
+void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W,
+                      stat_t* grad_w, stat_t* grad_b) {
+  using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using S = Simd<A>;
+  using V = typename S::V;
+  constexpr int64_t L = S::kLanes;
+  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
+  at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t per_double = sizeof(double) / sizeof(A);
+    Aligned plane_buf((kCB / L) * part_stride / per_double + 1);
+    A* const plane = reinterpret_cast<A*>(plane_buf.data);
+    std::vector<A> zero(kCB, A(0));
+    std::vector<double> total(10 * kCB);  // [tap or bias][channel]
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCB;
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t n = 0; n < N; ++n) {
+        fill_plane_as<A>(x + n * H * W * C + c0, C, H, W, zero.data(), plane, part_stride);
+        for (int64_t h = 0; h < kCB; h += L) {
+          V acc[10];
+          for (auto& v : acc) v = V{};
+          for (int64_t i = 0; i < H; ++i) {
+            const scalar_t* gy_row = grad_y + ((n * H + i) * W) * C + c0 + h;
+            // x at image (i + di, j + dj): padded (i + 1 + di, j + 1 + dj)
+            const A* centre = plane + (h / L) * part_stride + (i + 1) * row_stride + 3 * L;
+            for (int64_t j = 0; j < W; j += 8) {
+              const int64_t np = std::min<int64_t>(8, W - j);
+              auto run = [&]<int NP>(std::integral_constant<int, NP>) {
+                V g[NP];
+                [&]<int... Q>(std::integer_sequence<int, Q...>) {
+                  ((g[Q] = load_as<A>(gy_row + (j + Q) * C)), ...);
+                  ((acc[9] += g[Q]), ...);
+                }(std::make_integer_sequence<int, NP>{});
+                for (int di = -1; di <= 1; ++di) {
+                  const A* src = centre + di * row_stride + (j - 1) * L;
+                  V* a3 = acc + (di + 1) * 3;
+                  // plane value t (column j - 1 + t) meets position q = t - D through tap kj = D
+                  auto feed = [&]<int T>(std::integral_constant<int, T>) {
+                    const V v = S::load(src + T * L);
+                    [&]<int... D>(std::integer_sequence<int, D...>) {
+                      ((T - D >= 0 && T - D < NP ? (void)(a3[D] += g[(T - D >= 0 && T - D < NP) ? T - D : 0] * v)
+                                                 : (void)0),
+                       ...);
+                    }(std::make_integer_sequence<int, 3>{});
+                  };
+                  [&]<int... T>(std::integer_sequence<int, T...>) {
+                    (feed(std::integral_constant<int, T>{}), ...);
+                  }(std::make_integer_sequence<int, NP + 2>{});
+                }
+              };
+              switch (np) {
+                case 8: run(std::integral_constant<int, 8>{}); break;
+                case 7: run(std::integral_constant<int, 7>{}); break;
+                case 6: run(std::integral_constant<int, 6>{}); break;
+                case 5: run(std::integral_constant<int, 5>{}); break;
+                case 4: run(std::integral_constant<int, 4>{}); break;
+                case 3: run(std::integral_constant<int, 3>{}); break;
+                case 2: run(std::integral_constant<int, 2>{}); break;
+                default: run(std::integral_constant<int, 1>{}); break;
+              }
+            }
+            if (i + 1 == H || ((i + 1) * W) % kFlush < W) {  // about every kFlush positions, and at the end
+              for (int64_t t = 0; t < 10; ++t) {
+                A tmp[L];
+                std::memcpy(tmp, &acc[t], sizeof(V));
+                for (int64_t c = 0; c < L; ++c) total[t * kCB + h + c] += static_cast<double>(tmp[c]);
+                acc[t] = V{};
+              }
+            }
+          }
+        }
+      }
+      for (int64_t c = 0; c < kCB; ++c) {
+        for (int64_t t = 0; t < 9; ++t) grad_w[(c0 + c) * 9 + t] = static_cast<stat_t>(total[t * kCB + c]);
+        grad_b[c0 + c] = static_cast<stat_t>(total[9 * kCB + c]);
+      }
+    }
+  });
 }
 
 }  // namespace cl3
@@ -1061,6 +1187,64 @@ at::Tensor repso_moments_backward(const at::Tensor& grad_mean_in, const at::Tens
   return grad_x.contiguous(x_in.suggest_memory_format());
 }
 
+// The two kernels of RepSO's one-conv training backward on the channels_last fast path
+// (use_cl3: K = 3, C a multiple of 16): the conv's weight and bias gradients, and the whole grad_x
+// (moments backward plus the conv's input gradient) in one pass.
+void check_cl3_pair(const char* op, const at::Tensor& x, const at::Tensor& grad_y) {
+  TORCH_CHECK(use_cl3(x, 3), op, ": x must be a channels_last (N, C, H, W) CPU tensor with C a multiple of 16, got ",
+              x.sizes(), x.is_contiguous(at::MemoryFormat::ChannelsLast) ? "" : " (not channels_last)");
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), op,
+              ": grad_y must have x's shape and dtype, got ", grad_y.sizes(), " ", grad_y.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> repso_conv_weight_grad(const at::Tensor& grad_y_in, const at::Tensor& x) {
+  check_cl3_pair("repso_conv_weight_grad", x, grad_y_in);
+  const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto st = stat_type(x.scalar_type());
+  at::Tensor grad_w = at::empty({C, 1, 3, 3}, x.options().dtype(st)), grad_b = at::empty({C}, x.options().dtype(st));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "repso_conv_weight_grad", [&] {
+    if (st == at::kDouble)
+      cl3::conv_weight_grad<scalar_t, double>(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), N, C,
+                                              H, W, grad_w.data_ptr<double>(), grad_b.data_ptr<double>());
+    else
+      cl3::conv_weight_grad<scalar_t, float>(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), N, C,
+                                             H, W, grad_w.data_ptr<float>(), grad_b.data_ptr<float>());
+  });
+  return {grad_w, grad_b};
+}
+
+at::Tensor repso_train_backward_x(const at::Tensor& grad_mean_in, const at::Tensor& grad_cov_in, const at::Tensor& x,
+                                  const at::Tensor& mean_in, const at::Tensor& grad_y_in,
+                                  const at::Tensor& weight_in) {
+  check_cl3_pair("repso_train_backward_x", x, grad_y_in);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto st = stat_type(x.scalar_type());
+  TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({C, 9}) && grad_mean_in.sizes() == mean_in.sizes() &&
+                  grad_cov_in.sizes() == at::IntArrayRef({C, 9, 9}),
+              "repso_train_backward_x: mean and grad_mean must be (", C, ", 9), grad_cov (", C, ", 9, 9)");
+  TORCH_CHECK(weight_in.numel() == C * 9 && weight_in.scalar_type() == x.scalar_type(),
+              "repso_train_backward_x: weight must be (", C, ", 1, 3, 3) of x's dtype, got ", weight_in.sizes());
+  const at::Tensor grad_mean = grad_mean_in.to(st).contiguous(), grad_cov = grad_cov_in.to(st).contiguous();
+  const at::Tensor mean = mean_in.to(st).contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "repso_train_backward_x", [&] {
+    if (st == at::kDouble)
+      cl3::backward<scalar_t, double>(grad_mean.const_data_ptr<double>(), grad_cov.const_data_ptr<double>(),
+                                      x.const_data_ptr<scalar_t>(), mean.const_data_ptr<double>(), N, C, H, W,
+                                      grad_x.data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+                                      weight.const_data_ptr<scalar_t>());
+    else
+      cl3::backward<scalar_t, float>(grad_mean.const_data_ptr<float>(), grad_cov.const_data_ptr<float>(),
+                                     x.const_data_ptr<scalar_t>(), mean.const_data_ptr<float>(), N, C, H, W,
+                                     grad_x.data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+                                     weight.const_data_ptr<scalar_t>());
+  });
+  return grad_x;
+}
+
 }  // namespace
 
 // Development builds load this file alone beside the installed extension, under another namespace
@@ -1080,6 +1264,12 @@ TORCH_LIBRARY_FRAGMENT(FALCONNET_OPS_NAMESPACE, m) {
   // -> gradients of mean, cov, kernels, gamma, beta
   m.def("repso_fold_backward(Tensor grad_folded, Tensor grad_bias, Tensor mean, Tensor cov, Tensor kernels,"
         " Tensor gamma, Tensor eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // RepSO one-conv training backward, channels_last, K = 3, C % 16 == 0: the depthwise conv's
+  // weight (C, 1, 3, 3) and bias gradients in the statistics dtype
+  m.def("repso_conv_weight_grad(Tensor grad_y, Tensor x) -> (Tensor, Tensor)");
+  // -> grad_x = the moments backward plus the conv's input gradient for grad_y and weight
+  m.def("repso_train_backward_x(Tensor grad_mean, Tensor grad_cov, Tensor x, Tensor mean, Tensor grad_y,"
+        " Tensor weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(FALCONNET_OPS_NAMESPACE, CPU, m) {
@@ -1087,4 +1277,6 @@ TORCH_LIBRARY_IMPL(FALCONNET_OPS_NAMESPACE, CPU, m) {
   m.impl("repso_moments_backward", &repso_moments_backward);
   m.impl("repso_fold_forward", &repso_fold_forward);
   m.impl("repso_fold_backward", &repso_fold_backward);
+  m.impl("repso_conv_weight_grad", &repso_conv_weight_grad);
+  m.impl("repso_train_backward_x", &repso_train_backward_x);
 }

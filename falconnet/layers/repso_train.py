@@ -93,24 +93,25 @@ def _scale_shift(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tenso
 
 
 @functools.lru_cache(maxsize=64)
-def _embedding_matrix(shapes: tuple, K: int, with_identity: bool, dtype: torch.dtype, device: torch.device):
-    """(S, B*K*K) 0/1 matrix E and the (B*K*K,) identity row: for the branch weights flattened
-    and concatenated into W (C, S), W @ E + identity row = every branch kernel embedded in KxK,
-    side by side. One matmul replaces B pads and a stack (and their B backward ops)."""
-    B = len(shapes) + int(with_identity)
+def _embedding_index(shapes: tuple, K: int, with_identity: bool, device: torch.device) -> Tensor:
+    """(B*K*K,) source columns: with the branch weights flattened and concatenated into W (C, S),
+    then a zero column and a one column appended, W[:, index] is every branch kernel embedded in
+    KxK side by side (the identity a centred 1). One index_select (backward: one index_add)
+    replaces B pads and a stack, and costs half a 0/1 matrix product."""
     S = sum(kh * kw for kh, kw in shapes)
-    E = torch.zeros(S, B * K * K, dtype=dtype)
-    row = 0
-    for b, (kh, kw) in enumerate(shapes):
+    zero, one = S, S + 1
+    index = []
+    start = 0
+    for kh, kw in shapes:
         dh, dw = (K - kh) // 2, (K - kw) // 2
-        for i in range(kh):
-            for j in range(kw):
-                E[row, b * K * K + (i + dh) * K + (j + dw)] = 1
-                row += 1
-    identity = torch.zeros(B * K * K, dtype=dtype)
+        for i in range(K):
+            for j in range(K):
+                inside = dh <= i < dh + kh and dw <= j < dw + kw
+                index.append(start + (i - dh) * kw + (j - dw) if inside else zero)
+        start += kh * kw
     if with_identity:
-        identity[(B - 1) * K * K + (K * K) // 2] = 1
-    return E.to(device), identity.to(device)
+        index += [one if p == (K * K) // 2 else zero for p in range(K * K)]
+    return torch.tensor(index, dtype=torch.long, device=device)
 
 
 def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
@@ -149,11 +150,12 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
 
 
 def _embedded_kernels(weights: Sequence[Tensor], with_identity: bool, K: int, dtype, device) -> Tensor:
-    """(C, B, K*K): every branch kernel (and the identity, last) embedded in KxK, by one addmm."""
+    """(C, B, K*K): every branch kernel (and the identity, last) embedded in KxK, by one index_select."""
     C = weights[0].shape[0]
-    E, identity = _embedding_matrix(tuple((w.shape[2], w.shape[3]) for w in weights), K, with_identity, dtype, device)
-    flat = torch.cat([w.reshape(C, -1) for w in weights], 1).to(dtype)  # (C, S)
-    return torch.addmm(identity, flat, E).view(C, -1, K * K)
+    index = _embedding_index(tuple((w.shape[2], w.shape[3]) for w in weights), K, with_identity, device)
+    w0 = weights[0]
+    flat = torch.cat([w.reshape(C, -1) for w in weights] + [w0.new_zeros(C, 1), w0.new_ones(C, 1)], 1)
+    return flat.to(dtype).index_select(1, index).view(C, -1, K * K)
 
 
 def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
@@ -191,6 +193,14 @@ class _OneConvTrainCPU(torch.autograd.Function):
         K, C = ctx.K, x.shape[1]
         cpp = getattr(torch.ops, CPP_NAMESPACE)
         need_x = ctx.needs_input_grad[0]
+        if K == 3 and C % 16 == 0 and x.is_contiguous(memory_format=torch.channels_last):
+            # the channels_last fast path: the conv's weight gradient, then all of grad_x in one pass
+            grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+            grad_w, grad_b = cpp.repso_conv_weight_grad(grad_y, x)
+            g_mean, g_cov, g_k, g_gamma, g_beta = cpp.repso_fold_backward(
+                grad_w.view(C, K * K), grad_b, mean, cov, kernels, gamma, eps)
+            grad_x = cpp.repso_train_backward_x(g_mean, g_cov, x, mean, grad_y, weight) if need_x else None
+            return grad_x, g_k, g_gamma, g_beta, None, None
         grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last)
             else grad_y.contiguous(),
