@@ -177,15 +177,21 @@ class _OneConvTrainCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernels, gamma, beta, eps, K):
         cpp = getattr(torch.ops, CPP_NAMESPACE)
+        C = x.shape[1]
+        # The C++ kernels' fast path is channels_last (K = 3, C a multiple of 16); other layouts
+        # take a channels_last copy there (and hand y and grad_x back in their own layout): two
+        # copies each way cost a fraction of the per-channel kernels' time
+        ctx.nchw = K == 3 and C % 16 == 0 and not x.is_contiguous(memory_format=torch.channels_last)
+        if ctx.nchw:
+            x = x.contiguous(memory_format=torch.channels_last)
         mean, cov = cpp.repso_moments_forward(x, K)
         folded, bias, bmean, bvar = cpp.repso_fold_forward(mean, cov, kernels, gamma, beta, eps)
-        C = x.shape[1]
         weight = folded.view(C, 1, K, K).to(x.dtype)
         y = F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C)
         ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight)
         ctx.K = K
         ctx.mark_non_differentiable(bmean, bvar)
-        return y, bmean, bvar
+        return (y.contiguous() if ctx.nchw else y), bmean, bvar
 
     @staticmethod
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
@@ -200,6 +206,8 @@ class _OneConvTrainCPU(torch.autograd.Function):
             g_mean, g_cov, g_k, g_gamma, g_beta = cpp.repso_fold_backward(
                 grad_w.view(C, K * K), grad_b, mean, cov, kernels, gamma, eps)
             grad_x = cpp.repso_train_backward_x(g_mean, g_cov, x, mean, grad_y, weight) if need_x else None
+            if grad_x is not None and ctx.nchw:
+                grad_x = grad_x.contiguous()
             return grad_x, g_k, g_gamma, g_beta, None, None
         grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last)
