@@ -410,6 +410,49 @@ inline int64_t slots(int64_t n, std::vector<int64_t>& slot) {
 // (measured: float32 statistics within 4e-7 of the float64 reference, as with double throughout).
 constexpr int64_t kFlush = 64;
 
+// NP adjacent positions of one padded row (u: the first) into the 13 lag accumulators and the sum
+// s: the NP values stay in registers, and each partner value is loaded once for every position
+// and lag that uses it (3 NP + 10 loads for 14 NP products, instead of 14 NP).
+template <int NP, typename A>
+__attribute__((always_inline)) inline void lag_run(const A* u, int64_t row_stride, typename Simd<A>::V* s) {
+  using S = Simd<A>;
+  using V = typename S::V;
+  constexpr int64_t L = S::kLanes;
+  V w[NP];
+  [&]<int... Q>(std::integer_sequence<int, Q...>) {
+    ((w[Q] = S::load(u + Q * L)), ...);
+    ((s[kLags] += w[Q]), ...);
+  }(std::make_integer_sequence<int, NP>{});
+  // row D = 0: lags d = 0, 1, 2 (accumulators 0..2); value t meets position q = t - d
+  [&]<int... T>(std::integer_sequence<int, T...>) {
+    auto feed = [&]<int T1>(std::integral_constant<int, T1>) {
+      const V v = T1 < NP ? w[T1 < NP ? T1 : 0] : S::load(u + T1 * L);
+      [&]<int... D>(std::integer_sequence<int, D...>) {
+        ((T1 - D >= 0 && T1 - D < NP ? (void)(s[D] += w[(T1 - D >= 0 && T1 - D < NP) ? T1 - D : 0] * v) : (void)0),
+         ...);
+      }(std::make_integer_sequence<int, 3>{});
+    };
+    (feed(std::integral_constant<int, T>{}), ...);
+  }(std::make_integer_sequence<int, NP + 2>{});
+  // rows D = 1, 2: lags d = -2..2 (accumulators 3 + 5 (D - 1) + d + 2); value t (column t - 2)
+  // meets position q = t - 2 - d
+  for (int Dr = 1; Dr <= 2; ++Dr) {
+    const A* src = u + Dr * row_stride - 2 * L;
+    V* acc = s + 3 + 5 * (Dr - 1);
+    [&]<int... T>(std::integer_sequence<int, T...>) {
+      auto feed = [&]<int T1>(std::integral_constant<int, T1>) {
+        const V v = S::load(src + T1 * L);
+        [&]<int... E>(std::integer_sequence<int, E...>) {  // E = d + 2; q = T1 - E
+          ((T1 - E >= 0 && T1 - E < NP ? (void)(acc[E] += w[(T1 - E >= 0 && T1 - E < NP) ? T1 - E : 0] * v)
+                                       : (void)0),
+           ...);
+        }(std::make_integer_sequence<int, 5>{});
+      };
+      (feed(std::integral_constant<int, T>{}), ...);
+    }(std::make_integer_sequence<int, NP + 4>{});
+  }
+}
+
 // One class block: padded rows [r0, r1) x columns [t0, t1) of n_img planes (pointers to row 0,
 // column 0, one part of the block), all of one (row slot, column slot) class; its 13 lag products
 // and the plain sum stay in registers, added into the double totals acc ([kAcc][16]) at the end
@@ -443,12 +486,15 @@ inline void accumulate_block(const A* plane, int64_t plane_stride, int64_t n_img
   for (int64_t g = 0; g < n_img; ++g)
     for (int64_t r = r0; r < r1; ++r) {
       const A* row = plane + g * plane_stride + r * row_stride;
-      for (int64_t t = t0; t < t1; ++t) {
-        const A* u = row + t * L;
-        const V w = S::load(u);
-        s[kLags] += w;
-#pragma GCC unroll 13
-        for (int l = 0; l < kLags; ++l) s[l] += w * S::load(u + kLagD[l] * row_stride + kLagd[l] * L);
+      // runs of 4: 4 values, 14 accumulators and a partner fit the 32 vector registers (runs of 8
+      // spilled the accumulators)
+      int64_t t = t0;
+      for (; t + 4 <= t1; t += 4) lag_run<4, A>(row + t * L, row_stride, s);
+      switch (t1 - t) {
+        case 3: lag_run<3, A>(row + t * L, row_stride, s); break;
+        case 2: lag_run<2, A>(row + t * L, row_stride, s); break;
+        case 1: lag_run<1, A>(row + t * L, row_stride, s); break;
+        default: break;
       }
       pending += t1 - t0;
       if (!is_double && pending >= kFlush) {
@@ -488,6 +534,14 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
   std::vector<int64_t> rrep(n_rs), crep(n_cs);
   for (int64_t r = Hp - 1; r >= 0; --r) rrep[rslot[r]] = r;
   for (int64_t t = Wp - 1; t >= 0; --t) crep[cslot[t]] = t;
+  // the slots inside the window with top-left padded corner pi (rows) or pj (columns)
+  std::array<std::vector<int64_t>, 3> in_rows, in_cols;
+  for (int64_t o = 0; o < 3; ++o) {
+    for (int64_t rs = 0; rs < n_rs; ++rs)
+      if (rrep[rs] >= o && rrep[rs] < o + H) in_rows[o].push_back(rs);
+    for (int64_t cs = 0; cs < n_cs; ++cs)
+      if (crep[cs] >= o && crep[cs] < o + W) in_cols[o].push_back(cs);
+  }
   const int64_t part_stride = (Hp + 2) * row_stride, plane_stride = (kCB / L) * part_stride;
   const int64_t G = images_per_group(N, plane_stride * static_cast<int64_t>(sizeof(A)) / 8);
   at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
@@ -519,16 +573,17 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
                                   rr[1], cr[0], cr[1], acc + (rr[2] * n_cs + cr[2]) * kAcc * kCB + h);
       }
       // sum of accumulator l over the classes inside the window with top-left padded corner (pi, pj)
+      // (the slot lists per window are fixed: in_rows / in_cols; 16 lanes as two vectors)
       auto window_sum = [&](int64_t l, int64_t pi, int64_t pj) {
-        std::fill(total.begin(), total.end(), 0.0);
-        for (int64_t rs = 0; rs < n_rs; ++rs) {
-          if (rrep[rs] < pi || rrep[rs] >= pi + H) continue;
-          for (int64_t cs = 0; cs < n_cs; ++cs) {
-            if (crep[cs] < pj || crep[cs] >= pj + W) continue;
+        Vec8 lo = {}, hi = {};
+        for (const int64_t rs : in_rows[pi])
+          for (const int64_t cs : in_cols[pj]) {
             const double* v = acc + ((rs * n_cs + cs) * kAcc + l) * kCB;
-            for (int64_t c = 0; c < kCB; ++c) total[c] += v[c];
+            lo += load8(v);
+            hi += load8(v + kV);
           }
-        }
+        store8(total.data(), lo);
+        store8(total.data() + kV, hi);
       };
       for (int64_t p = 0; p < 9; ++p) {
         window_sum(kLags, p / 3, p % 3);
