@@ -4,7 +4,10 @@
 # bench_gpu.png and logs.tgz (env, build, tests, benchmark logs) - 8 files, the device tool's limit.
 # Commit them under benchmarks/results/<date>-<gpu>/ with a NOTES.md.
 #   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: tests only, no benchmarks)
-#   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s).
+#   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s);
+#   BUDGET (default 540 s) caps the whole script: a stage gets at most what is left of it, and
+#   stages are skipped once it is spent, so the logs and JSONs written so far always come back
+#   within one device call.
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -12,6 +15,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
+# seconds for a stage: its own cap, or what is left of BUDGET (minus 20 s to pack), if less
+stage_time() { local left=$(( ${BUDGET:-540} - 20 - ($(date +%s) - start) )); (( left < $1 )) && echo $left || echo $1; }
 
 { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
 stamp "building the extension"
@@ -24,8 +29,9 @@ stamp "tests (CUDA and Triton on the GPU)"
 # One pytest process per file, verbose: a crash (the 2026-11-26 run died with SIGSEGV) then costs
 # only its file, and the last test name in the log is the one that crashed.
 for f in tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py; do
-  stamp "tests: $f"
-  timeout ${TEST_TIMEOUT:-120} $PY -m pytest -v -rf --timeout=100 -p no:cacheprovider "$f" -m "cuda or triton" \
+  t=$(stage_time ${TEST_TIMEOUT:-120}); (( t < 20 )) && { stamp "budget spent: skipping $f"; continue; }
+  stamp "tests: $f (up to ${t}s)"
+  timeout $t $PY -m pytest -v -rf --timeout=100 -p no:cacheprovider "$f" -m "cuda or triton" \
     > "$OUT/tests_$(basename $f .py).log" 2>&1
   code=$?
   echo "exit code: $code" >> "$OUT/tests_$(basename $f .py).log"
@@ -50,8 +56,9 @@ for group in ${BENCH_GROUPS:-copy_and_sf_fwd dw sf_fwdbwd models repso}; do
     models) files=benchmarks/test_bench_models.py; k="model";;
     repso) files=benchmarks/test_bench_repso_train.py; k="repso or train";;
   esac
-  stamp "benchmarks: $group"
-  timeout ${BENCH_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider $files --bench-device cuda -k "$k" \
+  t=$(stage_time ${BENCH_TIMEOUT:-150}); (( t < 30 )) && { stamp "budget spent: skipping benchmarks $group"; continue; }
+  stamp "benchmarks: $group (up to ${t}s)"
+  timeout $t $PY -m pytest -q -p no:cacheprovider $files --bench-device cuda -k "$k" \
     --benchmark-json="$OUT/bench_$group.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
     >> "$OUT/bench.log" 2>&1
   echo "benchmarks $group exit code: $?" >> "$OUT/bench.log"
