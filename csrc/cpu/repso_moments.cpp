@@ -357,6 +357,20 @@ struct Simd {
   }
 };
 
+// f(std::integral_constant<int, min(n, MaxNP)>): the kernels below take their run length (how many
+// positions share registers) as a compile-time constant; this picks it for a run of n >= 1.
+template <int MaxNP, typename F>
+inline void with_run_length(int64_t n, F&& f) {
+  if constexpr (MaxNP == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (n >= MaxNP)
+      f(std::integral_constant<int, MaxNP>{});
+    else
+      with_run_length<MaxNP - 1>(n, f);
+  }
+}
+
 // kLanes values of x converted to A
 template <typename A, typename scalar_t>
 inline typename Simd<A>::V load_as(const scalar_t* in) {
@@ -506,14 +520,8 @@ inline void accumulate_block(const A* plane, int64_t plane_stride, int64_t n_img
       const A* row = plane + g * plane_stride + r * row_stride;
       // runs of 4: 4 values, 14 accumulators and a partner fit the 32 vector registers (runs of 8
       // spilled the accumulators)
-      int64_t t = t0;
-      for (; t + 4 <= t1; t += 4) lag_run<4, A>(row + t * L, row_stride, s);
-      switch (t1 - t) {
-        case 3: lag_run<3, A>(row + t * L, row_stride, s); break;
-        case 2: lag_run<2, A>(row + t * L, row_stride, s); break;
-        case 1: lag_run<1, A>(row + t * L, row_stride, s); break;
-        default: break;
-      }
+      for (int64_t t = t0; t < t1; t += 4)
+        with_run_length<4>(t1 - t, [&](auto np) { lag_run<decltype(np)::value, A>(row + t * L, row_stride, s); });
       pending += t1 - t0;
       if (!is_double && pending >= kFlush) {
         flush();
@@ -691,16 +699,9 @@ inline void stencil_row(const A* centre, const A* gy_centre, int64_t row_stride,
     const A* u = centre + j * L;
     const A* g = CONV ? gy_centre + j * L : nullptr;
     scalar_t* out = out_row + j * C;
-    switch (std::min<int64_t>(kRun, j1 - j)) {
-      case 8: stencil_run<8, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-      case 7: stencil_run<7, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-      case 6: stencil_run<6, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-      case 5: stencil_run<5, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-      case 4: stencil_run<4, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-      case 3: stencil_run<3, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-      case 2: stencil_run<2, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-      default: stencil_run<1, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C); break;
-    }
+    with_run_length<kRun>(j1 - j, [&](auto np) {
+      stencil_run<decltype(np)::value, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C);
+    });
   }
 }
 
@@ -912,16 +913,7 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
                   }(std::make_integer_sequence<int, NP + 2>{});
                 }
               };
-              switch (np) {
-                case 8: run(std::integral_constant<int, 8>{}); break;
-                case 7: run(std::integral_constant<int, 7>{}); break;
-                case 6: run(std::integral_constant<int, 6>{}); break;
-                case 5: run(std::integral_constant<int, 5>{}); break;
-                case 4: run(std::integral_constant<int, 4>{}); break;
-                case 3: run(std::integral_constant<int, 3>{}); break;
-                case 2: run(std::integral_constant<int, 2>{}); break;
-                default: run(std::integral_constant<int, 1>{}); break;
-              }
+              with_run_length<8>(np, run);
             }
             if (i + 1 == H || ((i + 1) * W) % kFlush < W) {  // about every kFlush positions, and at the end
               for (int64_t t = 0; t < 10; ++t) {
