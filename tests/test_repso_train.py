@@ -374,6 +374,29 @@ def test_momentum_none_and_eval_mode_branches():
     assert max_err([y1] + g1 + b1, [y0] + g0 + b0) <= 1e-10 * max(1.0, scale(g0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_low_precision_cpu_fast_path_within_pytorchs_own_error(dtype, channels_last):
+    """The CPU fast path end to end (16 channels, K = 3: the one autograd node with float moments,
+    the fused grad_x and the C++ conv weight gradient; NCHW through its channels_last copy), against
+    the float64 branch sum, within 3x the error of PyTorch's own branch sum at the same precision."""
+    module = make_repso(16, "T")
+    x = torch.randn(4, 16, 9, 7, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    y_ref, g_ref, b_ref = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    low = module.to(dtype)
+    xl = x.to(dtype)
+    y_pt, g_pt, b_pt = run(branch_sum, copy.deepcopy(low), xl, grad_y)
+    y_fu, g_fu, b_fu = run(fused, copy.deepcopy(low), xl, grad_y)
+    ulp = torch.finfo(dtype).eps
+    for ours, theirs, ref in ((y_fu, y_pt, y_ref), *zip(g_fu, g_pt, g_ref)):
+        err_pt, err_fu = max_err([theirs], [ref]), max_err([ours], [ref])
+        assert err_fu <= 3 * err_pt + 4 * ulp * max(1.0, scale([ref])), (err_fu, err_pt)
+    assert max_err(b_fu, b_ref) <= 3 * max_err(b_pt, b_ref) + 4 * ulp * scale(b_ref)
+
+
 @pytest.mark.parametrize("row", ["T", "N"])  # the default, and a row with 5x5 (K = 5, not the 3x3 op)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
