@@ -152,7 +152,10 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
 def _embedded_kernels(weights: Sequence[Tensor], with_identity: bool, K: int, dtype, device) -> Tensor:
     """(C, B, K*K): every branch kernel (and the identity, last) embedded in KxK, by one index_select."""
     C = weights[0].shape[0]
-    index = _embedding_index(tuple((w.shape[2], w.shape[3]) for w in weights), K, with_identity, device)
+    shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
+    # under torch.compile the index is built in the graph (dynamo does not honour lru_cache)
+    build = _embedding_index.__wrapped__ if torch.compiler.is_compiling() else _embedding_index
+    index = build(shapes, K, with_identity, device)
     w0 = weights[0]
     flat = torch.cat([w.reshape(C, -1) for w in weights] + [w0.new_zeros(C, 1), w0.new_ones(C, 1)], 1)
     return flat.to(dtype).index_select(1, index).view(C, -1, K * K)
