@@ -97,6 +97,8 @@ def _cpp_has(op: str) -> bool:
     not go away, and the check costs a dispatcher lookup on every call of these small ops)."""
     if op in _CPP_KERNELS_SEEN:
         return True
+    if torch.compiler.is_compiling():  # the dispatcher query is not traceable (a graph break)
+        return False
     try:
         found = torch._C._dispatch_has_kernel_for_dispatch_key(f"{CPP_NAMESPACE}::{op}", "CPU")
     except RuntimeError:  # an extension built before this op existed lacks the schema
@@ -109,6 +111,12 @@ def _cpp_has(op: str) -> bool:
 def _cpp_built() -> bool:
     """The C++ kernels are in the extension only once it has been rebuilt with csrc/cpu/repso_moments.cpp."""
     return _cpp_has("repso_moments_forward")
+
+
+# asked once at import (the extension is loaded by _backend by now), so that code traced by
+# torch.compile finds the answers without querying the dispatcher
+for _op in ("repso_moments_forward", "repso_fold_forward"):
+    _cpp_has(_op)
 
 
 def _select(device: torch.device, dtype: torch.dtype) -> str:
