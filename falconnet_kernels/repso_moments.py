@@ -119,6 +119,49 @@ for _op in ("repso_moments_forward", "repso_fold_forward"):
     _cpp_has(_op)
 
 
+def _register_cpp_fakes() -> None:
+    """Fake (meta) implementations of the C++ kernels that RepSO's one-node CPU training path
+    calls directly (falconnet/layers/repso_train.py), so torch.compile can trace that path too."""
+    ns = CPP_NAMESPACE
+
+    def fake(name):
+        if not _cpp_has(name):  # an older build of the extension
+            return lambda fn: fn
+        return torch.library.register_fake(f"{ns}::{name}")
+
+    @fake("repso_moments_forward")
+    def _(x, K):
+        C, dtype = x.shape[1], stats_dtype(x.dtype)
+        return x.new_empty((C, K * K), dtype=dtype), x.new_empty((C, K * K, K * K), dtype=dtype)
+
+    @fake("repso_moments_backward")
+    def _(grad_mean, grad_cov, x, mean, K):
+        return torch.empty_like(x)
+
+    @fake("repso_fold_forward")
+    def _(mean, cov, kernels, gamma, beta, eps):
+        C, B = gamma.shape
+        return mean.new_empty(mean.shape), mean.new_empty((C,)), mean.new_empty((C, B)), mean.new_empty((C, B))
+
+    @fake("repso_fold_backward")
+    def _(grad_folded, grad_bias, mean, cov, kernels, gamma, eps):
+        return (torch.empty_like(mean), torch.empty_like(cov), torch.empty_like(kernels), torch.empty_like(gamma),
+                torch.empty_like(gamma))
+
+    @fake("repso_conv_weight_grad")
+    def _(grad_y, x):
+        C, dtype = x.shape[1], stats_dtype(x.dtype)
+        return x.new_empty((C, 1, 3, 3), dtype=dtype), x.new_empty((C,), dtype=dtype)
+
+    @fake("repso_train_backward_x")
+    def _(grad_mean, grad_cov, x, mean, grad_y, weight):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+if _cpp_has("repso_moments_forward") and _cpp_has("repso_fold_forward"):
+    _register_cpp_fakes()
+
+
 def _select(device: torch.device, dtype: torch.dtype) -> str:
     """'cpp', 'triton' or 'torch' for this device (the extension's own op names are repso_moments_*)."""
     forced = _backend.forced_backend()

@@ -316,9 +316,9 @@ def test_float64_either_conv(conv):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_one_node_cpu_path_and_compiled_custom_op_path(monkeypatch, channels_last):
-    """Eager CPU training runs moments, fold and conv as one autograd node (the C++ kernels called
-    directly); torch.compile traces the custom-op path instead (the kernels have no fake
-    implementations). Both equal the branch sum in float64, running statistics included."""
+    """CPU training runs moments, fold and conv as one autograd node (the C++ kernels called
+    directly), eagerly and under torch.compile(fullgraph=True) (through the kernels' fake
+    implementations); both equal the branch sum in float64, running statistics included."""
     module = make_repso(16, "T")
     x = torch.randn(3, 16, 6, 5, dtype=torch.float64)
     if channels_last:

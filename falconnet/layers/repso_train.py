@@ -174,8 +174,8 @@ class _OneConvTrainCPU(torch.autograd.Function):
     """moments -> fold -> conv and their backward in one autograd node, calling the C++ kernels
     directly: the same math as the custom-op path (repso_moments, repso_fold, F.conv2d), without
     two custom ops' Python autograd wrappers and dispatch (~65 us each per step), the conv's own
-    node, and the separate accumulation of grad_x's two parts. Eager CPU only (the kernels have no
-    fake implementations: under torch.compile the custom-op path runs)."""
+    node, and the separate accumulation of grad_x's two parts. CPU only; torch.compile traces it
+    through the kernels' fake implementations (falconnet_kernels/repso_moments.py)."""
 
     @staticmethod
     def forward(ctx, x, kernels, gamma, beta, eps, K):
@@ -230,7 +230,6 @@ def _use_one_node(x: Tensor, conv: str) -> bool:
         x.device.type == "cpu"
         and conv != "falconnet"
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and cpp_train_path_available(x)
     )
 
