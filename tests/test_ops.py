@@ -219,6 +219,8 @@ def test_sf_conv_batch_zero(monkeypatch, device_backend):
 DW_SHAPES = [
     pytest.param((2, 24, 13, 9, True), id="24ch-13x9-bias"),
     pytest.param((1, 80, 8, 8, False), id="80ch-8x8"),  # 80 = one full 64-channel block + a tail
+    # C a multiple of 16: channels_last stride 1 takes the one-pass backward (csrc/cpu/repso_moments.cpp)
+    pytest.param((3, 32, 7, 5, True), id="32ch-7x5-bias"),
 ]
 
 

@@ -27,6 +27,13 @@
 #include <torch/library.h>
 
 namespace falconnet::cpu {
+
+// csrc/cpu/repso_moments.cpp: the one-pass backward for stride 1, channels_last, C % 16 == 0
+// (false when it does not apply)
+bool dw3x3_backward_channels_last(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, Activation act, at::Tensor& grad_x,
+                                  at::Tensor& grad_w, at::Tensor& grad_b);
+
 namespace {
 
 struct DwShape {
@@ -426,6 +433,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_conv3x3_backward_cpu(const at:
     if (grad_x.numel()) grad_x.zero_();
     return {grad_x.contiguous(output_format(x_in)), grad_w, grad_b};
   }
+  // stride 1, channels_last, C a multiple of 16: the one-pass kernel in repso_moments.cpp
+  if (s.stride == 1 && dw3x3_backward_channels_last(grad_y, x, weight, bias, act, grad_x, grad_w, grad_b))
+    return {grad_x.contiguous(output_format(x_in)), grad_w, grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_conv3x3_backward_cpu", [&] {
     using A = compute_t<scalar_t>;
     const at::Tensor w = dw_weight_for(weight, layout);

@@ -934,6 +934,100 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
   });
 }
 
+// The backward of falconnet_kernels.dw_conv3x3 (y = act(conv(x, w, padding 1) + b), stride 1) on
+// the channels_last layout, C a multiple of 16: per block of 16 channels and image, one pass
+// forms grad_z = grad_y * act'(z) (z recomputed from a zero-padded plane of x when the activation
+// needs it) into a zero-padded plane, accumulating grad_w and grad_b, and a second pass over that
+// plane writes grad_x = the 3x3 correlation of grad_z with the flipped kernel. x and grad_y are
+// read once, grad_x written once. Float products, float sums added into double every row.
+template <typename scalar_t>
+void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
+                    falconnet::cpu::Activation act, int64_t N, int64_t C, int64_t H, int64_t W, scalar_t* grad_x,
+                    double* grad_w, double* grad_b) {
+  using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using S = Simd<A>;
+  using V = typename S::V;
+  using falconnet::cpu::Activation;
+  constexpr int64_t L = S::kLanes, n_parts = kCB / L;
+  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
+  at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t per_double = sizeof(double) / sizeof(A);
+    Aligned x_buf(n_parts * part_stride / per_double + 1), gz_buf(n_parts * part_stride / per_double + 1);
+    A* const xplane = reinterpret_cast<A*>(x_buf.data);
+    A* const gzplane = reinterpret_cast<A*>(gz_buf.data);
+    std::vector<A> zero(kCB, A(0)), wl(9 * kCB), bl(kCB, A(0));
+    std::vector<double> total(10 * kCB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCB;
+      for (int64_t t = 0; t < 9; ++t)
+        for (int64_t c = 0; c < kCB; ++c) wl[t * kCB + c] = static_cast<A>(weight[(c0 + c) * 9 + t]);
+      if (bias != nullptr)
+        for (int64_t c = 0; c < kCB; ++c) bl[c] = static_cast<A>(bias[c0 + c]);
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* xn = x + n * H * W * C + c0;
+        const scalar_t* gyn = grad_y + n * H * W * C + c0;
+        fill_plane_as<A>(xn, C, H, W, zero.data(), xplane, part_stride);
+        for (int64_t h = 0; h < n_parts; ++h) {
+          V w[9];
+          for (int t = 0; t < 9; ++t) w[t] = S::load(wl.data() + t * kCB + h * L);
+          const V b_h = S::load(bl.data() + h * L), zero_v = V{}, six = zero_v + A(6);
+          V acc[10];
+          for (auto& v : acc) v = V{};
+          A* const xp = xplane + h * part_stride;
+          A* const gp = gzplane + h * part_stride;
+          // grad_z into its plane (zero padding, as the x plane's; the interior is written below),
+          // with the weight and bias sums
+          for (int64_t t = 0; t < Wp; ++t) {
+            std::memset(gp + (t + 2) * L, 0, sizeof(V));
+            std::memset(gp + ((Hp - 1) * Wc + t + 2) * L, 0, sizeof(V));
+          }
+          for (int64_t r = 1; r < Hp - 1; ++r) {
+            std::memset(gp + (r * Wc + 2) * L, 0, sizeof(V));
+            std::memset(gp + (r * Wc + Wp + 1) * L, 0, sizeof(V));
+          }
+          for (int64_t i = 0; i < H; ++i) {
+            for (int64_t j = 0; j < W; ++j) {
+              const A* u = xp + (i * Wc + j + 2) * L;  // padded (i, j): the window's top-left
+              V xs[9];
+              for (int t = 0; t < 9; ++t) xs[t] = S::load(u + (t / 3) * row_stride + (t % 3) * L);
+              V g = load_as<A>(gyn + (i * W + j) * C + h * L);
+              if (act != Activation::kNone) {
+                V z = b_h;
+                for (int t = 0; t < 9; ++t) z += w[t] * xs[t];
+                const auto keep = act == Activation::kRelu ? (z > zero_v) : ((z > zero_v) & (z < six));
+                g = keep ? g : zero_v;
+              }
+              std::memcpy(gp + ((i + 1) * Wc + j + 3) * L, &g, sizeof(V));
+              for (int t = 0; t < 9; ++t) acc[t] += g * xs[t];
+              acc[9] += g;
+            }
+            // float sums into double every row
+            for (int t = 0; t < 10; ++t) {
+              A tmp[L];
+              std::memcpy(tmp, &acc[t], sizeof(V));
+              for (int64_t c = 0; c < L; ++c) total[t * kCB + h * L + c] += static_cast<double>(tmp[c]);
+              acc[t] = V{};
+            }
+          }
+          // grad_x(v) = sum_taps w[ki][kj] grad_z(v - (ki - 1, kj - 1))
+          for (int64_t i = 0; i < H; ++i)
+            for (int64_t j = 0; j < W; ++j) {
+              const A* u = gp + (i * Wc + j + 2) * L;  // grad_z at padded (i, j) = image (i - 1, j - 1)
+              V out = V{};
+              for (int t = 0; t < 9; ++t) out += w[8 - t] * S::load(u + (t / 3) * row_stride + (t % 3) * L);
+              S::store_out(grad_x + ((n * H + i) * W + j) * C + c0 + h * L, out);
+            }
+        }
+      }
+      for (int64_t c = 0; c < kCB; ++c) {
+        for (int t = 0; t < 9; ++t) grad_w[(c0 + c) * 9 + t] = total[t * kCB + c];
+        grad_b[c0 + c] = total[9 * kCB + c];
+      }
+    }
+  });
+}
+
 }  // namespace cl3
 
 // The channels_last fast path applies to K = 3, C a multiple of 16, x channels_last-contiguous.
@@ -1329,6 +1423,40 @@ at::Tensor repso_train_backward_x(const at::Tensor& grad_mean_in, const at::Tens
 }
 
 }  // namespace
+
+namespace falconnet::cpu {
+
+// dw_conv3x3's backward on the layout the RepSO kernels use (csrc/cpu/dw_conv3x3.cpp calls this
+// when it applies): stride 1, x channels_last, C a multiple of 16. Returns false (and touches
+// nothing) otherwise.
+bool dw3x3_backward_channels_last(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, Activation act, at::Tensor& grad_x,
+                                  at::Tensor& grad_w, at::Tensor& grad_b) {
+  if (!use_cl3(x, 3) || x.numel() == 0) return false;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const at::Tensor gy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor bvec = bias ? bias->contiguous() : at::Tensor();
+  grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor gw = at::empty({C, 9}, x.options().dtype(at::kDouble)), gb = at::empty({C}, x.options().dtype(at::kDouble));
+  bool done = true;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw3x3_backward_channels_last", [&] {
+    if (w.scalar_type() != x.scalar_type() || (bias && bvec.scalar_type() != x.scalar_type())) {
+      done = false;
+      return;
+    }
+    cl3::dw3x3_backward<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                  w.const_data_ptr<scalar_t>(), bias ? bvec.const_data_ptr<scalar_t>() : nullptr, act,
+                                  N, C, H, W, grad_x.data_ptr<scalar_t>(), gw.data_ptr<double>(),
+                                  gb.data_ptr<double>());
+  });
+  if (!done) return false;
+  grad_w = gw.view(weight.sizes()).to(weight.scalar_type());
+  grad_b = gb.to(weight.scalar_type());
+  return true;
+}
+
+}  // namespace falconnet::cpu
 
 // Development builds load this file alone beside the installed extension, under another namespace
 // (-DFALCONNET_OPS_NAMESPACE=falconnet_dev) so the two registrations do not collide.
