@@ -22,6 +22,9 @@
 //   other cases accumulate blocks of kChannelBlock channels in a small buffer. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
 //   a scratch tensor and reduces grad_weight/grad_bias in per-thread partials; pass 2 over input
 //   rows gathers grad_x (a gather, not a scatter, so rows are independent across threads).
+//   Stride 1 with C a multiple of 16 takes the one-pass kernel of csrc/cpu/repso_moments.cpp
+//   instead (padded per-block planes of x and grad_z; 1.02-1.08x oneDNN's forward+backward vs
+//   0.55-1.24x for the two-pass path, benchmarks/results/2026-11-26-cpu-2/).
 #include "cpu/common.h"
 
 #include <torch/library.h>

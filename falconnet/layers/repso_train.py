@@ -289,9 +289,11 @@ def _use_fused_dw_conv(x: Tensor, K: int, conv: str) -> bool:
     """Whether the one conv runs on falconnet_kernels.dw_conv3x3 (3x3 only) or on F.conv2d.
 
     "auto" picks F.conv2d on both devices, by forward+backward measurements at the hidden shapes:
-    on the CPU oneDNN's depthwise conv beat the extension's 1.1-7.6x (docs/repso_training.md); on
-    an H200 cuDNN's beat the Triton op 1.1-1.6x and the CUDA C++ op 2.4-11x
-    (benchmarks/results/2026-11-26-h200/bench_gpu.md, "dw_conv3x3 fwd+bwd").
+    on an H200 cuDNN's beat the Triton op 1.1-1.6x and the CUDA C++ op 2.4-11x
+    (benchmarks/results/2026-11-26-h200/bench_gpu.md, "dw_conv3x3 fwd+bwd"). On the CPU the
+    one-node path (_OneConvTrainCPU) runs oneDNN's forward and the project's own backward
+    kernels whatever this says; elsewhere on the CPU oneDNN's conv measured 1.1-7.6x faster than
+    the extension's op before its channels_last backward was rewritten (docs/repso_training.md).
     """
     if K != 3 or conv == "torch":
         return False
