@@ -403,6 +403,25 @@ def test_low_precision_cpu_fast_path_within_pytorchs_own_error(dtype, channels_l
     assert max_err(b_fu, b_ref) <= 3 * max_err(b_pt, b_ref) + 4 * ulp * scale(b_ref)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_cpu_autocast_bfloat16(channels_last):
+    """torch.autocast("cpu", bfloat16) around the one-node CPU path: the conv runs in bf16, the
+    backward in x's dtype; output and gradients within bf16 rounding of the float32 path."""
+    module = make_repso(16, "T", dtype=torch.float32)
+    x = torch.randn(4, 16, 9, 7) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    y32, g32, _ = run(fused, copy.deepcopy(module), x, grad_y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, g16, _ = run(fused, copy.deepcopy(module), x, grad_y)
+    assert y16.dtype == torch.bfloat16
+    # a few bf16 ulps (2^-8) of the largest value: the conv's inputs and output rounded to bf16
+    assert max_err([y16], [y32]) <= 4 * 2**-8 * scale([y32])
+    for a, b in zip(g16, g32):
+        assert a.dtype == b.dtype and max_err([a], [b]) <= 4 * 2**-8 * max(1.0, scale([b]))
+
+
 @pytest.mark.parametrize("row", ["T", "N"])  # the default, and a row with 5x5 (K = 5, not the 3x3 op)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])

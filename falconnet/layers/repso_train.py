@@ -200,6 +200,8 @@ class _OneConvTrainCPU(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
         x, mean, cov, kernels, gamma, eps, weight = ctx.saved_tensors
         K, C = ctx.K, x.shape[1]
+        # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
+        grad_y = grad_y.to(x.dtype)
         cpp = getattr(torch.ops, CPP_NAMESPACE)
         need_x = ctx.needs_input_grad[0]
         if K == 3 and C % 16 == 0 and x.is_contiguous(memory_format=torch.channels_last):
