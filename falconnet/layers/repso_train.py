@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from falconnet_kernels.repso_moments import (
     CPP_NAMESPACE,
@@ -197,6 +198,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
         return (y.contiguous() if ctx.nchw else y), bmean, bvar
 
     @staticmethod
+    @once_differentiable  # the kernels have no double backward: create_graph=True raises, not zeros
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
         x, mean, cov, kernels, gamma, eps, weight = ctx.saved_tensors
         K, C = ctx.K, x.shape[1]
