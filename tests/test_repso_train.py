@@ -403,6 +403,22 @@ def test_low_precision_cpu_fast_path_within_pytorchs_own_error(dtype, channels_l
     assert max_err(b_fu, b_ref) <= 3 * max_err(b_pt, b_ref) + 4 * ulp * scale(b_ref)
 
 
+def test_layer_default_picks_the_path_by_kernel_size():
+    """RepSO(one_conv_training="auto"), the default: the one conv for 3x3 rows, the branch sum for
+    rows with 5x5 / 7x7 branches (slower as one conv); True / False force either; anything else
+    is an error naming the argument."""
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64, requires_grad=True)
+    for row, one_conv in (("T", True), ("E", False), ("F", False), ("B", True)):
+        layer = RepSO(16, **TABLE3_CONFIGS[row]).double().train()
+        assert layer.one_conv_training == "auto"
+        used = type(layer(x).grad_fn).__name__
+        assert (used == "_OneConvTrainCPUBackward") == one_conv, (row, used)
+        forced = RepSO(16, one_conv_training=True, **TABLE3_CONFIGS[row]).double().train()
+        assert type(forced(x).grad_fn).__name__ == "_OneConvTrainCPUBackward"
+    with pytest.raises(ValueError, match="one_conv_training"):
+        RepSO(16, one_conv_training="yes")
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_cpu_autocast_bfloat16(channels_last):
     """torch.autocast("cpu", bfloat16) around the one-node CPU path: the conv runs in bf16, the
