@@ -4,7 +4,7 @@
 C++ (CPU), CUDA C++ or Triton kernels, or on the pure-PyTorch references in ``reference``.
 """
 from . import _backend
-from .ops import dw_conv3x3, sf_conv, sf_conv_macs, dw_conv3x3_macs
+from .ops import dw_conv3x3, dw_conv3x3_macs, sf_conv, sf_conv_macs
 from .reference import dw_conv3x3_ref, sf_conv_dense_weight, sf_conv_ref
 
 __all__ = [

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # Tile sizes are autotuned on a GPU among the configurations that fit (the 3-D index and pointer
 # tensors of a tile live in registers, and the batched products' operands in shared memory); the
 # interpreter (TRITON_INTERPRET=1), or FALCONNET_TRITON_AUTOTUNE=0, runs the first fitting one, untimed.

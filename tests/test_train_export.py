@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import onnx
 import torch
+from test_train_fixtures import StandIn, install, reparameterize_model
 
 from falconnet.train.checkpoint import atomic_save
 from falconnet.train.export import export_all, export_program
 from falconnet.train.recipe import TrainConfig
 from falconnet.train.trainer import train
-
-from test_train_fixtures import StandIn, install, reparameterize_model
 
 
 def _deployed(num_classes=10):

@@ -6,12 +6,11 @@ import os
 
 import pytest
 import torch
+from test_train_fixtures import install
 
 from falconnet.train.checkpoint import CheckpointError
 from falconnet.train.recipe import TrainConfig, lr_factor
 from falconnet.train.trainer import TrainError, train
-
-from test_train_fixtures import install
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from falconnet_kernels.reference import ACTIVATIONS as FUSED_ACTIVATIONS
 
 _UNFUSED = {"gelu": F.gelu, "silu": F.silu, "hardswish": F.hardswish}

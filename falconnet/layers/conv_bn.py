@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
 from falconnet_kernels import dw_conv3x3
 
 from .activation import DEFAULT_ACTIVATION, apply_activation, check_activation, split_for_fusion

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # Folding is done in float64 and rounded once at the end, so a folded float32 model differs from
 # the branches only by the float32 rounding of the forward itself.
 FOLD_DTYPE = torch.float64

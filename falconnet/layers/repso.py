@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+
 from falconnet_kernels import dw_conv3x3
 
 from .activation import apply_activation, check_activation, split_for_fusion

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
 from falconnet_kernels import sf_conv, sf_conv_dense_weight
 
 from .activation import apply_activation, check_activation, split_for_fusion

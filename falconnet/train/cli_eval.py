@@ -23,13 +23,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from .checkpoint import CheckpointError
     from .data import DatasetError, load_split
     from .distributed import choose_device
     from .modelspec import load_model, reparameterize
     from .trainer import evaluate, set_cpu_threads
-
-    import torch
 
     set_cpu_threads(args.threads)
     try:

@@ -19,11 +19,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from .checkpoint import CheckpointError
     from .export import export_all
     from .modelspec import load_model, reparameterize
-
-    import torch
 
     try:
         model, deployed, ckpt = load_model(args.checkpoint)

@@ -11,7 +11,7 @@ import sys
 import time
 
 from .data import DATASETS
-from .recipe import PAPER_RECIPE, DATASET_RECIPES, TrainConfig, recipe_defaults
+from .recipe import DATASET_RECIPES, PAPER_RECIPE, TrainConfig, recipe_defaults
 
 
 def _bool_flag(parser, name: str, help_text: str) -> None:
