@@ -2,13 +2,19 @@
 // docs/repso_training.md): per channel, the K*K means and the K*K x K*K covariance of the
 // zero-padded KxK window shifts of x, and the backward that turns their gradients into grad_x.
 //
-// Numerics. Everything accumulates in double. The moments are formed from w = xp - a, where xp is
-// x zero-padded and a a per-channel shift (a sample of x): shifting every value of xp, padding
-// included, by the same constant leaves the covariance unchanged, and makes E[w_p] small, so
-// cov = E[w_p w_q] - E[w_p] E[w_q] no longer cancels (mean/std)^2 digits. For float32 or bf16 input
-// w and the products w_p w_q are exact in double; the only error is the summation's, about
-// M * 2^-53 relative to sum |w_p w_q| (M = N*H*W), far below float32 rounding.
-// The backward uses the same shift (the saved centre mean) so its terms are centred too.
+// Also here: the kernels of RepSO's one-node CPU training backward (the depthwise conv's weight
+// gradient, grad_x fused with the conv's input gradient) and dw_conv3x3's channels_last backward,
+// which share the channels_last machinery (16-channel blocks, padded planes, register-blocked runs).
+//
+// Numerics. The moments are formed from w = xp - a, where xp is x zero-padded and a a per-channel
+// shift (a sample of x, or a row mean): shifting every value of xp, padding included, by the same
+// constant leaves the covariance unchanged, and makes E[w_p] small, so
+// cov = E[w_p w_q] - E[w_p] E[w_q] no longer cancels (mean/std)^2 digits. The per-channel path and
+// float64 x accumulate in double (for float32 or bf16 input w and the products are exact there).
+// The channels_last fast path for float32/bf16 x computes in float and adds its float sums into
+// double totals every 64 positions (the error analysis is at kFlush and in
+// docs/repso_training.md). The backward uses the same shift (the saved centre mean) so its terms
+// are centred too.
 #include <ATen/Dispatch.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
