@@ -17,14 +17,15 @@
 //   buffer, all while the plane is in cache.
 // * channels_last: the SIMD lanes run along C (contiguous), one output row (n, oh) per task, the
 //   9 taps bounds-checked per pixel (cheap: once per pixel, not per channel), the weights
-//   transposed once to (9, C). float32/float64 with C a multiple of the vector width keep 4
-//   vectors of channels in registers per pixel and fuse bias + activation into the one store;
+//   transposed once to (9, C). float32/float64 with C a multiple of the vector width walk a row
+//   per chunk of 2 vectors of channels with the chunk's 18 weight vectors in registers, and fuse
+//   bias + activation into the one store;
 //   other cases accumulate blocks of kChannelBlock channels in a small buffer. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
 //   a scratch tensor and reduces grad_weight/grad_bias in per-thread partials; pass 2 over input
 //   rows gathers grad_x (a gather, not a scatter, so rows are independent across threads).
 //   Stride 1 with C a multiple of 16 takes the one-pass kernel of csrc/cpu/repso_moments.cpp
-//   instead (padded per-block planes of x and grad_z; 1.02-1.08x oneDNN's forward+backward vs
-//   0.55-1.24x for the two-pass path, benchmarks/results/2026-11-26-cpu-2/).
+//   instead (padded per-block planes of x and grad_z; with the forward below, 1.00-1.66x oneDNN's
+//   forward+backward vs 0.55-1.24x before, benchmarks/results/2026-11-26-cpu-2/bench_dw_after.md).
 #include "cpu/common.h"
 
 #include <torch/library.h>
@@ -218,39 +219,42 @@ void dw_row_conv_nhwc(const S* x, const A* wt, const A* b, const DwShape& s, int
   }
 }
 
-// Fast path (float32/float64, C a multiple of the vector width): NVB vectors of channels of one
-// output pixel accumulate in registers over the valid taps, then bias, activation and the store
-// happen once; the generic row kernel above keeps its accumulators in memory and needs separate
-// activation and conversion passes.
+// One output row (n, oh), channels [c0, c0 + NVB * L): the chunk's 9 x NVB weight vectors stay in
+// registers across the row's pixels, so each tap costs one load of x (a per-pixel loop that also
+// loaded the weights measured 0.80x oneDNN at 1024@7, this one 1.20x: at small maps, where the data
+// is cache-resident, the loads bound the kernel). Bias, activation and the store happen once.
 template <typename A, int NVB>
-inline void dw_pixel_vectors(const A* x, const A* wt, const A* b, const DwShape& s, int64_t n, int64_t oh, int64_t ow,
-                             int64_t c0, Activation act, A* out) {
+inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s, int64_t n, int64_t oh, int64_t c0,
+                           Activation act, A* out_row) {
   using V = Simd<A>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
   const int64_t C = s.C;
-  vec acc[NVB];
-#pragma GCC unroll 4
-  for (int v = 0; v < NVB; ++v) acc[v] = b ? V::load(b + c0 + v * L) : V::zero();
-  for (int dy = 0; dy < 3; ++dy) {
-    const int64_t ih = oh * s.stride + dy - 1;
-    if (ih < 0 || ih >= s.H) continue;
-    for (int dx = 0; dx < 3; ++dx) {
-      const int64_t iw = ow * s.stride + dx - 1;
-      if (iw < 0 || iw >= s.W) continue;
-      const A* xp = x + ((n * s.H + ih) * s.W + iw) * C + c0;
-      const A* wp = wt + (dy * 3 + dx) * C + c0;
-#pragma GCC unroll 4
-      for (int v = 0; v < NVB; ++v) acc[v] += V::load(wp + v * L) * V::load(xp + v * L);
-    }
-  }
+  vec w[9][NVB], bias[NVB];
+  for (int t = 0; t < 9; ++t)
+    for (int v = 0; v < NVB; ++v) w[t][v] = V::load(wt + t * C + c0 + v * L);
+  for (int v = 0; v < NVB; ++v) bias[v] = b ? V::load(b + c0 + v * L) : V::zero();
   const vec zero = V::zero(), six = V::splat(A(6));
-#pragma GCC unroll 4
-  for (int v = 0; v < NVB; ++v) {
-    vec o = acc[v];
-    if (act != Activation::kNone) o = o < zero ? zero : o;  // NaN-propagating, as torch.relu
-    if (act == Activation::kRelu6) o = o > six ? six : o;
-    V::store(out + c0 + v * L, o);
+  for (int64_t ow = 0; ow < s.Wo; ++ow) {
+    vec acc[NVB];
+    for (int v = 0; v < NVB; ++v) acc[v] = bias[v];
+    for (int dy = 0; dy < 3; ++dy) {
+      const int64_t ih = oh * s.stride + dy - 1;
+      if (ih < 0 || ih >= s.H) continue;
+      const A* xrow = x + (n * s.H + ih) * s.W * C + c0;
+      for (int dx = 0; dx < 3; ++dx) {
+        const int64_t iw = ow * s.stride + dx - 1;
+        if (iw < 0 || iw >= s.W) continue;
+        const A* xp = xrow + iw * C;
+        for (int v = 0; v < NVB; ++v) acc[v] += w[dy * 3 + dx][v] * V::load(xp + v * L);
+      }
+    }
+    for (int v = 0; v < NVB; ++v) {
+      vec o = acc[v];
+      if (act != Activation::kNone) o = o < zero ? zero : o;  // NaN-propagating, as torch.relu
+      if (act == Activation::kRelu6) o = o > six ? six : o;
+      V::store(out_row + ow * C + c0 + v * L, o);
+    }
   }
 }
 
@@ -264,12 +268,10 @@ void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, 
       at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / s.Ho, oh = row % s.Ho;
-          for (int64_t ow = 0; ow < s.Wo; ++ow) {
-            A* out = y + (row * s.Wo + ow) * s.C;
-            int64_t c0 = 0;
-            for (; c0 + 4 * L <= s.C; c0 += 4 * L) dw_pixel_vectors<A, 4>(x, wt, b, s, n, oh, ow, c0, act, out);
-            for (; c0 < s.C; c0 += L) dw_pixel_vectors<A, 1>(x, wt, b, s, n, oh, ow, c0, act, out);
-          }
+          A* out_row = y + row * s.Wo * s.C;
+          int64_t c0 = 0;
+          for (; c0 + 2 * L <= s.C; c0 += 2 * L) dw_row_vectors<A, 2>(x, wt, b, s, n, oh, c0, act, out_row);
+          for (; c0 < s.C; c0 += L) dw_row_vectors<A, 1>(x, wt, b, s, n, oh, c0, act, out_row);
         }
       });
       return;
