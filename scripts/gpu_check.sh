@@ -3,7 +3,9 @@
 # Results go to $OUT (default ./gpu_results): bench_<group>.json per benchmark group, bench_gpu.md,
 # bench_gpu.png and logs.tgz (env, build, tests, benchmark logs) - 8 files, the device tool's limit.
 # Commit them under benchmarks/results/<date>-<gpu>/ with a NOTES.md.
-#   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: tests only, no benchmarks)
+#   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: no benchmarks)
+#   SKIP_TESTS=1 skips the tests; TRAIN_CHECKS=1 adds issue 4's GPU training runs after them, e.g.
+#   a second call `SKIP_TESTS=1 TRAIN_CHECKS=1 OUT=... bash scripts/gpu_check.sh --quick`.
 #   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s);
 #   BUDGET (default 540 s) caps the whole script: a stage gets at most what is left of it, and
 #   stages are skipped once it is spent, so the logs and JSONs written so far always come back
@@ -28,7 +30,9 @@ stamp "built"; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
 stamp "tests (CUDA and Triton on the GPU)"
 # One pytest process per file, verbose: a crash (the 2026-11-26 run died with SIGSEGV) then costs
 # only its file, and the last test name in the log is the one that crashed.
-for f in tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py; do
+test_files="tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py"
+[ "${SKIP_TESTS:-0}" = "1" ] && test_files=""
+for f in $test_files; do
   t=$(stage_time ${TEST_TIMEOUT:-120}); (( t < 20 )) && { stamp "budget spent: skipping $f"; continue; }
   stamp "tests: $f (up to ${t}s)"
   timeout $t $PY -m pytest -v -rf --timeout=100 -p no:cacheprovider "$f" -m "cuda or triton" \
@@ -41,6 +45,24 @@ for f in tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.
     grep -A14 "Fatal Python error" "$OUT/tests_$(basename $f .py).log" | head -16
   fi
 done
+# Issue 4's GPU paths, each a short run on the digits (bf16 autocast and channels_last are the
+# GPU defaults): data held on the GPU, DDP through torchrun (NCCL), torch.compile. Opt-in
+# (TRAIN_CHECKS=1): ~2-4 minutes, which the tests and benchmarks usually need.
+if [ "${TRAIN_CHECKS:-0}" = "1" ]; then
+  runs=/tmp/gpu_check_train; rm -rf "$runs"
+  i=0
+  for cmd in "falconnet train --epochs 3 --gpu-data" \
+             "torchrun --standalone --nproc_per_node 1 -m falconnet.cli train --epochs 2 --no-export" \
+             "falconnet train --epochs 1 --compile --no-export"; do
+    i=$((i + 1))
+    t=$(stage_time ${TRAIN_TIMEOUT:-150}); (( t < 30 )) && { stamp "budget spent: skipping train check $i"; continue; }
+    stamp "train check $i: $cmd (up to ${t}s)"
+    timeout $t $cmd --no-progress --out-dir "$runs/$i" > "$OUT/train_$i.log" 2>&1
+    echo "exit code: $?" >> "$OUT/train_$i.log"
+    grep -E "exit code|best val|deployed model|onnx|Error|error" "$OUT/train_$i.log" | tail -6
+  done
+fi
+
 if [ "${1:-}" = "--quick" ]; then
   tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log env.txt) && (cd "$OUT" && rm -f *.log env.txt); exit 0
 fi
