@@ -329,3 +329,28 @@ def test_unknown_block_and_activation():
         make_block("resnet", 8)
     with pytest.raises(ValueError, match="activation must be one of"):
         make_block("irb", 8, activation="tanh")
+
+
+def test_conv_bn_inplace_activation_and_residual_match_out_of_place():
+    """ConvBN applies relu / relu6 in place on its fresh output and adds the residual in place when
+    autograd does not record it: values equal the out-of-place definition, gradients too."""
+    import torch.nn.functional as F
+
+    from falconnet.layers.conv_bn import ConvBN
+
+    torch.manual_seed(0)
+    for activation in ("relu", "relu6", "silu"):
+        layer = ConvBN(8, 8, 1, activation=activation).double().train()
+        x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+        act = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu}[activation]
+        ref = act(layer.bn(layer.conv(x))) + r
+        out = layer(x, residual=r)
+        assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+        g = torch.randn_like(out)
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-12)
+                   for a, b in zip(torch.autograd.grad(out, [x, r], g), torch.autograd.grad(ref, [x, r], g)))
+        layer.eval()
+        with torch.no_grad():
+            expect = act(layer.bn(layer.conv(x))) + r
+            assert torch.allclose(layer(x, residual=r), expect, rtol=0, atol=1e-12)

@@ -6,6 +6,8 @@ epilogues, "gelu", "silu" and "hardswish" run as a separate PyTorch op after the
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -27,16 +29,29 @@ def is_fused(name: str) -> bool:
     return name in FUSED_ACTIVATIONS
 
 
-def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+def apply_activation(x: torch.Tensor, name: str, inplace: bool = False) -> torch.Tensor:
+    """act(x); inplace=True lets relu / relu6 overwrite x (for a tensor the caller just created,
+    such as a conv's output: it saves the allocation and the first touch of a fresh output, which
+    on a CPU cost more than the clamp itself at 56x56 maps; their backward needs only the result)."""
     if name == "none":
         return x
     if name == "relu":
-        return F.relu(x)
+        return F.relu(x, inplace=inplace)
     if name == "relu6":
-        return F.relu6(x)
-    if name in _UNFUSED:
+        return F.relu6(x, inplace=inplace)
+    if name in _UNFUSED:  # out of place: their backward needs the input
         return _UNFUSED[name](x)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def add_residual(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """y + residual, in place into y when autograd does not record it (y is then the caller's
+    fresh output; under autograd the activation before may have saved y for its backward)."""
+    if residual is None:
+        return y
+    if torch.is_grad_enabled() and (y.requires_grad or residual.requires_grad):
+        return y + residual
+    return y.add_(residual)
 
 
 def split_for_fusion(name: str) -> tuple[str, str]:

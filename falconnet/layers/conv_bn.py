@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from falconnet_kernels import dw_conv3x3
 
-from .activation import DEFAULT_ACTIVATION, apply_activation, check_activation, split_for_fusion
+from .activation import DEFAULT_ACTIVATION, add_residual, apply_activation, check_activation, split_for_fusion
 from .fold import fold_conv_bn
 
 
@@ -58,8 +58,8 @@ class ConvBN(nn.Module):
             y = self.conv(x)
             if self.bn is not None:
                 y = self.bn(y)
-            y = apply_activation(y, self.activation)
-        return y if residual is None else y + residual
+            y = apply_activation(y, self.activation, inplace=True)  # y: this layer's fresh output
+        return add_residual(y, residual)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
