@@ -369,6 +369,39 @@ def _(grad_mean_shape, grad_cov_shape, x_shape, mean_shape, K, *args, out_shape=
     return 2 * N * C * H * W * (K * K) ** 2
 
 
+def _register_cpp_flop_formulas() -> None:
+    """The same counts for the C++ kernels that RepSO's one-node CPU path calls directly, so a
+    FlopCounterMode around a training step sees them as it sees the custom ops."""
+    ns = getattr(torch.ops, CPP_NAMESPACE)
+
+    def formula(name):
+        return register_flop_formula(getattr(ns, name)) if _cpp_has(name) else (lambda fn: fn)
+
+    @formula("repso_moments_forward")
+    def _(x_shape, K, *args, out_shape=None, **kwargs) -> int:
+        return 2 * repso_moments_macs(x_shape, K)
+
+    @formula("repso_moments_backward")
+    def _(grad_mean_shape, grad_cov_shape, x_shape, mean_shape, K, *args, out_shape=None, **kwargs) -> int:
+        N, C, H, W = x_shape
+        return 2 * N * C * H * W * (K * K) ** 2
+
+    @formula("repso_train_backward_x")
+    def _(grad_mean_shape, grad_cov_shape, x_shape, mean_shape, grad_y_shape, weight_shape, *args, out_shape=None,
+          **kwargs) -> int:
+        # the moments backward (as counted above, K = 3) plus the 3x3 conv's input gradient
+        N, C, H, W = x_shape
+        return 2 * N * C * H * W * (81 + 9)
+
+    @formula("repso_conv_weight_grad")
+    def _(grad_y_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
+        N, C, H, W = x_shape
+        return 2 * N * C * H * W * 9 + N * C * H * W  # the 9 taps' products and the bias sum
+
+
+_register_cpp_flop_formulas()
+
+
 def repso_moments(x: Tensor, K: int = 3) -> tuple[Tensor, Tensor]:
     """mean (C, K*K) and covariance (C, K*K, K*K) of the K*K zero-padded window shifts of x."""
     return torch.ops.falconnet.repso_moments(x, K)

@@ -260,6 +260,31 @@ def test_moments_opcheck_and_flops():
     assert counter.get_total_flops() == 2 * rm.repso_moments_macs(x.shape, 3)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_flops_of_a_training_step_do_not_depend_on_the_path(monkeypatch, channels_last):
+    """FlopCounterMode over a RepSO training step counts the moments the same way whether the
+    one-node CPU path (C++ kernels called directly) or the custom ops run them."""
+    module = make_repso(16, "T", dtype=torch.float32)
+    x = torch.randn(2, 16, 6, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def forward_flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn(copy.deepcopy(module), x)
+        return counter.get_total_flops()
+
+    one_node = forward_flops(fused)
+    monkeypatch.setattr(rm, "_CPP_KERNELS_SEEN", set())  # the custom-op path: nothing known
+    monkeypatch.setattr(rm, "cpp_train_path_available", lambda x: False)
+    import falconnet.layers.repso_train as rt
+
+    monkeypatch.setattr(rt, "cpp_train_path_available", lambda x: False)
+    custom = forward_flops(fused)
+    assert one_node == custom > 2 * rm.repso_moments_macs(x.shape, 3)
+
+
 def test_moments_bad_input():
     with pytest.raises(ValueError, match="K"):
         rm.repso_moments(torch.randn(1, 2, 3, 3), 2)
