@@ -115,7 +115,8 @@ def _cpp_built() -> bool:
 
 # asked once at import (the extension is loaded by _backend by now), so that code traced by
 # torch.compile finds the answers without querying the dispatcher
-for _op in ("repso_moments_forward", "repso_fold_forward"):
+for _op in ("repso_moments_forward", "repso_moments_backward", "repso_fold_forward", "repso_fold_backward",
+            "repso_conv_weight_grad", "repso_train_backward_x"):
     _cpp_has(_op)
 
 
@@ -136,7 +137,7 @@ def _register_cpp_fakes() -> None:
 
     @fake("repso_moments_backward")
     def _(grad_mean, grad_cov, x, mean, K):
-        return torch.empty_like(x)
+        return _grad_x_like(x)
 
     @fake("repso_fold_forward")
     def _(mean, cov, kernels, gamma, beta, eps):
@@ -212,17 +213,30 @@ def repso_moments_backward_op(grad_mean: Tensor, grad_cov: Tensor, x: Tensor, me
     grad_cov = grad_cov.to(mean.dtype).contiguous()
     backend = _backend_for(x)
     if backend == "cpp":
-        return getattr(torch.ops, CPP_NAMESPACE).repso_moments_backward(grad_mean, grad_cov, x, mean, K)
-    if backend == "triton":
+        grad_x = getattr(torch.ops, CPP_NAMESPACE).repso_moments_backward(grad_mean, grad_cov, x, mean, K)
+    elif backend == "triton":
         from . import triton_repso_moments
 
-        return triton_repso_moments.repso_moments_backward(grad_mean, grad_cov, x, mean, K)
-    return repso_moments_backward_ref(grad_mean, grad_cov, x, mean, K)
+        grad_x = triton_repso_moments.repso_moments_backward(grad_mean, grad_cov, x, mean, K)
+    else:
+        grad_x = repso_moments_backward_ref(grad_mean, grad_cov, x, mean, K)
+    # one layout whatever the backend, the one the fake kernel promises
+    from torch._prims_common import suggest_memory_format
+
+    return grad_x.contiguous(memory_format=suggest_memory_format(x))
+
+
+def _grad_x_like(x: Tensor) -> Tensor:
+    # the kernels' output layout: x's suggested memory format (channels_last stays channels_last,
+    # anything else comes back contiguous)
+    from torch._prims_common import suggest_memory_format  # ATen's rule, also for fake tensors
+
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
 
 @repso_moments_backward_op.register_fake
 def _(grad_mean, grad_cov, x, mean, K):
-    return torch.empty_like(x)
+    return _grad_x_like(x)
 
 
 def _setup(ctx, inputs, output):
@@ -291,7 +305,17 @@ def fold_cpp_available(t: Tensor) -> bool:
 def cpp_train_path_available(x: Tensor) -> bool:
     """Whether RepSO's one-conv training forward can call the C++ moments and fold kernels directly
     for x (falconnet/layers/repso_train.py, _OneConvTrainCPU)."""
-    return x.device.type == "cpu" and x.dtype in _SUPPORTED and _backend_for(x) == "cpp" and _cpp_has("repso_fold_forward")
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _SUPPORTED
+        and _backend_for(x) == "cpp"
+        and all(_cpp_has(op) for op in _ONE_NODE_OPS)
+    )
+
+
+# every C++ op the one-node path calls (an extension built before some of them existed lacks them)
+_ONE_NODE_OPS = ("repso_moments_forward", "repso_moments_backward", "repso_fold_forward", "repso_fold_backward",
+                 "repso_conv_weight_grad", "repso_train_backward_x")
 
 
 @torch.library.custom_op("falconnet::repso_fold", mutates_args=())

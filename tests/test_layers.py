@@ -354,3 +354,16 @@ def test_conv_bn_inplace_activation_and_residual_match_out_of_place():
         with torch.no_grad():
             expect = act(layer.bn(layer.conv(x))) + r
             assert torch.allclose(layer(x, residual=r), expect, rtol=0, atol=1e-12)
+
+
+def test_add_residual_keeps_the_out_of_place_rules():
+    """In place only when it gives what y + residual gives: same dtype and shape, autograd off."""
+    from falconnet.layers.activation import add_residual
+
+    y, r = torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(2, 3)
+    assert add_residual(y, r).dtype == torch.float32  # promotion, as y + r
+    y1, r2 = torch.ones(1, 3), torch.ones(2, 3)
+    assert add_residual(y1, r2).shape == (2, 3)  # broadcasting, as y + r
+    y = torch.ones(2, 3)
+    out = add_residual(y, torch.ones(2, 3))
+    assert out.data_ptr() == y.data_ptr() and torch.equal(out, torch.full((2, 3), 2.0))

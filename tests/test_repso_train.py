@@ -218,6 +218,34 @@ def test_cl3_backward_ops_reject_other_layouts():
         cpp.repso_conv_weight_grad(x, x)
 
 
+# Maps under 3 pixels high or wide are mostly padding, whose shifted value is the constant -a: the
+# fast path computes them in double (in float their a^2 products would swamp covariance entries
+# that are 0), so even a channel mean 10 std away from 0 stays at the usual bar.
+@pytest.mark.parametrize("shape", [(8, 16, 1, 7), (8, 16, 7, 1), (4, 16, 1, 1), (8, 16, 2, 7), (3, 32, 1, 3)], ids=str)
+def test_moments_fast_path_small_maps_large_mean(monkeypatch, shape):
+    use_backend(monkeypatch, "cpp")
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 20).float().contiguous(memory_format=torch.channels_last)
+    mean, cov = rm.repso_moments(x, 3)
+    ref_mean, ref_cov = rm.repso_moments_ref(x.double(), 3)
+    tol = max(4e-7, 3 * batchnorm_stats_error(x))
+    assert (mean.double() - ref_mean).abs().max() <= tol * ref_mean.abs().max()
+    assert (cov.double() - ref_cov).abs().max() <= tol * ref_cov.abs().max()
+
+
+def test_cpp_ops_reject_empty_and_misshapen_inputs():
+    cpp = torch.ops.falconnet_C
+    for shape in ((0, 16, 4, 4), (2, 16, 0, 4), (0, 3, 4, 4)):
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        with pytest.raises(RuntimeError, match="at least one position"):
+            cpp.repso_moments_forward(x, 3)
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    mean, cov = cpp.repso_moments_forward(x, 3)
+    with pytest.raises(RuntimeError, match="grad_mean must have shape"):
+        cpp.repso_moments_backward(torch.zeros(3), torch.zeros(16, 9, 9), x, mean, 3)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        cpp.repso_train_backward_x(torch.zeros(16, 9), torch.zeros(16, 9, 9), x, mean, x, torch.zeros(9, 16))
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_fold_op_matches_reference(monkeypatch, backend):
     """falconnet::repso_fold (C++ on the CPU) against its definition, with gradcheck and opcheck;

@@ -553,9 +553,8 @@ inline int64_t images_per_group(int64_t N, int64_t plane_doubles) {
   return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 15) / plane_doubles));
 }
 
-template <typename scalar_t, typename stat_t>
-void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat_t* mean_out, stat_t* cov_out) {
-  using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+template <typename scalar_t, typename stat_t, typename A>
+void forward_as(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat_t* mean_out, stat_t* cov_out) {
   constexpr int64_t L = Simd<A>::kLanes;
   const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L;
   const double M = static_cast<double>(N * H * W);
@@ -642,6 +641,18 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
       }
     }
   });
+}
+
+// float32/bf16 x computes in float, except on maps under 3 pixels high or wide: there most window
+// positions are padding, whose value is the constant -a, and the float sums of their a^2 products
+// would carry an error of about 2^-24 a^2 into covariance entries that are 0 (a review found
+// 2.4e-2 relative error in a branch weight's gradient at 1 x 3 maps); double makes them exact.
+template <typename scalar_t, typename stat_t>
+void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat_t* mean_out, stat_t* cov_out) {
+  if (std::is_same_v<scalar_t, double> || H < 3 || W < 3)
+    forward_as<scalar_t, stat_t, double>(x, N, C, H, W, mean_out, cov_out);
+  else
+    forward_as<scalar_t, stat_t, float>(x, N, C, H, W, mean_out, cov_out);
 }
 
 // grad_x(v) = cst_k + sum_taps st_k[tap] w(v + tap) for the class k of v (see
@@ -847,7 +858,9 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
             }
       }
     }
+#if defined(__AVX512F__)
     if (stream) _mm_sfence();  // make the non-temporal stores visible before the op returns
+#endif
   });
 }
 
@@ -1293,6 +1306,8 @@ void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 4, "repso_moments: x must be a 4-D (N, C, H, W) tensor, got ", x.sizes());
   TORCH_CHECK(K >= 1 && K % 2 == 1, "repso_moments: K must be a positive odd integer, got ", K);
   TORCH_CHECK(x.device().is_cpu(), "repso_moments (C++): x must be a CPU tensor");
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 0,
+              "repso_moments: x must have at least one position per channel, got ", x.sizes());
 }
 
 at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -1336,6 +1351,8 @@ at::Tensor repso_moments_backward(const at::Tensor& grad_mean_in, const at::Tens
               KK, "), got ", mean_in.sizes());
   TORCH_CHECK(grad_cov_in.sizes() == at::IntArrayRef({C, KK, KK}), "repso_moments_backward: grad_cov must have shape (",
               C, ", ", KK, ", ", KK, "), got ", grad_cov_in.sizes());
+  TORCH_CHECK(grad_mean_in.sizes() == at::IntArrayRef({C, KK}), "repso_moments_backward: grad_mean must have shape (",
+              C, ", ", KK, "), got ", grad_mean_in.sizes());
   const at::Tensor grad_mean = grad_mean_in.to(st).contiguous(), grad_cov = grad_cov_in.to(st).contiguous();
   const at::Tensor mean = mean_in.to(st).contiguous();
   if (use_cl3(x_in, K)) {
@@ -1406,9 +1423,11 @@ at::Tensor repso_train_backward_x(const at::Tensor& grad_mean_in, const at::Tens
   const auto st = stat_type(x.scalar_type());
   TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({C, 9}) && grad_mean_in.sizes() == mean_in.sizes() &&
                   grad_cov_in.sizes() == at::IntArrayRef({C, 9, 9}),
-              "repso_train_backward_x: mean and grad_mean must be (", C, ", 9), grad_cov (", C, ", 9, 9)");
-  TORCH_CHECK(weight_in.numel() == C * 9 && weight_in.scalar_type() == x.scalar_type(),
-              "repso_train_backward_x: weight must be (", C, ", 1, 3, 3) of x's dtype, got ", weight_in.sizes());
+              "repso_train_backward_x: mean and grad_mean must be (", C, ", 9), grad_cov (", C, ", 9, 9), got ",
+              mean_in.sizes(), ", ", grad_mean_in.sizes(), ", ", grad_cov_in.sizes());
+  TORCH_CHECK(weight_in.sizes() == at::IntArrayRef({C, 1, 3, 3}) && weight_in.scalar_type() == x.scalar_type(),
+              "repso_train_backward_x: weight must be (", C, ", 1, 3, 3) of x's dtype ", x.scalar_type(), ", got ",
+              weight_in.sizes(), " ", weight_in.scalar_type());
   const at::Tensor grad_mean = grad_mean_in.to(st).contiguous(), grad_cov = grad_cov_in.to(st).contiguous();
   const at::Tensor mean = mean_in.to(st).contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -1443,20 +1462,15 @@ bool dw3x3_backward_channels_last(const at::Tensor& grad_y, const at::Tensor& x,
   const at::Tensor gy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.contiguous();
   const at::Tensor bvec = bias ? bias->contiguous() : at::Tensor();
+  if (w.scalar_type() != x.scalar_type() || (bias && bvec.scalar_type() != x.scalar_type())) return false;
   grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   at::Tensor gw = at::empty({C, 9}, x.options().dtype(at::kDouble)), gb = at::empty({C}, x.options().dtype(at::kDouble));
-  bool done = true;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw3x3_backward_channels_last", [&] {
-    if (w.scalar_type() != x.scalar_type() || (bias && bvec.scalar_type() != x.scalar_type())) {
-      done = false;
-      return;
-    }
     cl3::dw3x3_backward<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                   w.const_data_ptr<scalar_t>(), bias ? bvec.const_data_ptr<scalar_t>() : nullptr, act,
                                   N, C, H, W, grad_x.data_ptr<scalar_t>(), gw.data_ptr<double>(),
                                   gb.data_ptr<double>());
   });
-  if (!done) return false;
   grad_w = gw.view(weight.sizes()).to(weight.scalar_type());
   grad_b = gb.to(weight.scalar_type());
   return true;

@@ -49,7 +49,8 @@ def add_residual(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Ten
     fresh output; under autograd the activation before may have saved y for its backward)."""
     if residual is None:
         return y
-    if torch.is_grad_enabled() and (y.requires_grad or residual.requires_grad):
+    recorded = torch.is_grad_enabled() and (y.requires_grad or residual.requires_grad)
+    if recorded or residual.dtype != y.dtype or residual.shape != y.shape:  # y + residual's own rules
         return y + residual
     return y.add_(residual)
 
