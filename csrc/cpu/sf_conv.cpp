@@ -127,16 +127,16 @@ inline void store_vec(A* p, typename Simd<A>::vec v, bool stream) {
   Simd<A>::store(p, v);
 }
 
-// C[r][0:T] = epi(sum_q A[r*a_rs + q*a_cs] * B[q*b_rs + 0:T]), for R rows: one register block of
-// R x NV vector accumulators; each B row is loaded once and used R times, each A entry is a
-// broadcast used NV times.
+// acc[r][0:NV] = sum_q a[r*a_rs + q*a_cs] * b[q*b_rs + 0:NV*L]: the register-blocked product both
+// kernel families share (gemm_block: rows x pixel lanes; lanes_block: pixels x channel lanes).
+// Each b row is loaded once and used R times; each a entry is a broadcast used NV times.
 template <typename A, int NV, int R>
-inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const A* __restrict b, int64_t b_rs,
-                       int K, A* __restrict c, int64_t c_rs, const Epilogue<A>* epi) {
+__attribute__((always_inline)) inline void accumulate(const A* __restrict a, int64_t a_rs, int64_t a_cs,
+                                                      const A* __restrict b, int64_t b_rs, int K,
+                                                      typename Simd<A>::vec (&acc)[R][NV]) {
   using V = Simd<A>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
-  vec acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -152,6 +152,18 @@ inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const 
       for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * s;
     }
   }
+}
+
+// C[r][0:T] = epi(sum_q A[r*a_rs + q*a_cs] * B[q*b_rs + 0:T]), for R rows: one register block of
+// R x NV vector accumulators.
+template <typename A, int NV, int R>
+inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const A* __restrict b, int64_t b_rs,
+                       int K, A* __restrict c, int64_t c_rs, const Epilogue<A>* epi) {
+  using V = Simd<A>;
+  using vec = typename V::vec;
+  constexpr int L = V::lanes;
+  vec acc[R][NV];
+  accumulate<A, NV, R>(a, a_rs, a_cs, b, b_rs, K, acc);
   if (epi == nullptr) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
@@ -236,21 +248,7 @@ inline void lanes_block(const A* __restrict h, int64_t h_ps, int64_t h_qs, const
   using vec = typename V::vec;
   constexpr int L = V::lanes;
   vec acc[PB][MV];
-#pragma GCC unroll 16
-  for (int p = 0; p < PB; ++p)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) acc[p][v] = V::zero();
-  for (int q = 0; q < K; ++q) {
-    vec wv[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) wv[v] = V::load(w + q * w_qs + v * L);
-#pragma GCC unroll 16
-    for (int p = 0; p < PB; ++p) {
-      const A s = h[p * h_ps + q * h_qs];
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[p][v] += wv[v] * s;
-    }
-  }
+  accumulate<A, MV, PB>(h, h_ps, h_qs, w, w_qs, K, acc);
   if (epi == nullptr) {
 #pragma GCC unroll 16
     for (int p = 0; p < PB; ++p)
