@@ -329,39 +329,32 @@ inline int64_t lag_index(int64_t D, int64_t d) { return D == 0 ? d : 3 + (D - 1)
 
 // Both kernels compute in a type A: double for float64 x, float for float32 and bf16 x (16 lanes
 // per AVX-512 register instead of 8, half the instructions; see forward() and backward()). One
-// 64-byte vector holds kLanes<A> channels; a block of 16 channels is kCB / kLanes such "parts".
-template <typename A>
-struct Simd {
-  typedef A V __attribute__((vector_size(64)));
-  static constexpr int64_t kLanes = 64 / sizeof(A);
-  static V load(const A* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  // rounded to the output dtype; STREAM: a non-temporal store for float output (see
-  // falconnet::cpu::use_streaming_stores; the output is 64-byte aligned in the kernels that ask)
-  template <bool STREAM = false, typename scalar_t>
-  static void store_out(scalar_t* out, V v) {
+// 64-byte vector holds Simd<A>::lanes channels; a block of 16 channels is kCB / lanes such "parts".
+using falconnet::cpu::Simd;  // csrc/cpu/common.h: one 64-byte vector of A
+
+// One vector of A rounded to the output dtype; STREAM: a non-temporal store for float output (see
+// falconnet::cpu::use_streaming_stores; the output is 64-byte aligned in the kernels that ask).
+template <bool STREAM, typename A, typename scalar_t>
+inline void store_out(scalar_t* out, typename Simd<A>::vec v) {
+  constexpr int L = Simd<A>::lanes;
 #if defined(__AVX512F__)
-    if constexpr (STREAM && std::is_same_v<scalar_t, float> && std::is_same_v<A, float>) {
-      _mm512_stream_ps(out, reinterpret_cast<__m512>(v));
-      return;
-    }
-#endif
-    if constexpr (std::is_same_v<scalar_t, A>) {
-      std::memcpy(out, &v, sizeof(V));
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      typedef float F __attribute__((vector_size(kLanes * sizeof(float))));
-      const F f = __builtin_convertvector(v, F);
-      std::memcpy(out, &f, sizeof(F));
-    } else {
-      A tmp[kLanes];
-      std::memcpy(tmp, &v, sizeof(V));
-      for (int64_t c = 0; c < kLanes; ++c) out[c] = static_cast<scalar_t>(tmp[c]);
-    }
+  if constexpr (STREAM && std::is_same_v<scalar_t, float> && std::is_same_v<A, float>) {
+    _mm512_stream_ps(out, reinterpret_cast<__m512>(v));
+    return;
   }
-};
+#endif
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    std::memcpy(out, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    typedef float F __attribute__((vector_size(L * sizeof(float))));
+    const F f = __builtin_convertvector(v, F);
+    std::memcpy(out, &f, sizeof(F));
+  } else {
+    A tmp[L];
+    std::memcpy(tmp, &v, sizeof(v));
+    for (int c = 0; c < L; ++c) out[c] = static_cast<scalar_t>(tmp[c]);
+  }
+}
 
 // f(std::integral_constant<int, min(n, MaxNP)>): the kernels below take their run length (how many
 // positions share registers) as a compile-time constant; this picks it for a run of n >= 1.
@@ -377,20 +370,20 @@ inline void with_run_length(int64_t n, F&& f) {
   }
 }
 
-// kLanes values of x converted to A
+// Simd<A>::lanes values of x converted to A
 template <typename A, typename scalar_t>
-inline typename Simd<A>::V load_as(const scalar_t* in) {
+inline typename Simd<A>::vec load_as(const scalar_t* in) {
   using S = Simd<A>;
   if constexpr (std::is_same_v<scalar_t, A>) {
     return S::load(in);
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    typedef float F __attribute__((vector_size(S::kLanes * sizeof(float))));
+    typedef float F __attribute__((vector_size(S::lanes * sizeof(float))));
     F f;
     std::memcpy(&f, in, sizeof(F));
-    return __builtin_convertvector(f, typename S::V);
+    return __builtin_convertvector(f, typename S::vec);
   } else {
-    A tmp[S::kLanes];
-    for (int64_t c = 0; c < S::kLanes; ++c) tmp[c] = static_cast<A>(in[c]);
+    A tmp[S::lanes];
+    for (int64_t c = 0; c < S::lanes; ++c) tmp[c] = static_cast<A>(in[c]);
     return S::load(tmp);
   }
 }
@@ -404,18 +397,18 @@ inline void prefetch_image(const scalar_t* x, int64_t C, int64_t H, int64_t W) {
   for (int64_t v = 0; v < H * W; ++v) __builtin_prefetch(x + v * C);
 }
 
-// The padded plane of one image and one block of 16 channels, w = x - a in A, as kCB / kLanes parts
+// The padded plane of one image and one block of 16 channels, w = x - a in A, as kCB / lanes parts
 // (so that the five rows the backward's stencil reads fit in L1 at 56 x 58 columns):
-// plane[h * part_stride + (r * Wc + t + 2) * kLanes + c] for padded row r in [0, Hp), column t in
+// plane[h * part_stride + (r * Wc + t + 2) * lanes + c] for padded row r in [0, Hp), column t in
 // [0, Wp); the guards (columns -2, -1, Wp, Wp+1, and the rows past Hp) stay 0 from the allocation.
 template <typename A, typename scalar_t>
 void fill_plane_as(const scalar_t* x, int64_t C, int64_t H, int64_t W, const A* a, A* plane, int64_t part_stride) {
   using S = Simd<A>;
-  constexpr int64_t L = S::kLanes, n_parts = kCB / L;
+  constexpr int64_t L = S::lanes, n_parts = kCB / L;
   const int64_t Wp = W + 2, Wc = Wp + 4, Hp = H + 2;
-  typename S::V shift[n_parts];
+  typename S::vec shift[n_parts];
   for (int64_t h = 0; h < n_parts; ++h) shift[h] = S::load(a + h * L);
-  auto store = [](A* p, typename S::V v) { std::memcpy(p, &v, sizeof(v)); };
+  auto store = [](A* p, typename S::vec v) { std::memcpy(p, &v, sizeof(v)); };
   for (int64_t r = 0; r < Hp; ++r) {
     A* row = plane + (r * Wc + 2) * L;
     if (r == 0 || r == Hp - 1) {
@@ -452,10 +445,10 @@ constexpr int64_t kFlush = 64;
 // s: the NP values stay in registers, and each partner value is loaded once for every position
 // and lag that uses it (3 NP + 10 loads for 14 NP products, instead of 14 NP).
 template <int NP, typename A>
-__attribute__((always_inline)) inline void lag_run(const A* u, int64_t row_stride, typename Simd<A>::V* s) {
+__attribute__((always_inline)) inline void lag_run(const A* u, int64_t row_stride, typename Simd<A>::vec* s) {
   using S = Simd<A>;
-  using V = typename S::V;
-  constexpr int64_t L = S::kLanes;
+  using V = typename S::vec;
+  constexpr int64_t L = S::lanes;
   V w[NP];
   [&]<int... Q>(std::integer_sequence<int, Q...>) {
     ((w[Q] = S::load(u + Q * L)), ...);
@@ -499,8 +492,8 @@ template <typename A>
 inline void accumulate_block(const A* plane, int64_t plane_stride, int64_t n_img, int64_t row_stride, int64_t r0,
                              int64_t r1, int64_t t0, int64_t t1, double* acc) {
   using S = Simd<A>;
-  using V = typename S::V;
-  constexpr int64_t L = S::kLanes;
+  using V = typename S::vec;
+  constexpr int64_t L = S::lanes;
   constexpr bool is_double = std::is_same_v<A, double>;
   V s[kAcc];
   auto flush = [&] {
@@ -555,7 +548,7 @@ inline int64_t images_per_group(int64_t N, int64_t plane_doubles) {
 
 template <typename scalar_t, typename stat_t, typename A>
 void forward_as(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat_t* mean_out, stat_t* cov_out) {
-  constexpr int64_t L = Simd<A>::kLanes;
+  constexpr int64_t L = Simd<A>::lanes;
   const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L;
   const double M = static_cast<double>(N * H * W);
   std::vector<int64_t> rslot, cslot;
@@ -663,11 +656,11 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
 // plane value serves five positions), instead of two loads per product.
 template <int NP, bool CONV, bool STREAM, typename A, typename scalar_t>
 __attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp, int64_t row_stride, const A* st,
-                                                       const A* cw, typename Simd<A>::V k0, scalar_t* out,
+                                                       const A* cw, typename Simd<A>::vec k0, scalar_t* out,
                                                        int64_t out_stride) {
   using S = Simd<A>;
-  using V = typename S::V;
-  constexpr int64_t L = S::kLanes;
+  using V = typename S::vec;
+  constexpr int64_t L = S::lanes;
   V acc[NP];
   // every index below is a compile-time constant (index sequences, not loops), so acc stays in
   // registers: a loop the compiler does not fully unroll spills it
@@ -700,7 +693,7 @@ __attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp,
     }
   }
   [&]<int... Q>(std::integer_sequence<int, Q...>) {
-    (S::template store_out<STREAM>(out + Q * out_stride, acc[Q]), ...);
+    (store_out<STREAM, A>(out + Q * out_stride, acc[Q]), ...);
   }(std::make_integer_sequence<int, NP>{});
 }
 
@@ -708,8 +701,8 @@ __attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp,
 // fill 25 of the 32 vector registers)
 template <bool CONV, bool STREAM, typename A, typename scalar_t>
 inline void stencil_row(const A* centre, const A* gy_centre, int64_t row_stride, const A* st, const A* cw,
-                        typename Simd<A>::V k0, scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
-  constexpr int64_t L = Simd<A>::kLanes;
+                        typename Simd<A>::vec k0, scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
+  constexpr int64_t L = Simd<A>::lanes;
   // with the conv's taps, runs of 4 (runs of 8 spilled)
   constexpr int64_t kRun = CONV ? 4 : 8;
   for (; j < j1; j += kRun) {
@@ -750,7 +743,7 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
                  int64_t C, int64_t H, int64_t W, scalar_t* grad_x, const scalar_t* grad_y,
                  const scalar_t* conv_weight) {
   using S = Simd<A>;
-  constexpr int64_t L = S::kLanes;
+  constexpr int64_t L = S::lanes;
   // one zero guard row above each part and two below, two zero guard columns each side: every
   // position reads its full 5 x 5 neighbourhood, and a class's unreachable taps are 0 in its stencil
   const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 3) * row_stride;
@@ -843,7 +836,7 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
               for (int64_t cc = 0; cc < n_cc; ++cc) {
                 const int64_t k = rc * n_cc + cc;
                 const A* st = stencil + k * 25 * kCB + h;
-                const typename S::V k0 = S::load(cls_cst + k * kCB + h);
+                const typename S::vec k0 = S::load(cls_cst + k * kCB + h);
                 // the full 5 x 5 at every position (constant bounds, fully unrolled): branchy loops
                 // over each border class's own tap rectangle cost more at small maps than the zero taps
                 auto row = [&]<bool CONV, bool STREAM>() {
@@ -882,8 +875,8 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
                       stat_t* grad_w, stat_t* grad_b) {
   using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using S = Simd<A>;
-  using V = typename S::V;
-  constexpr int64_t L = S::kLanes;
+  using V = typename S::vec;
+  constexpr int64_t L = S::lanes;
   const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
   at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
     const int64_t per_double = sizeof(double) / sizeof(A);
@@ -965,9 +958,9 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
                     double* grad_w, double* grad_b) {
   using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using S = Simd<A>;
-  using V = typename S::V;
+  using V = typename S::vec;
   using falconnet::cpu::Activation;
-  constexpr int64_t L = S::kLanes, n_parts = kCB / L;
+  constexpr int64_t L = S::lanes, n_parts = kCB / L;
   const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
   at::parallel_for(0, C / kCB, 1, [&](int64_t b0, int64_t b1) {
     const int64_t per_double = sizeof(double) / sizeof(A);
@@ -1035,7 +1028,7 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
               const A* u = gp + (i * Wc + j + 2) * L;  // grad_z at padded (i, j) = image (i - 1, j - 1)
               V out = V{};
               for (int t = 0; t < 9; ++t) out += w[8 - t] * S::load(u + (t / 3) * row_stride + (t % 3) * L);
-              S::store_out(grad_x + ((n * H + i) * W + j) * C + c0 + h * L, out);
+              store_out<false, A>(grad_x + ((n * H + i) * W + j) * C + c0 + h * L, out);
             }
         }
       }
