@@ -313,6 +313,12 @@ def cpp_train_path_available(x: Tensor) -> bool:
     )
 
 
+def triton_train_path_available(x: Tensor) -> bool:
+    """Whether RepSO's one-conv training forward can run its Triton one-node path for x (falconnet/
+    layers/repso_train.py, _OneConvTrainTriton): wherever the moments op runs on Triton."""
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _backend_for(x) == "triton"
+
+
 # every C++ op the one-node path calls (an extension built before some of them existed lacks them)
 _ONE_NODE_OPS = ("repso_moments_forward", "repso_moments_backward", "repso_fold_forward", "repso_fold_backward",
                  "repso_conv_weight_grad", "repso_train_backward_x")

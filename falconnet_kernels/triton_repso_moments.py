@@ -124,11 +124,11 @@ def _moments_fwd_kernel(
                  prune_configs_by={"early_config_prune": _prune_backward})
 @triton.jit
 def _moments_bwd_kernel(
-    x_ptr, gx_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr,
+    x_ptr, gx_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr, add_ptr,
     C, H, W, n_pos, inv_M,
-    sN, sC, sH, sW, gN, gC, gH, gW,
+    sN, sC, sH, sW, gN, gC, gH, gW, aN, aC, aH, aW,
     K: tl.constexpr, KK_PAD: tl.constexpr, LAG_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT16: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # positions on grid axis 0 (up to 2^31 - 1 programs): axis 1 allows only 65535, which
     # cdiv(N*H*W, BLOCK_P) passes from N*H*W > 2.1M (batch 256 at 112x112)
@@ -179,8 +179,12 @@ def _moments_bwd_kernel(
     oj = j[:, None] - (offs_k % K)[None, :] + P
     valid = (offs_k < K * K)[None, :] & (oi >= 0) & (oi < H) & (oj >= 0) & (oj < W)  # [BLOCK_P, KK_PAD]
     g = tl.sum(tl.where(valid[None, :, :], r + cst[:, None, :], 0.0), axis=2) * inv_M
+    out_ok = c_ok[:, None] & p_ok[None, :]
+    if HAS_ADD:
+        g += tl.load(add_ptr + offs_c[:, None] * aC + n[None, :] * aN + i[None, :] * aH + j[None, :] * aW,
+                     mask=out_ok, other=0.0).to(tl.float32)
     out = gx_ptr + offs_c[:, None] * gC + n[None, :] * gN + i[None, :] * gH + j[None, :] * gW
-    tl.store(out, g.to(gx_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+    tl.store(out, g.to(gx_ptr.dtype.element_ty), mask=out_ok)
 
 
 def _pow2(n: int) -> int:
@@ -204,9 +208,13 @@ def _check(x: torch.Tensor) -> None:
         raise ValueError(f"the Triton repso_moments kernels take float32, bfloat16 or float16 x, got {x.dtype}")
 
 
-def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_partials(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel's raw output: per position split, float32 sums (n_split, C, KK_PAD) and
+    products (n_split, C, KK_PAD, KK_PAD) of the shifted values, and the per-channel shift (C,)
+    they were taken about (0 for 16-bit x). repso_moments_forward centres them; RepSO's fused
+    fold (triton_repso_fold.fold_forward) takes them as they are."""
     N, C, H, W = x.shape
-    KK, KK_PAD = K * K, _pow2(K * K)
+    KK_PAD = _pow2(K * K)
     n_pos = N * H * W
     _check(x)
     shift_values = x.dtype == torch.float32
@@ -226,6 +234,13 @@ def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.
         x, shift, sums, prods, C, H, W, n_pos, chunk, *x.stride(),
         K=K, KK_PAD=KK_PAD, SHIFT=shift_values, DOT16=_dot16(),
     )
+    return sums, prods, shift
+
+
+def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    N, C, H, W = x.shape
+    KK, n_pos = K * K, N * H * W
+    sums, prods, shift = forward_partials(x, K)
     ew = sums.sum(0, dtype=torch.float64)[:, :KK] / n_pos
     second = prods.sum(0, dtype=torch.float64)[:, :KK, :KK] / n_pos
     cov = second - ew.unsqueeze(-1) * ew.unsqueeze(-2)
@@ -250,7 +265,6 @@ def repso_moments_backward(
 ) -> torch.Tensor:
     N, C, H, W = x.shape
     KK, KK_PAD, LAG_PAD = K * K, _pow2(K * K), _pow2((2 * K - 1) ** 2)
-    n_pos = N * H * W
     _check(x)
     split = x.dtype in (torch.bfloat16, torch.float16)
     g_sym = (grad_cov + grad_cov.transpose(1, 2)).double()
@@ -265,12 +279,29 @@ def repso_moments_backward(
         a_hi = A.to(x.dtype)
         a_lo = (A - a_hi.double()).to(x.dtype)
     else:
-        a_hi, a_lo = A.float(), A.float()
+        a_hi = a_lo = A.float()
+    return backward_launch(x, a_hi, a_lo, cst_pad, shift.float(), K)
+
+
+def backward_launch(x: torch.Tensor, a_hi: torch.Tensor, a_lo: torch.Tensor, cst: torch.Tensor,
+                    shift: torch.Tensor, K: int, add: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_x from the backward kernel's prepared inputs: the lag matrix A (C, LAG_PAD, KK_PAD) as
+    x's 16-bit type in a high and a low part, or as float32 (a_lo unused), the constant (C,
+    KK_PAD) and the shift (C,), float32. `add`, a tensor of x's shape, is added to grad_x in the
+    kernel (RepSO's conv input gradient: no separate pass over three tensors)."""
+    N, C, H, W = x.shape
+    KK_PAD, LAG_PAD = _pow2(K * K), _pow2((2 * K - 1) ** 2)
+    n_pos = N * H * W
+    split = x.dtype in (torch.bfloat16, torch.float16)
     gx = torch.empty_like(x)
+    has_add = add is not None
+    if has_add and add.shape != x.shape:
+        raise ValueError(f"add must have x's shape {tuple(x.shape)}, got {tuple(add.shape)}")
     grid = lambda meta: (triton.cdiv(n_pos, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _moments_bwd_kernel[grid](
-        x, gx, a_hi.contiguous(), a_lo.contiguous(), cst_pad, shift.float().contiguous(),
-        C, H, W, n_pos, 1.0 / n_pos, *x.stride(), *gx.stride(),
-        K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, DOT16=_dot16(),
+        x, gx, a_hi.contiguous(), a_lo.contiguous(), cst.contiguous(), shift.contiguous(),
+        add if has_add else gx,
+        C, H, W, n_pos, 1.0 / n_pos, *x.stride(), *gx.stride(), *(add.stride() if has_add else gx.stride()),
+        K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, DOT16=_dot16(), HAS_ADD=has_add,
     )
     return gx

@@ -529,6 +529,117 @@ def test_triton_interpreter_float32_end_to_end(monkeypatch):
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_triton_fold_kernels_match_reference(K, x_dtype):
+    """The Triton fold kernels (falconnet_kernels/triton_repso_fold.py) against their definitions:
+    forward = the moments op's centring + repso_fold_ref, backward = repso_fold_backward_ref plus
+    the moments backward's prepared inputs (lag matrix, constant, shift) as
+    triton_repso_moments.repso_moments_backward forms them on the host. Interpreter, float64
+    references; a zero-variance branch (a zero kernel) and kernels with zero taps included."""
+    from falconnet_kernels import triton_repso_fold as tf
+    from falconnet_kernels import triton_repso_moments as tm
+
+    C, B, KK = 6, 5, K * K
+    x = torch.randn(3, C, 7, 5) * 2 + 1
+    sums, prods, shift = tm.forward_partials(x, K)
+    kernels = torch.randn(C, B, KK)
+    kernels[:, 1, : KK // 2] = 0
+    kernels[2, 3] = 0
+    gamma, beta = torch.rand(C, B) + 0.5, torch.randn(C, B)
+    eps = torch.tensor([1e-5, 1e-3, 1e-5, 1e-4, 1e-5], dtype=torch.float64)
+    mean, cov, weight, bias, bmean, bvar = tf.fold_forward(sums, prods, shift, 3 * 7 * 5, kernels, gamma, beta, eps,
+                                                           K, x_dtype)
+    ref_mean, ref_cov = rm.repso_moments_ref(x.double(), K)
+    # the moments: float32 tiles summed in float64 (test_moments_match_reference's bar)
+    assert (mean.double() - ref_mean).abs().max() <= 4e-6 * ref_mean.abs().max()
+    assert (cov.double() - ref_cov).abs().max() <= 4e-6 * ref_cov.abs().max()
+    # the fold of those float32 moments, in float64, rounded once to the output dtype
+    f64 = [t.double() for t in (mean, cov, kernels, gamma, beta)]
+    ref = rm.repso_fold_ref(*f64, eps)
+    for ours, theirs in zip((weight, bias, bmean, bvar), ref):
+        ulp = torch.finfo(ours.dtype).eps
+        assert ours.dtype == (x_dtype if ours is weight or ours is bias else torch.float32)
+        assert (ours.double() - theirs).abs().max() <= ulp * max(1.0, theirs.abs().max().item())
+    grad_w = torch.randn(C, 1, K, K).to(x_dtype)
+    grad_b = torch.randn(C).to(x_dtype)
+    g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift_b = tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K,
+                                                                       x_dtype)
+    g_mean, g_cov, *ref_g = rm.repso_fold_backward_ref(grad_w.double().view(C, KK), grad_b.double(), *f64[:4], eps)
+    for ours, theirs in zip((g_k, g_gamma, g_beta), ref_g):
+        assert (ours.double() - theirs).abs().max() <= 4 * 2**-24 * max(1.0, theirs.abs().max().item())
+    # the moments backward's inputs, formed on the host as the op path does
+    split = x_dtype != torch.float32
+    g_sym = g_cov + g_cov.transpose(1, 2)
+    ref_shift = torch.zeros(C, dtype=torch.float64) if split else f64[0][:, KK // 2]
+    ref_cst = g_mean - (g_sym @ (f64[0] - ref_shift[:, None]).unsqueeze(-1)).squeeze(-1)
+    A = tm._lag_matrix(g_sym, K, a_hi.shape[1], a_hi.shape[2])
+    lag = a_hi.double() + (a_lo.double() if split else 0)
+    # float32 accumulation of the lag matrix (8 branches: a few ulps); a 16-bit hi + lo pair: 2^-16
+    assert (lag - A).abs().max() <= (2**-15 if split else 2**-21) * A.abs().max()
+    assert (shift_b.double() - ref_shift).abs().max() <= 2**-24 * ref_shift.abs().max()
+    assert cst[:, KK:].abs().max() == 0
+    assert (cst[:, :KK].double() - ref_cst).abs().max() <= 2**-21 * ref_cst.abs().max()
+
+
+@pytest.mark.parametrize("one_node", [True, False])
+@pytest.mark.parametrize("row", ["T", "N"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_triton_training_paths_match_branch_sum(monkeypatch, one_node, row, channels_last):
+    """Triton (interpreter, float32): the one-node path (_OneConvTrainTriton: moments, fold kernel,
+    conv; backward with the conv's input gradient added in the moments backward kernel) and the
+    custom-op path both equal the branch sum, running statistics included."""
+    use_backend(monkeypatch, "triton")
+    module = make_repso(5, row).float()
+    x = torch.randn(2, 5, 6, 7) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+
+    def path(m, inp):
+        return repso_train_forward(inp, [b.conv.weight for b in m.branches], [b.bn for b in m.branches], m.identity_bn,
+                                   one_node=one_node)
+
+    y = path(copy.deepcopy(module), x.clone().requires_grad_())
+    node = type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
+    assert node == one_node
+    y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    y1, g1, b1 = run(path, copy.deepcopy(module), x, grad_y)
+    assert y1.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert g1[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    # float32 on both sides (test_triton_interpreter_float32_end_to_end's bars)
+    assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
+    assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("row", ["T", "N"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_triton_one_node_against_op_path(row, dtype):
+    """On the GPU the training case runs as one node (_OneConvTrainTriton); it and the custom-op
+    path (one_node=False) are both within 3x PyTorch's own branch-sum error of the float64 sum."""
+    module = make_repso(32, row).cuda()
+    x = (torch.randn(4, 32, 14, 13, dtype=torch.float64) + 0.5).cuda()
+    grad_y = torch.randn_like(x)
+    y_ref, g_ref, b_ref = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    low = module.to(dtype)
+    xl = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    y_pt, g_pt, b_pt = run(branch_sum, copy.deepcopy(low), xl, grad_y)
+    y = fused(copy.deepcopy(low), xl.clone().requires_grad_())
+    assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
+
+    def ops(m, inp):
+        return repso_train_forward(inp, [b.conv.weight for b in m.branches], [b.bn for b in m.branches], m.identity_bn,
+                                   one_node=False)
+
+    floor = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    for path in (fused, ops):
+        y_fu, g_fu, b_fu = run(path, copy.deepcopy(low), xl, grad_y)
+        for ours, theirs, ref in ((y_fu, y_pt, y_ref), *zip(g_fu, g_pt, g_ref)):
+            assert max_err([ours], [ref]) <= 3 * max_err([theirs], [ref]) + floor * max(1.0, scale([ref]))
+        assert max_err(b_fu, b_ref) <= 3 * max_err(b_pt, b_ref) + 1e-5 * scale(b_ref)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("row", ["T", "N"])
 def test_cuda_bfloat16_channels_last(row):

@@ -25,6 +25,7 @@ from falconnet_kernels.repso_moments import (
     repso_fold,
     repso_moments,
     stats_dtype,
+    triton_train_path_available,
 )
 
 
@@ -162,12 +163,23 @@ def _embedded_kernels(weights: Sequence[Tensor], with_identity: bool, K: int, dt
     return flat.to(dtype).index_select(1, index).view(C, -1, K * K)
 
 
+@functools.lru_cache(maxsize=64)
+def _eps_on(eps: tuple, device: torch.device) -> Tensor:
+    # built once per device: a fresh host-to-GPU copy every step would stall the launch queue
+    return torch.tensor(eps, dtype=torch.float64, device=device)
+
+
 def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
-    """The C++ fold's inputs: embedded kernels (C, B, K*K), gamma and beta (C, B), eps (B,) float64."""
+    """The fold kernels' inputs: embedded kernels (C, B, K*K), gamma and beta (C, B), eps (B,)
+    float64 (on the CPU for the C++ fold, on x's device for the Triton one)."""
     kernels = _embedded_kernels(weights, with_identity, K, dtype, device)
     gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
     beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
-    eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64)
+    eps = tuple(float(bn.eps) for bn in bns)
+    if device.type == "cpu":
+        eps = torch.tensor(eps, dtype=torch.float64)
+    else:
+        eps = _eps_on(eps, device)
     return kernels, gamma, beta, eps
 
 
@@ -229,12 +241,69 @@ class _OneConvTrainCPU(torch.autograd.Function):
         return grad_x, g_k, g_gamma, g_beta, None, None
 
 
+class _OneConvTrainTriton(torch.autograd.Function):
+    """The GPU counterpart of _OneConvTrainCPU: moments (Triton) -> fold (one Triton kernel) ->
+    cuDNN's depthwise conv; backward: cuDNN's conv backward -> fold backward (one Triton kernel,
+    which also prepares the moments backward's inputs) -> moments backward with the conv's input
+    gradient added in the same kernel. Six launches a direction replace the custom-op path's
+    ~70 small ones (falconnet_kernels/triton_repso_fold.py). float32, bfloat16 and float16 x; runs
+    on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+
+    @staticmethod
+    def forward(ctx, x, kernels, gamma, beta, eps, K):
+        from falconnet_kernels import triton_repso_fold, triton_repso_moments
+
+        N, C, H, W = x.shape
+        sums, prods, shift = triton_repso_moments.forward_partials(x, K)
+        mean, cov, weight, bias, bmean, bvar = triton_repso_fold.fold_forward(
+            sums, prods, shift, N * H * W, kernels, gamma, beta, eps, K, x.dtype)
+        weight = weight.view(C, 1, K, K)
+        y = F.conv2d(x, weight, bias, padding=K // 2, groups=C)
+        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight)
+        ctx.K = K
+        ctx.mark_non_differentiable(bmean, bvar)
+        return y, bmean, bvar
+
+    @staticmethod
+    @once_differentiable  # the kernels have no double backward: create_graph=True raises, not zeros
+    def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
+        from falconnet_kernels import triton_repso_fold, triton_repso_moments
+
+        x, mean, cov, kernels, gamma, eps, weight = ctx.saved_tensors
+        K, C = ctx.K, x.shape[1]
+        need_x = ctx.needs_input_grad[0]
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
+        grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
+        grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y, x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [need_x, True, True])
+        g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift = triton_repso_fold.fold_backward(
+            grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K, x.dtype)
+        grad_x = None
+        if need_x:
+            grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, add=grad_x_conv)
+        return grad_x, g_k, g_gamma, g_beta, None, None
+
+
 def _use_one_node(x: Tensor, conv: str) -> bool:
     return (
         x.device.type == "cpu"
         and conv != "falconnet"
         and torch.is_grad_enabled()
         and cpp_train_path_available(x)
+    )
+
+
+def _use_triton_node(x: Tensor, conv: str) -> bool:
+    """The Triton one-node path: where the moments op runs on Triton (CUDA; or CPU tensors with
+    FALCONNET_BACKEND=triton under the interpreter), float32/16-bit x, eager mode (torch.compile
+    traces the custom ops instead: Triton launches with autotuning are not traced here)."""
+    return (
+        conv != "falconnet"
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and triton_train_path_available(x)
     )
 
 
@@ -310,6 +379,7 @@ def repso_train_forward(
     bns: Sequence[nn.BatchNorm2d],
     identity_bn: Optional[nn.BatchNorm2d] = None,
     conv: str = "auto",
+    one_node: bool = True,
 ) -> Tensor:
     """sum_b bns[b](conv2d(x, weights[b], padding=(kh//2, kw//2), groups=C)) + identity_bn(x), exactly,
     with one conv; BatchNorms in training mode use batch statistics and update their running
@@ -317,6 +387,11 @@ def repso_train_forward(
 
     conv picks the one conv: "falconnet" (falconnet_kernels.dw_conv3x3, K = 3 only), "torch"
     (F.conv2d: cuDNN / oneDNN) or "auto" (see _use_fused_dw_conv).
+
+    one_node=True (the default) runs the training case (every BatchNorm affine, batch statistics)
+    as one autograd node where the kernels allow (_OneConvTrainCPU with the C++ kernels,
+    _OneConvTrainTriton with Triton); False takes the custom ops (repso_moments, the fold, the
+    conv) one by one, as torch.compile does (benchmarks compare the two).
     """
     if conv not in ("auto", "falconnet", "torch"):
         raise ValueError(f"conv must be 'auto', 'falconnet' or 'torch', got {conv!r}")
@@ -337,10 +412,16 @@ def repso_train_forward(
     if any(batch) and count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     folding_all = all(batch) and all(bn.affine for bn in all_bns)
-    if folding_all and _use_one_node(x, conv):
-        # the training case on the CPU: moments, fold and conv in one autograd node
+    node = None
+    if folding_all and one_node:
+        if _use_one_node(x, conv):
+            node = _OneConvTrainCPU
+        elif _use_triton_node(x, conv):
+            node = _OneConvTrainTriton
+    if node is not None:
+        # the training case: moments, fold and conv in one autograd node
         kernels, gamma, beta, eps = _fold_inputs(weights, all_bns, identity_bn is not None, K, dtype, x.device)
-        y, mean, var = _OneConvTrainCPU.apply(x, kernels, gamma, beta, eps, K)
+        y, mean, var = node.apply(x, kernels, gamma, beta, eps, K)
         _update_running_batched(all_bns, mean, var, count)
         return y
     if any(batch):

@@ -1,0 +1,227 @@
+"""RepSO's fold on the GPU in two small Triton kernels: everything between the moments kernels and
+the conv, forward and backward (falconnet/layers/repso_train.py, _OneConvTrainTriton).
+
+Between the statistics pass over x and the one depthwise conv, RepSO's exact training forward does
+per-channel arithmetic on (C, K*K x K*K) tensors: sum the moments kernel's per-split partial sums,
+centre them, form each branch's batch mean and variance, BatchNorm's scale and shift, the folded
+kernel and bias. Written as tensor ops that is ~30 launches forward and ~40 backward (the moments
+op's host-side epilogue and prologue, the batched fold and its autograd), each a few microseconds
+on a GPU, against a whole layer's budget of tens of microseconds at 7x7 maps (issue 5: 8x the
+seven-branch path). Here each direction is one launch over blocks of channels:
+
+- fold_forward: partial sums -> (mean, cov) in float64, rounded to float32 (the moments op's
+  outputs, saved for the backward) -> per branch b: m_b = k_b . mean, v_b = max(k_b^T cov k_b, 0),
+  s_b = gamma_b / sqrt(v_b + eps_b) -> folded = sum_b s_b k_b (in x's dtype, the conv's weight),
+  bias = sum_b (beta_b - m_b s_b), and m_b, v_b for the running statistics.
+- fold_backward: the gradients of folded and bias (the conv's weight and bias gradients) back to
+  the kernels, gamma and beta (repso_fold_backward_ref's formulas), and, for the moments backward
+  kernel, its inputs directly: the lag matrix A[d, p] = G[p, p + d] with G = grad_cov + grad_cov^T
+  = 2 sum_b g_v,b k_b k_b^T, the constant grad_mean - G (mean - shift), and the shift (the centre
+  mean for float32 x; 0 for 16-bit x, whose A is split into high and low 16-bit parts).
+All per-channel math is float64 (the C++ fold's precision); A is accumulated in float32 (the
+moments backward kernel consumes it as float32, or as two 16-bit parts, ~2^-16 relative).
+
+Arithmetic and bytes are negligible (a few KB per channel); the point is one launch instead of
+tens. Only Triton 3.6 APIs are used; both kernels run under TRITON_INTERPRET=1 (the tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _narrow(v, ptr):
+    """A float64 value in ptr's element type, through float32 (the 16-bit types' conversions from
+    float64 are not all lowered: the interpreter's gives NaN)."""
+    return v.to(tl.float32).to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _fold_fwd_kernel(
+    sums_ptr, prods_ptr, shift_ptr, k_ptr, gamma_ptr, beta_ptr, eps_ptr,
+    mean_ptr, cov_ptr, w_ptr, bias_ptr, bmean_ptr, bvar_ptr,
+    C, n_split, inv_M,
+    B: tl.constexpr, KK: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.arange(0, KK_PAD)
+    c_ok = c < C
+    p_ok = p < KK
+    off1 = c[:, None] * KK_PAD + p[None, :]
+    off2 = (c[:, None, None] * KK_PAD + p[None, :, None]) * KK_PAD + p[None, None, :]
+    # the moments kernel's per-split partial sums (float32), added in float64
+    s1 = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)
+    s2 = tl.zeros((BLOCK_C, KK_PAD, KK_PAD), dtype=tl.float64)
+    for _ in range(n_split):
+        s1 += tl.load(sums_ptr + off1, mask=c_ok[:, None], other=0.0).to(tl.float64)
+        s2 += tl.load(prods_ptr + off2, mask=c_ok[:, None, None], other=0.0).to(tl.float64)
+        sums_ptr += C * KK_PAD
+        prods_ptr += C * KK_PAD * KK_PAD
+    ew = s1 * inv_M
+    cov = s2 * inv_M - ew[:, :, None] * ew[:, None, :]
+    mean = ew + tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float64)[:, None]
+    # the op's float32 outputs; the fold below uses these rounded values, as the backward does
+    ok1 = c_ok[:, None] & p_ok[None, :]
+    ok2 = c_ok[:, None, None] & p_ok[None, :, None] & p_ok[None, None, :]
+    mean32 = _narrow(mean, mean_ptr)
+    cov32 = _narrow(cov, cov_ptr)
+    tl.store(mean_ptr + c[:, None] * KK + p[None, :], mean32, mask=ok1)
+    tl.store(cov_ptr + (c[:, None, None] * KK + p[None, :, None]) * KK + p[None, None, :], cov32, mask=ok2)
+    mean = tl.where(ok1, mean32.to(tl.float64), 0.0)
+    cov = tl.where(ok2, cov32.to(tl.float64), 0.0)
+    folded = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for b in tl.static_range(B):
+        k = tl.load(k_ptr + (c[:, None] * B + b) * KK + p[None, :], mask=ok1, other=0.0).to(tl.float64)
+        m_b = tl.sum(k * mean, axis=1)
+        v_b = tl.maximum(tl.sum(tl.sum(cov * k[:, None, :], axis=2) * k, axis=1), 0.0)
+        gamma = tl.load(gamma_ptr + c * B + b, mask=c_ok, other=0.0).to(tl.float64)
+        beta = tl.load(beta_ptr + c * B + b, mask=c_ok, other=0.0).to(tl.float64)
+        s_b = gamma / tl.sqrt(v_b + tl.load(eps_ptr + b))
+        folded += s_b[:, None] * k
+        bias += beta - m_b * s_b
+        tl.store(bmean_ptr + c * B + b, _narrow(m_b, bmean_ptr), mask=c_ok)
+        tl.store(bvar_ptr + c * B + b, _narrow(v_b, bvar_ptr), mask=c_ok)
+    tl.store(w_ptr + c[:, None] * KK + p[None, :], _narrow(folded, w_ptr), mask=ok1)
+    tl.store(bias_ptr + c, _narrow(bias, bias_ptr), mask=c_ok)
+
+
+@triton.jit
+def _fold_bwd_kernel(
+    gw_ptr, gb_ptr, mean_ptr, cov_ptr, k_ptr, gamma_ptr, eps_ptr,
+    gk_ptr, ggamma_ptr, gbeta_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr,
+    C,
+    B: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr, LAG_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    KK: tl.constexpr = K * K
+    L: tl.constexpr = 2 * K - 1
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.arange(0, KK_PAD)
+    c_ok = c < C
+    p_ok = p < KK
+    ok1 = c_ok[:, None] & p_ok[None, :]
+    ok2 = c_ok[:, None, None] & p_ok[None, :, None] & p_ok[None, None, :]
+    mean = tl.load(mean_ptr + c[:, None] * KK + p[None, :], mask=ok1, other=0.0).to(tl.float64)
+    cov_base = cov_ptr + c[:, None, None] * (KK * KK)
+    sym = (tl.load(cov_base + p[None, :, None] * KK + p[None, None, :], mask=ok2, other=0.0).to(tl.float64)
+           + tl.load(cov_base + p[None, None, :] * KK + p[None, :, None], mask=ok2, other=0.0).to(tl.float64))
+    g_f = tl.load(gw_ptr + c[:, None] * KK + p[None, :], mask=ok1, other=0.0).to(tl.float64)
+    g_bias = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
+    # the moments backward centres its stencil on the centre mean for float32 x (16-bit x: none)
+    if SPLIT:
+        shift = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    else:
+        shift = tl.sum(tl.where(p[None, :] == KK // 2, mean, 0.0), axis=1)
+    centred = tl.where(ok1, mean - shift[:, None], 0.0)
+    # lag d = (di, dj) in [-(K-1), K-1]^2 from tap p to tap q = p + d, where q is in the window
+    d = tl.arange(0, LAG_PAD)
+    qi = (p // K)[None, :] + (d // L - (K - 1))[:, None]
+    qj = (p % K)[None, :] + (d % L - (K - 1))[:, None]
+    q_ok = (d < L * L)[:, None] & p_ok[None, :] & (qi >= 0) & (qi < K) & (qj >= 0) & (qj < K)
+    q = qi * K + qj  # (LAG_PAD, KK_PAD)
+    g_mean = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)
+    g_centred = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)  # G (mean - shift)
+    lag = tl.zeros((BLOCK_C, LAG_PAD, KK_PAD), dtype=tl.float32)
+    for b in tl.static_range(B):
+        k_row = k_ptr + (c * B + b) * KK
+        k = tl.load(k_row[:, None] + p[None, :], mask=ok1, other=0.0).to(tl.float64)
+        k_q = tl.load(k_row[:, None, None] + q[None, :, :], mask=c_ok[:, None, None] & q_ok[None, :, :],
+                      other=0.0).to(tl.float64)
+        sk = tl.sum(sym * k[:, None, :], axis=2)  # (cov + cov^T) k
+        m_b = tl.sum(k * mean, axis=1)
+        v_raw = 0.5 * tl.sum(k * sk, axis=1)
+        clamped = v_raw < 0.0  # clamp_min's gradient is 0 below the bound
+        gamma = tl.load(gamma_ptr + c * B + b, mask=c_ok, other=0.0).to(tl.float64)
+        r = 1.0 / tl.sqrt(tl.maximum(v_raw, 0.0) + tl.load(eps_ptr + b))
+        s_b = gamma * r
+        g_s = tl.sum(k * g_f, axis=1) - g_bias * m_b
+        g_m = -g_bias * s_b
+        g_v = tl.where(clamped, 0.0, -0.5 * g_s * gamma * r * r * r)
+        tl.store(ggamma_ptr + c * B + b, _narrow(g_s * r, ggamma_ptr), mask=c_ok)
+        tl.store(gbeta_ptr + c * B + b, _narrow(g_bias, gbeta_ptr), mask=c_ok)
+        g_k = s_b[:, None] * g_f + g_m[:, None] * mean + g_v[:, None] * sk
+        tl.store(gk_ptr + (c[:, None] * B + b) * KK + p[None, :], _narrow(g_k, gk_ptr), mask=ok1)
+        g_mean += g_m[:, None] * k
+        two_gv = 2.0 * g_v
+        g_centred += (two_gv * tl.sum(k * centred, axis=1))[:, None] * k
+        lag += (two_gv[:, None, None] * k[:, None, :] * k_q).to(tl.float32)
+    cst = (g_mean - g_centred).to(tl.float32)
+    tl.store(cst_ptr + c[:, None] * KK_PAD + p[None, :], cst, mask=c_ok[:, None])
+    tl.store(shift_ptr + c, shift.to(tl.float32), mask=c_ok)
+    a_off = (c[:, None, None] * LAG_PAD + d[None, :, None]) * KK_PAD + p[None, None, :]
+    if SPLIT:
+        hi = lag.to(a_hi_ptr.dtype.element_ty)
+        tl.store(a_hi_ptr + a_off, hi, mask=c_ok[:, None, None])
+        tl.store(a_lo_ptr + a_off, (lag - hi.to(tl.float32)).to(a_lo_ptr.dtype.element_ty), mask=c_ok[:, None, None])
+    else:
+        tl.store(a_hi_ptr + a_off, lag, mask=c_ok[:, None, None])
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _launch_shape(KK_PAD: int, per_channel: int) -> tuple[int, int]:
+    """(BLOCK_C, num_warps): about 4096 values of per-channel state per program (32-64 registers a
+    thread at 4 warps); one channel on 8 warps when one channel's state is larger (K = 5, 7).
+    Compiled for sm_90 with triton 3.6 (no GPU here): no spills at K <= 3; the backward at K = 5
+    and 7 spills a little (0.5 KB a thread; 4, 16 or 32 warps spilled more)."""
+    if per_channel <= 1024:
+        return 4096 // per_channel, 4
+    return 1, 8
+
+
+def fold_forward(sums, prods, shift, n_pos: int, kernels, gamma, beta, eps, K: int, out_dtype: torch.dtype):
+    """From the moments kernel's partials (triton_repso_moments.forward_partials) to (mean, cov,
+    folded weight (C, K*K) in out_dtype, bias (C,) in out_dtype, branch means (C, B), branch
+    biased variances (C, B)). kernels (C, B, K*K), gamma and beta (C, B); eps (B,) float64 on the
+    device."""
+    n_split, C, KK_PAD = sums.shape
+    B, KK = kernels.shape[1], K * K
+    stats = torch.float32
+    dev = sums.device
+    mean = torch.empty((C, KK), device=dev, dtype=stats)
+    cov = torch.empty((C, KK, KK), device=dev, dtype=stats)
+    weight = torch.empty((C, KK), device=dev, dtype=out_dtype)
+    bias = torch.empty((C,), device=dev, dtype=out_dtype)
+    bmean = torch.empty((C, B), device=dev, dtype=stats)
+    bvar = torch.empty((C, B), device=dev, dtype=stats)
+    block_c, warps = _launch_shape(KK_PAD, 2 * KK_PAD * KK_PAD)
+    _fold_fwd_kernel[(triton.cdiv(C, block_c),)](
+        sums, prods, shift, kernels.contiguous(), gamma.contiguous(), beta.contiguous(), eps,
+        mean, cov, weight, bias, bmean, bvar,
+        C, n_split, 1.0 / n_pos,
+        B=B, KK=KK, KK_PAD=KK_PAD, BLOCK_C=block_c, num_warps=warps,
+    )
+    return mean, cov, weight, bias, bmean, bvar
+
+
+def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int, x_dtype: torch.dtype):
+    """The conv's weight and bias gradients back through the fold: (grad_kernels (C, B, K*K),
+    grad_gamma (C, B), grad_beta (C, B)) and the moments backward kernel's inputs (a_hi, a_lo,
+    cst, shift) for x of x_dtype (triton_repso_moments.backward_launch)."""
+    C, KK = mean.shape
+    B = kernels.shape[1]
+    KK_PAD, LAG_PAD = _pow2(KK), _pow2((2 * K - 1) ** 2)
+    split = x_dtype in (torch.bfloat16, torch.float16)
+    dev = mean.device
+    g_k = torch.empty((C, B, KK), device=dev, dtype=kernels.dtype)
+    g_gamma = torch.empty((C, B), device=dev, dtype=gamma.dtype)
+    g_beta = torch.empty((C, B), device=dev, dtype=gamma.dtype)
+    a_dtype = x_dtype if split else torch.float32
+    a_hi = torch.empty((C, LAG_PAD, KK_PAD), device=dev, dtype=a_dtype)
+    a_lo = torch.empty_like(a_hi) if split else a_hi
+    cst = torch.empty((C, KK_PAD), device=dev, dtype=torch.float32)
+    shift = torch.empty((C,), device=dev, dtype=torch.float32)
+    # per channel: (cov + cov^T) and a product temporary in float64, the lag matrix and its gather
+    block_c, warps = _launch_shape(KK_PAD, 2 * KK_PAD * KK_PAD + 2 * LAG_PAD * KK_PAD)
+    _fold_bwd_kernel[(triton.cdiv(C, block_c),)](
+        grad_weight.reshape(C, KK), grad_bias, mean, cov, kernels.contiguous(), gamma.contiguous(), eps,
+        g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift,
+        C,
+        B=B, K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, BLOCK_C=block_c, num_warps=warps,
+    )
+    return g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift
