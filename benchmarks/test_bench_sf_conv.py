@@ -2,7 +2,9 @@
 
 Implementations, side by side in one run: the fused op on each built backend ("falconnet-cpp",
 "falconnet-cuda", "falconnet-triton"), the dense nn.Conv2d 1x1 (cuDNN / oneDNN: "dense"), and
-SF-Conv in plain PyTorch as grouped conv + channel shuffle + grouped conv ("sf-torch").
+SF-Conv in plain PyTorch as grouped conv + channel shuffle + grouped conv ("sf-torch"); on a GPU
+also the forward of the composed-weight GEMM candidate ("falconnet-triton-gemm",
+falconnet_kernels/triton_sf_gemm.py), called directly.
 GPU: bfloat16, channels_last, batch 128. CPU: float32, batch 16, channels_last and NCHW.
 """
 from __future__ import annotations
@@ -49,6 +51,12 @@ def _case(device, impl, shape, layout, train):
         wd = wd.contiguous(memory_format=fmt).requires_grad_(train)
         params, forward = (x, wd), (lambda: F.conv2d(x, wd))
         macs = P * C_in * C_out
+    elif impl == "falconnet-triton-gemm":
+        from falconnet_kernels import triton_sf_gemm
+
+        params = (x, w1, w2)
+        forward = lambda: triton_sf_gemm.sf_conv_forward(x, w1, w2, None, None, "none")  # noqa: E731
+        macs = P * C_in * C_out  # the composed weight's dense product (+ C_in*C_out to compose it)
     else:
         params = (x, w1, w2)
         forward = (lambda: sf_torch(x, w1, w2)) if impl == "sf-torch" else (lambda: falconnet_kernels.sf_conv(x, w1, w2))
@@ -75,7 +83,7 @@ def _case(device, impl, shape, layout, train):
         "shape": f"{C_in}->{C_out}@{H}", "sf_config": {"G": G, "c_h": c_h, "k": k, "m": w2.shape[1]},
         "bytes_min": bytes_min, "flops": flops,
     }
-    backend = impl.split("-")[1] if impl.startswith("falconnet-") and impl != "falconnet-cpp" else None
+    backend = impl.split("-")[1] if impl.startswith("falconnet-") and impl not in ("falconnet-cpp", "falconnet-triton-gemm") else None
     return fn, info, backend
 
 
@@ -83,9 +91,14 @@ def _case(device, impl, shape, layout, train):
 @pytest.mark.parametrize("train", [False, True], ids=["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape", PW_SHAPES, ids=[f"{a}-{b}@{h}" for a, b, h in PW_SHAPES])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
-@pytest.mark.parametrize("impl", ["dense", "sf-torch", "falconnet-cpp", "falconnet-cuda", "falconnet-triton"])
+@pytest.mark.parametrize("impl", ["dense", "sf-torch", "falconnet-cpp", "falconnet-cuda", "falconnet-triton",
+                                  "falconnet-triton-gemm"])
 def test_sf_conv(benchmark, device, impl, shape, layout, train):
-    if impl not in impls(device) or layout not in LAYOUTS[device]:
+    if impl == "falconnet-triton-gemm":
+        # the composed-weight GEMM candidate (falconnet_kernels/triton_sf_gemm.py): forward only
+        if train or device != "cuda" or "falconnet-triton" not in impls(device) or layout not in LAYOUTS[device]:
+            pytest.skip("the GEMM candidate is a GPU forward kernel")
+    elif impl not in impls(device) or layout not in LAYOUTS[device]:
         pytest.skip(f"{impl} / {layout} is not benchmarked on {device}")
     fn, info, backend = _case(device, impl, shape, layout, train)
     run_benchmark(benchmark, fn, device, info, backend=backend)

@@ -233,6 +233,38 @@ def test_dw_conv3x3_batch_zero():
 # GPU only: the benchmark shapes (SPEC section 6) at batch 2, bf16 channels_last
 
 
+def check_sf_gemm_forward(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt):
+    """The composed-weight GEMM candidate (triton_sf_gemm.py), forward only, as check_sf_conv."""
+    from falconnet_kernels import triton_sf_gemm
+
+    x, w1, w2, b, res, _ = _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt)
+    poison_allocator()
+    y = triton_sf_gemm.sf_conv_forward(x, w1, w2, b, res, activation)
+    y64 = ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), _f64(res), activation)
+    y_low = y64 if dtype == torch.float32 else ref.sf_conv_ref(x, w1, w2, b, res, activation)
+    assert_matches(f"sf_gemm {C_in}->{C_out} {activation} {dtype} {fmt}", [y], [y64], [y_low], dtype)
+    expect_cl = fmt == torch.channels_last and not x.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    w = triton_sf_gemm.compose_weight(w1, w2, torch.float32)
+    assert rel_err(w, ref.sf_conv_dense_weight(_f64(w1), _f64(w2))) <= (FP32_TOL if dtype == torch.float32 else 2**-7)
+
+
+@pytest.mark.parametrize("case, dtype", with_dtypes(SF_CASES, lambda c: f"{c[0]}-{c[3]}-k{c[1]}-ch{c[2]}-{c[6]}"))
+def test_sf_gemm_forward(case, dtype):
+    C_in, k, c_h, C_out, bias, residual, activation, fmt = case
+    check_sf_gemm_forward(2, C_in, k, c_h, C_out, 5, 7, bias, residual, activation, dtype, fmt)
+
+
+def test_sf_gemm_forward_k_loop_and_batch_zero():
+    """C_in over one K step (the loop with a ragged last step: 200 = 3 x 64 + 8) and C_out over one
+    channel tile (200 > 128); batch 0 returns an empty output."""
+    check_sf_gemm_forward(1, 200, 8, 8, 200, 3, 5, True, True, "relu6", torch.float32, torch.channels_last)
+    from falconnet_kernels import triton_sf_gemm
+
+    x, w1, w2, b, _, _ = _sf_inputs(0, 32, 8, 8, 128, 5, 7, True, False, torch.float32, torch.channels_last)
+    assert triton_sf_gemm.sf_conv_forward(x, w1, w2, b, None, "relu").shape == (0, 128, 5, 7)
+
+
 PW_SHAPES = [  # (C_in, C_out, H, k, c_h): default config r = 1, k the valid k nearest sqrt(C_out)
     (32, 128, 56, 8, 8), (128, 32, 56, 4, 4), (64, 256, 28, 16, 16), (256, 64, 28, 8, 8),
     (128, 512, 14, 16, 16), (512, 128, 14, 8, 8), (256, 1024, 7, 32, 32), (1024, 256, 7, 16, 16),
@@ -247,6 +279,7 @@ def test_sf_conv_benchmark_shapes(shape):
     kernels; the small cases above cover the epilogue options)."""
     C_in, C_out, H, k, c_h = shape
     check_sf_conv(2, C_in, k, c_h, C_out, H, H, False, False, "none", torch.bfloat16, torch.channels_last)
+    check_sf_gemm_forward(2, C_in, k, c_h, C_out, H, H, False, False, "none", torch.bfloat16, torch.channels_last)
 
 
 @pytest.mark.cuda

@@ -1,0 +1,140 @@
+"""SF-Conv forward as one tensor-core GEMM with the composed weight: a GPU candidate, not the default.
+
+Why. On a GPU every SF-Conv shape of FalconNet is memory-bound: the fewest bytes are x read once
+and y written once, (C_in + C_out) * itemsize per pixel, and at bf16 the dense product of the
+composed (C_out x C_in) weight is at most ~1.2x that memory time on an H100 (C_in*C_out MACs per
+pixel at ~600 TFLOP/s against (C_in + C_out) * 2 bytes at ~3.3 TB/s: 0.14x at 32->128 and
+128->32, 0.29x at 64<->256, 0.57x at 128<->512, 1.14x at 256<->1024). So the exact-FLOP two-stage
+kernel (triton_sf_conv.py: batched 3-D products, the shuffle as a register/shared-memory
+relayout) buys nothing at those shapes, and its relayouts cost: measured on an H200 at 1ebf1b9 it
+moved 14-34% of copy bandwidth, under cuDNN's dense 1x1 conv (23-73%).
+This kernel computes the same function as one GEMM per tile, y[P, C_out] = x[P, C_in] @ W^T with
+W = W2 . shuffle . W1 composed once per call by a tiny kernel (W[j*m + t, g*k + i] =
+w2[j, t, g] * w1[g, j, i], product rounded once to x's dtype), so the hot loop is the plain
+2-D tl.dot stream Triton pipelines best (cp.async / wgmma on sm_90), with the epilogue (bias,
+activation, residual) fused before the single store. The hidden tensor does not exist at all.
+
+Numerics: the two-stage form rounds the hidden tensor to x's dtype between the stages (as two
+PyTorch matmuls would); this form rounds each composed weight instead: both are one 16-bit
+rounding per term, within the same tolerance of a float64 reference. float32 uses
+input_precision="ieee".
+
+Status: forward only, correct in the interpreter (tests/test_triton_kernels.py), compiled for
+sm_90 with triton 3.6 without a GPU; never timed. benchmarks/test_bench_sf_conv.py times it as
+"falconnet-triton-gemm" beside the two-stage Triton kernel and cuDNN; the backend default
+(_backend.CUDA_DEFAULT) switches only on a measurement.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_sf_conv import _ACTIVATION_CODE, _dot_precision, _out_format, _pixel_offset, _pixel_strides
+
+
+@triton.jit
+def _compose_kernel(w1_ptr, w2_ptr, w_ptr, G, C_H, K, M, C_IN, C_OUT, BLOCK: tl.constexpr):
+    """W[o, c] = w2[j, t, g] * w1[g, j, i] for o = j*M + t, c = g*K + i, in float32, stored once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < C_OUT * C_IN
+    o = offs // C_IN
+    c = offs % C_IN
+    j, t = o // M, o % M
+    g, i = c // K, c % K
+    a = tl.load(w2_ptr + (j * M + t) * G + g, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(w1_ptr + (g * C_H + j) * K + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(w_ptr + offs, (a * b).to(w_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _sf_gemm_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    P, HW, C_IN, C_OUT,
+    s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    X_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # 1-D grid, output-channel tiles fastest: the programs of one pixel tile run together, so
+    # its x tile comes from DRAM once and from L2 for the other channel tiles
+    n_tiles = tl.cdiv(C_OUT, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_p, pid_n = pid // n_tiles, pid % n_tiles
+    p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_ok, n_ok = p < P, n < C_OUT
+    pix_x = _pixel_offset(p, HW, s_xn, s_xhw, X_LINEAR)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_IN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < C_IN
+        xt = tl.load(x_ptr + pix_x[:, None] + k[None, :] * s_xc, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + n[None, :] * C_IN + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+    z = acc
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+    ok = p_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        pix_r = _pixel_offset(p, HW, s_rn, s_rhw, R_LINEAR)
+        z += tl.load(res_ptr + pix_r[:, None] + n[None, :] * s_rc, mask=ok, other=0.0).to(tl.float32)
+    pix_y = _pixel_offset(p, HW, s_yn, s_yhw, Y_LINEAR)
+    tl.store(y_ptr + pix_y[:, None] + n[None, :] * s_yc, z.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def compose_weight(w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (C_out, C_in) matrix of the pair (reference.sf_conv_dense_weight), one launch, in dtype."""
+    G, c_h, k = w1.shape
+    m = w2.shape[1]
+    C_in, C_out = G * k, c_h * m
+    w = torch.empty((C_out, C_in), device=w1.device, dtype=dtype)
+    block = 1024
+    _compose_kernel[(triton.cdiv(C_out * C_in, block),)](w1.contiguous(), w2.contiguous(), w, G, c_h, k, m, C_in,
+                                                          C_out, BLOCK=block)
+    return w
+
+
+def _config(C_in: int, C_out: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages), a first guess to be tuned on a GPU: all
+    of C_out in one tile up to 128 (x is then read by one program), K in steps of up to 64, 128
+    pixels; shared memory 2-3 stages of (128 x BLOCK_K + BLOCK_K x BLOCK_N) 16-bit values <= 96 KB."""
+    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
+    warps = 8 if block_n >= 128 else 4
+    stages = 3 if C_in > block_k else 2
+    return 128, block_n, block_k, warps, stages
+
+
+def sf_conv_forward(x, w1, w2, bias, residual, activation):
+    """y = act(sf(x; w1, w2) + bias) + residual (triton_sf_conv.sf_conv_forward's contract)."""
+    G, c_h, k = w1.shape
+    m = w2.shape[1]
+    N, C_in, H, W = x.shape
+    C_out = c_h * m
+    y = torch.empty((N, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
+    P = N * H * W
+    if P == 0:
+        return y
+    w = compose_weight(w1, w2, x.dtype)
+    x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
+    _, s_yn, s_yc, s_yhw, y_lin = _pixel_strides(y)
+    if residual is not None:
+        residual, s_rn, s_rc, s_rhw, r_lin = _pixel_strides(residual)
+    else:
+        s_rn = s_rc = s_rhw = 0
+        r_lin = True
+    block_p, block_n, block_k, warps, stages = _config(C_in, C_out)
+    grid = (triton.cdiv(P, block_p) * triton.cdiv(C_out, block_n),)
+    _sf_gemm_fwd_kernel[grid](
+        x, w, bias.contiguous() if bias is not None else x, residual if residual is not None else x, y,
+        P, H * W, C_in, C_out, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
+        X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )
+    return y
