@@ -70,7 +70,9 @@ fi
 stamp "benchmarks"
 # One pytest run per group, each with its own JSON, so a stage cut off by its timeout loses only itself.
 jsons=()
-for group in ${BENCH_GROUPS:-copy_and_sf_fwd dw sf_fwdbwd models repso}; do
+# Order = what the open issues need first if the budget runs out: SF-Conv forward (with the GEMM
+# candidate), RepSO training (the one-node path vs the op path), then the rest.
+for group in ${BENCH_GROUPS:-copy_and_sf_fwd repso sf_fwdbwd dw models}; do
   case $group in
     copy_and_sf_fwd) files="benchmarks/test_bench_copy.py benchmarks/test_bench_sf_conv.py"; k="copy or (fwd and not fwdbwd)";;
     dw) files=benchmarks/test_bench_dw_conv3x3.py; k="dw";;
