@@ -3,8 +3,8 @@
 Implementations, side by side in one run: the fused op on each built backend ("falconnet-cpp",
 "falconnet-cuda", "falconnet-triton"), the dense nn.Conv2d 1x1 (cuDNN / oneDNN: "dense"), and
 SF-Conv in plain PyTorch as grouped conv + channel shuffle + grouped conv ("sf-torch"); on a GPU
-also the forward of the composed-weight GEMM candidate ("falconnet-triton-gemm",
-falconnet_kernels/triton_sf_gemm.py), called directly.
+also the composed-weight GEMM candidate ("falconnet-triton-gemm", falconnet_kernels/triton_sf_gemm.py),
+called directly.
 GPU: bfloat16, channels_last, batch 128. CPU: float32, batch 16, channels_last and NCHW.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _case(device, impl, shape, layout, train):
         from falconnet_kernels import triton_sf_gemm
 
         params = (x, w1, w2)
-        forward = lambda: triton_sf_gemm.sf_conv_forward(x, w1, w2, None, None, "none")  # noqa: E731
+        forward = lambda: triton_sf_gemm.SFConvGemm.apply(x, w1, w2, None, None, "none")  # noqa: E731
         macs = P * C_in * C_out  # the composed weight's dense product (+ C_in*C_out to compose it)
     else:
         params = (x, w1, w2)
@@ -95,9 +95,9 @@ def _case(device, impl, shape, layout, train):
                                   "falconnet-triton-gemm"])
 def test_sf_conv(benchmark, device, impl, shape, layout, train):
     if impl == "falconnet-triton-gemm":
-        # the composed-weight GEMM candidate (falconnet_kernels/triton_sf_gemm.py): forward only
-        if train or device != "cuda" or "falconnet-triton" not in impls(device) or layout not in LAYOUTS[device]:
-            pytest.skip("the GEMM candidate is a GPU forward kernel")
+        # the composed-weight GEMM candidate (falconnet_kernels/triton_sf_gemm.py)
+        if device != "cuda" or "falconnet-triton" not in impls(device) or layout not in LAYOUTS[device]:
+            pytest.skip("the GEMM candidate is a GPU kernel")
     elif impl not in impls(device) or layout not in LAYOUTS[device]:
         pytest.skip(f"{impl} / {layout} is not benchmarked on {device}")
     fn, info, backend = _case(device, impl, shape, layout, train)

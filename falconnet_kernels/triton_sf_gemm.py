@@ -19,8 +19,14 @@ PyTorch matmuls would); this form rounds each composed weight instead: both are 
 rounding per term, within the same tolerance of a float64 reference. float32 uses
 input_precision="ieee".
 
-Status: forward only, correct in the interpreter (tests/test_triton_kernels.py), compiled for
-sm_90 with triton 3.6 without a GPU; never timed. benchmarks/test_bench_sf_conv.py times it as
+The backward is the same composed form: grad_x = grad_z @ W by the same kernel (W read
+transposed), grad_W = grad_z^T x by one cuBLAS product, and the chain rule through the composition
+on the small weights. Its bytes equal the dense conv's backward (x and grad_y read twice, grad_x
+written once), so it can at best tie cuDNN's there; it exists to measure against the two-stage
+backward (0.33x cuDNN fwd+bwd on the H200).
+
+Status: correct in the interpreter (tests/test_triton_kernels.py), the forward compiled for sm_90
+with triton 3.6 without a GPU; never timed. benchmarks/test_bench_sf_conv.py times it as
 "falconnet-triton-gemm" beside the two-stage Triton kernel and cuDNN; the backend default
 (_backend.CUDA_DEFAULT) switches only on a measurement.
 """
@@ -50,7 +56,7 @@ def _compose_kernel(w1_ptr, w2_ptr, w_ptr, G, C_H, K, M, C_IN, C_OUT, BLOCK: tl.
 @triton.jit
 def _sf_gemm_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
-    P, HW, C_IN, C_OUT,
+    P, HW, C_IN, C_OUT, s_wk, s_wn,
     s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     X_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -70,7 +76,7 @@ def _sf_gemm_fwd_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < C_IN
         xt = tl.load(x_ptr + pix_x[:, None] + k[None, :] * s_xc, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + n[None, :] * C_IN + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + k[:, None] * s_wk + n[None, :] * s_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
     z = acc
     if HAS_BIAS:
@@ -110,17 +116,14 @@ def _config(C_in: int, C_out: int) -> tuple[int, int, int, int, int]:
     return 128, block_n, block_k, warps, stages
 
 
-def sf_conv_forward(x, w1, w2, bias, residual, activation):
-    """y = act(sf(x; w1, w2) + bias) + residual (triton_sf_conv.sf_conv_forward's contract)."""
-    G, c_h, k = w1.shape
-    m = w2.shape[1]
-    N, C_in, H, W = x.shape
-    C_out = c_h * m
-    y = torch.empty((N, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
+def _gemm(x, w, s_wk: int, s_wn: int, n_out: int, bias, residual, activation: str):
+    """y (N, n_out, H, W) in x's layout = act(x[P, C] @ B + bias) + residual, B[k, n] at
+    k*s_wk + n*s_wn of w."""
+    N, C, H, W = x.shape
+    y = torch.empty((N, n_out, H, W), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
     P = N * H * W
     if P == 0:
         return y
-    w = compose_weight(w1, w2, x.dtype)
     x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
     _, s_yn, s_yc, s_yhw, y_lin = _pixel_strides(y)
     if residual is not None:
@@ -128,13 +131,69 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     else:
         s_rn = s_rc = s_rhw = 0
         r_lin = True
-    block_p, block_n, block_k, warps, stages = _config(C_in, C_out)
-    grid = (triton.cdiv(P, block_p) * triton.cdiv(C_out, block_n),)
+    block_p, block_n, block_k, warps, stages = _config(C, n_out)
+    grid = (triton.cdiv(P, block_p) * triton.cdiv(n_out, block_n),)
     _sf_gemm_fwd_kernel[grid](
         x, w, bias.contiguous() if bias is not None else x, residual if residual is not None else x, y,
-        P, H * W, C_in, C_out, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
+        P, H * W, C, n_out, s_wk, s_wn, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
         X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype),
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return y
+
+
+def sf_conv_forward(x, w1, w2, bias, residual, activation):
+    """y = act(sf(x; w1, w2) + bias) + residual (triton_sf_conv.sf_conv_forward's contract)."""
+    C_in, C_out = x.shape[1], w2.shape[0] * w2.shape[1]
+    w = compose_weight(w1, w2, x.dtype)  # (C_out, C_in): B[c, o] = w[o, c]
+    return _gemm(x, w, 1, C_in, C_out, bias, residual, activation)
+
+
+def _pixels_by_channels(t: torch.Tensor) -> torch.Tensor:
+    """(N*H*W, C) view of a channels_last tensor (a copy for other layouts)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
+    """(grad_x, grad_w1, grad_w2, grad_bias) of sf_conv_forward, in the same composed form:
+    grad_z = grad_y * act'(z) (z recomputed by the forward GEMM when there is an activation),
+    grad_x = grad_z @ W (the GEMM kernel with W read transposed), grad_W = grad_z^T x (one
+    cuBLAS product over the pixels, float32 result), then the chain rule through
+    W[j*m + t, g*k + i] = w2[j, t, g] w1[g, j, i] on the small weights."""
+    G, c_h, k = w1.shape
+    m = w2.shape[1]
+    C_in, C_out = G * k, c_h * m
+    w = compose_weight(w1, w2, x.dtype)
+    grad_y = grad_y.contiguous(memory_format=_out_format(x))
+    if activation != "none":
+        z = _gemm(x, w, 1, C_in, C_out, bias, None, "none")
+        keep = z > 0 if activation == "relu" else (z > 0) & (z < 6)
+        grad_z = grad_y * keep
+    else:
+        grad_z = grad_y
+    grad_x = _gemm(grad_z, w, C_in, 1, C_in, None, None, "none")  # B[o, c] = w[o, c]
+    gz2 = _pixels_by_channels(grad_z)
+    grad_w = (gz2.t() @ _pixels_by_channels(x)).float().view(c_h, m, G, k)  # [j, t, g, i]
+    grad_w1 = torch.einsum("jtgi,jtg->gji", grad_w, w2.float()).to(w1.dtype)
+    grad_w2 = torch.einsum("jtgi,gji->jtg", grad_w, w1.float()).to(w2.dtype)
+    grad_b = gz2.float().sum(0).to(bias.dtype if bias is not None else x.dtype)
+    return grad_x, grad_w1, grad_w2, grad_b
+
+
+class SFConvGemm(torch.autograd.Function):
+    """sf_conv_forward / sf_conv_backward as an autograd function (what the benchmark times as
+    falconnet-triton-gemm; the custom op falconnet::sf_conv dispatches to the two-stage kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, bias, residual, activation):
+        ctx.save_for_backward(x, w1, w2, bias)
+        ctx.activation = activation
+        ctx.has_res = residual is not None
+        return sf_conv_forward(x, w1, w2, bias, residual, activation)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, w2, bias = ctx.saved_tensors
+        gx, gw1, gw2, gb = sf_conv_backward(grad_y, x, w1, w2, bias, ctx.activation)
+        return gx, gw1, gw2, gb if bias is not None else None, grad_y if ctx.has_res else None, None

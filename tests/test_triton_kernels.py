@@ -233,36 +233,64 @@ def test_dw_conv3x3_batch_zero():
 # GPU only: the benchmark shapes (SPEC section 6) at batch 2, bf16 channels_last
 
 
-def check_sf_gemm_forward(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt):
-    """The composed-weight GEMM candidate (triton_sf_gemm.py), forward only, as check_sf_conv."""
+def check_sf_gemm(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt):
+    """The composed-weight GEMM candidate (triton_sf_gemm.py), forward and backward, as check_sf_conv."""
     from falconnet_kernels import triton_sf_gemm
 
-    x, w1, w2, b, res, _ = _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt)
+    x, w1, w2, b, res, gy = _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt)
     poison_allocator()
     y = triton_sf_gemm.sf_conv_forward(x, w1, w2, b, res, activation)
+    grads = triton_sf_gemm.sf_conv_backward(gy, x, w1, w2, b, activation)
     y64 = ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), _f64(res), activation)
-    y_low = y64 if dtype == torch.float32 else ref.sf_conv_ref(x, w1, w2, b, res, activation)
-    assert_matches(f"sf_gemm {C_in}->{C_out} {activation} {dtype} {fmt}", [y], [y64], [y_low], dtype)
+    g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), activation)
+    if dtype == torch.float32:
+        y_low, g_low = y64, g64
+    else:
+        y_low = ref.sf_conv_ref(x, w1, w2, b, res, activation)
+        g_low = ref.sf_conv_backward_ref(gy, x, w1, w2, b, activation)
+    case = f"sf_gemm {C_in}->{C_out} {activation} {dtype} {fmt}"
+    assert_matches(case + " forward", [y], [y64], [y_low], dtype)
+    assert_matches(case + " backward", grads, g64, g_low, dtype)
     expect_cl = fmt == torch.channels_last and not x.is_contiguous()
     assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
     w = triton_sf_gemm.compose_weight(w1, w2, torch.float32)
     assert rel_err(w, ref.sf_conv_dense_weight(_f64(w1), _f64(w2))) <= (FP32_TOL if dtype == torch.float32 else 2**-7)
 
 
 @pytest.mark.parametrize("case, dtype", with_dtypes(SF_CASES, lambda c: f"{c[0]}-{c[3]}-k{c[1]}-ch{c[2]}-{c[6]}"))
-def test_sf_gemm_forward(case, dtype):
+def test_sf_gemm(case, dtype):
     C_in, k, c_h, C_out, bias, residual, activation, fmt = case
-    check_sf_gemm_forward(2, C_in, k, c_h, C_out, 5, 7, bias, residual, activation, dtype, fmt)
+    check_sf_gemm(2, C_in, k, c_h, C_out, 5, 7, bias, residual, activation, dtype, fmt)
 
 
-def test_sf_gemm_forward_k_loop_and_batch_zero():
+def test_sf_gemm_k_loop_and_batch_zero():
     """C_in over one K step (the loop with a ragged last step: 200 = 3 x 64 + 8) and C_out over one
     channel tile (200 > 128); batch 0 returns an empty output."""
-    check_sf_gemm_forward(1, 200, 8, 8, 200, 3, 5, True, True, "relu6", torch.float32, torch.channels_last)
+    check_sf_gemm(1, 200, 8, 8, 200, 3, 5, True, True, "relu6", torch.float32, torch.channels_last)
     from falconnet_kernels import triton_sf_gemm
 
     x, w1, w2, b, _, _ = _sf_inputs(0, 32, 8, 8, 128, 5, 7, True, False, torch.float32, torch.channels_last)
-    assert triton_sf_gemm.sf_conv_forward(x, w1, w2, b, None, "relu").shape == (0, 128, 5, 7)
+    y = triton_sf_gemm.sf_conv_forward(x, w1, w2, b, None, "relu")
+    assert y.shape == (0, 128, 5, 7)
+    gx, gw1, gw2, gb = triton_sf_gemm.sf_conv_backward(y, x, w1, w2, b, "relu")
+    assert gx.shape == x.shape and gb.shape == (128,)
+    assert gw1.abs().sum() == 0 and gw2.abs().sum() == 0 and gb.abs().sum() == 0
+
+
+def test_sf_gemm_autograd_function():
+    """SFConvGemm (what the benchmark times) passes the residual's gradient through and gives
+    the weight gradients of the reference."""
+    from falconnet_kernels import triton_sf_gemm
+
+    x, w1, w2, b, res, gy = _sf_inputs(2, 32, 8, 8, 128, 3, 4, True, True, torch.float32, torch.channels_last)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, b, res)]
+    y = triton_sf_gemm.SFConvGemm.apply(*leaves, "relu")
+    grads = torch.autograd.grad(y, leaves, gy)
+    g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), "relu")
+    for got, want in zip(grads[:4], g64):
+        assert rel_err(got, want) < FP32_TOL
+    assert torch.equal(grads[4], gy)
 
 
 PW_SHAPES = [  # (C_in, C_out, H, k, c_h): default config r = 1, k the valid k nearest sqrt(C_out)
@@ -279,7 +307,7 @@ def test_sf_conv_benchmark_shapes(shape):
     kernels; the small cases above cover the epilogue options)."""
     C_in, C_out, H, k, c_h = shape
     check_sf_conv(2, C_in, k, c_h, C_out, H, H, False, False, "none", torch.bfloat16, torch.channels_last)
-    check_sf_gemm_forward(2, C_in, k, c_h, C_out, H, H, False, False, "none", torch.bfloat16, torch.channels_last)
+    check_sf_gemm(2, C_in, k, c_h, C_out, H, H, False, False, "none", torch.bfloat16, torch.channels_last)
 
 
 @pytest.mark.cuda
