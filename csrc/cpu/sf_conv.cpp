@@ -73,6 +73,16 @@
 //   by 128-bit insert loads; prefetchnta instead of prefetcht1; prefetch 2 tiles ahead or none;
 //   no streaming stores; stage 1 with K = 4 known at compile time; T = 64 pixels (slower:
 //   1.36 vs 1.20 ms). None was kept.
+//   2026-11-26 06:40-07:00 UTC (session 3), in-process A/B with a runtime flag, rounds rotated
+//   (perf at 1 thread: the tile loop's transposing input loads stall on memory; the stage
+//   kernels are ~45% of the op): (a) a sequential demand-load pass over the tile's 16 KB
+//   before the transposes (the loads then stall there instead, at ~64 GB/s, a single core's
+//   x.sum() rate): 128->32@56 +10-15% at 1 thread, +3-6% at 2 threads (best 1.12x dense), but
+//   -5-8% where the input is cache-resident (256->64@28, 512->128@14, 1024->256@7: the touched
+//   tile evicts the scratch from L1); (b) prefetcht0 instead of t1 for the next tile; (c) the next
+//   tile's prefetches spread over the stage-2 row groups instead of one burst of 256: neither
+//   beyond the noise. Not kept: none reaches 1.2x, and the host's noise (+-15%, bimodal
+//   output page faults) is larger than (a)'s 2-thread gain.
 // * 64 -> 256 @ 28 (k = c_h = 16, G = 4, m = 16; lanes over output channels, no output
 //   transpose): interleaved with dense the fused op took 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
 //   pytest-benchmark's back-to-back rounds gave 0.74-0.84 vs 0.86-0.90 ms (1.04-1.21x). Same
