@@ -124,11 +124,11 @@ def _moments_fwd_kernel(
                  prune_configs_by={"early_config_prune": _prune_backward})
 @triton.jit
 def _moments_bwd_kernel(
-    x_ptr, gx_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr, add_ptr,
+    x_ptr, gx_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr, gy_ptr, w_ptr,
     C, H, W, n_pos, inv_M,
-    sN, sC, sH, sW, gN, gC, gH, gW, aN, aC, aH, aW,
+    sN, sC, sH, sW, gN, gC, gH, gW, yN, yC, yH, yW,
     K: tl.constexpr, KK_PAD: tl.constexpr, LAG_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT16: tl.constexpr,
-    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_CONV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # positions on grid axis 0 (up to 2^31 - 1 programs): axis 1 allows only 65535, which
     # cdiv(N*H*W, BLOCK_P) passes from N*H*W > 2.1M (batch 256 at 112x112)
@@ -180,9 +180,16 @@ def _moments_bwd_kernel(
     valid = (offs_k < K * K)[None, :] & (oi >= 0) & (oi < H) & (oj >= 0) & (oj < W)  # [BLOCK_P, KK_PAD]
     g = tl.sum(tl.where(valid[None, :, :], r + cst[:, None, :], 0.0), axis=2) * inv_M
     out_ok = c_ok[:, None] & p_ok[None, :]
-    if HAS_ADD:
-        g += tl.load(add_ptr + offs_c[:, None] * aC + n[None, :] * aN + i[None, :] * aH + j[None, :] * aW,
-                     mask=out_ok, other=0.0).to(tl.float32)
+    if HAS_CONV:
+        # + the input gradient of RepSO's KxK depthwise conv (padding P) with weight w (C, K*K):
+        # sum over taps (a, b) of w[a, b] grad_y(i + P - a, j + P - b)
+        for t in tl.static_range(K * K):
+            yi = i + (P - t // K)
+            yj = j + (P - t % K)
+            y_ok = out_ok & ((yi >= 0) & (yi < H) & (yj >= 0) & (yj < W))[None, :]
+            gy = tl.load(gy_ptr + offs_c[:, None] * yC + (n * yN + yi * yH + yj * yW)[None, :], mask=y_ok, other=0.0)
+            wt = tl.load(w_ptr + offs_c * (K * K) + t, mask=c_ok, other=0.0).to(tl.float32)
+            g += gy.to(tl.float32) * wt[:, None]
     out = gx_ptr + offs_c[:, None] * gC + n[None, :] * gN + i[None, :] * gH + j[None, :] * gW
     tl.store(out, g.to(gx_ptr.dtype.element_ty), mask=out_ok)
 
@@ -284,24 +291,29 @@ def repso_moments_backward(
 
 
 def backward_launch(x: torch.Tensor, a_hi: torch.Tensor, a_lo: torch.Tensor, cst: torch.Tensor,
-                    shift: torch.Tensor, K: int, add: torch.Tensor | None = None) -> torch.Tensor:
+                    shift: torch.Tensor, K: int, conv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """grad_x from the backward kernel's prepared inputs: the lag matrix A (C, LAG_PAD, KK_PAD) as
     x's 16-bit type in a high and a low part, or as float32 (a_lo unused), the constant (C,
-    KK_PAD) and the shift (C,), float32. `add`, a tensor of x's shape, is added to grad_x in the
-    kernel (RepSO's conv input gradient: no separate pass over three tensors)."""
+    KK_PAD) and the shift (C,), float32. conv = (grad_y, weight (C, 1, K, K)): the kernel also adds
+    the input gradient of the KxK depthwise conv (padding K//2) of x with that weight, from 9
+    (K*K) taps of grad_y: RepSO's conv then needs no input-gradient pass of its own."""
     N, C, H, W = x.shape
     KK_PAD, LAG_PAD = _pow2(K * K), _pow2((2 * K - 1) ** 2)
     n_pos = N * H * W
     split = x.dtype in (torch.bfloat16, torch.float16)
     gx = torch.empty_like(x)
-    has_add = add is not None
-    if has_add and add.shape != x.shape:
-        raise ValueError(f"add must have x's shape {tuple(x.shape)}, got {tuple(add.shape)}")
+    if conv is not None:
+        grad_y, weight = conv
+        if grad_y.shape != x.shape or weight.numel() != C * K * K:
+            raise ValueError(f"conv must be (grad_y of x's shape {tuple(x.shape)}, a ({C}, 1, {K}, {K}) weight), got "
+                             f"{tuple(grad_y.shape)} and {tuple(weight.shape)}")
+        weight = weight.reshape(C, K * K).contiguous()
+    else:
+        grad_y, weight = gx, gx
     grid = lambda meta: (triton.cdiv(n_pos, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _moments_bwd_kernel[grid](
-        x, gx, a_hi.contiguous(), a_lo.contiguous(), cst.contiguous(), shift.contiguous(),
-        add if has_add else gx,
-        C, H, W, n_pos, 1.0 / n_pos, *x.stride(), *gx.stride(), *(add.stride() if has_add else gx.stride()),
-        K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, DOT16=_dot16(), HAS_ADD=has_add,
+        x, gx, a_hi.contiguous(), a_lo.contiguous(), cst.contiguous(), shift.contiguous(), grad_y, weight,
+        C, H, W, n_pos, 1.0 / n_pos, *x.stride(), *gx.stride(), *grad_y.stride(),
+        K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, DOT16=_dot16(), HAS_CONV=conv is not None,
     )
     return gx

@@ -582,6 +582,33 @@ def test_triton_fold_kernels_match_reference(K, x_dtype):
     assert (cst[:, :KK].double() - ref_cst).abs().max() <= 2**-21 * ref_cst.abs().max()
 
 
+@pytest.mark.parametrize("K", [3, 5])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_triton_moments_backward_with_the_conv_input_gradient(K, channels_last):
+    """The moments backward kernel with conv=(grad_y, weight) returns the moments' grad_x plus the
+    KxK depthwise conv's input gradient (interpreter, float32, against float64 references)."""
+    from falconnet_kernels import triton_repso_moments as tm
+
+    x = torch.randn(2, 6, 7, 5) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = x.shape[1]
+    mean, _ = rm.repso_moments_ref(x.double(), K)
+    g_mean, g_cov = torch.randn(C, K * K, dtype=torch.float64), torch.randn(C, K * K, K * K, dtype=torch.float64)
+    grad_y, weight = torch.randn_like(x), torch.randn(C, 1, K, K)
+    # the op path's host-side preparation of the kernel's inputs (float32 x: no hi/lo split)
+    g_sym = g_cov + g_cov.transpose(1, 2)
+    shift = mean[:, K * K // 2]
+    cst = torch.zeros(C, tm._pow2(K * K))
+    cst[:, : K * K] = (g_mean - (g_sym @ (mean - shift[:, None]).unsqueeze(-1)).squeeze(-1)).float()
+    A = tm._lag_matrix(g_sym, K, tm._pow2((2 * K - 1) ** 2), tm._pow2(K * K)).float()
+    gx = tm.backward_launch(x, A, A, cst, shift.float(), K, conv=(grad_y, weight))
+    ref = rm.repso_moments_backward_ref(g_mean, g_cov, x.double(), mean, K) + torch.nn.grad.conv2d_input(
+        x.shape, weight.double(), grad_y.double(), padding=K // 2, groups=C)
+    assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert (gx.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @pytest.mark.parametrize("one_node", [True, False])
 @pytest.mark.parametrize("row", ["T", "N"])
 @pytest.mark.parametrize("channels_last", [True, False])

@@ -243,11 +243,12 @@ class _OneConvTrainCPU(torch.autograd.Function):
 
 class _OneConvTrainTriton(torch.autograd.Function):
     """The GPU counterpart of _OneConvTrainCPU: moments (Triton) -> fold (one Triton kernel) ->
-    cuDNN's depthwise conv; backward: cuDNN's conv backward -> fold backward (one Triton kernel,
-    which also prepares the moments backward's inputs) -> moments backward with the conv's input
-    gradient added in the same kernel. Six launches a direction replace the custom-op path's
-    ~70 small ones (falconnet_kernels/triton_repso_fold.py). float32, bfloat16 and float16 x; runs
-    on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    cuDNN's depthwise conv; backward: cuDNN's conv weight gradient -> fold backward (one Triton
+    kernel, which also prepares the moments backward's inputs) -> one Triton kernel for all of
+    grad_x (the moments' part and the conv's input gradient, one read of x and grad_y, one
+    write). A few launches a direction replace the custom-op path's ~70 small ones
+    (falconnet_kernels/triton_repso_fold.py). float32, bfloat16 and float16 x; runs on CPU tensors
+    under TRITON_INTERPRET=1 (the tests)."""
 
     @staticmethod
     def forward(ctx, x, kernels, gamma, beta, eps, K):
@@ -275,13 +276,15 @@ class _OneConvTrainTriton(torch.autograd.Function):
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
-        grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_y, x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [need_x, True, True])
+        # the conv's weight and bias gradients only: its input gradient is computed inside the
+        # moments backward kernel, from the same pass over grad_y and x that writes grad_x
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y, x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, True])
         g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift = triton_repso_fold.fold_backward(
             grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K, x.dtype)
         grad_x = None
         if need_x:
-            grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, add=grad_x_conv)
+            grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, conv=(grad_y, weight))
         return grad_x, g_k, g_gamma, g_beta, None, None
 
 
