@@ -462,6 +462,19 @@ def _grid(P: int, device: torch.device, meta: dict, backward: bool):
     return grid
 
 
+def _forward_strides(x: torch.Tensor, y: torch.Tensor, residual):
+    """(x, residual, the 9 pixel strides (x, y, residual: s_n, s_c, s_hw each), and whether each
+    of x, y, residual is pixel-linear) for a forward launch; residual may be None."""
+    x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
+    _, s_yn, s_yc, s_yhw, y_lin = _pixel_strides(y)
+    if residual is not None:
+        residual, s_rn, s_rc, s_rhw, r_lin = _pixel_strides(residual)
+    else:
+        s_rn = s_rc = s_rhw = 0
+        r_lin = True
+    return x, residual, (s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw), x_lin, y_lin, r_lin
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32/fp64: true IEEE products (tf32 would cost ~3e-4 relative error); 16-bit: ignored
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -479,13 +492,8 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     P = N * H * W
     if P == 0:
         return y
-    x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
-    _, s_yn, s_yc, s_yhw, y_lin = _pixel_strides(y)
-    if residual is not None:
-        residual, s_rn, s_rc, s_rhw, r_lin = _pixel_strides(residual)
-    else:
-        s_rn = s_rc = s_rhw = 0
-        r_lin = True
+    x, residual, strides, x_lin, y_lin, r_lin = _forward_strides(x, y, residual)
+    s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw = strides
     meta = _plan(G, c_h, k, m, backward=False)
     args = (x, w1, w2, bias if bias is not None else x, residual if residual is not None else x, y,
             P, H * W, G, c_h, k, m, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw)

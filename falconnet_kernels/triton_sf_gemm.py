@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_sf_conv import _ACTIVATION_CODE, _dot_precision, _out_format, _pixel_offset, _pixel_strides
+from .triton_sf_conv import _ACTIVATION_CODE, _dot_precision, _forward_strides, _out_format, _pixel_offset
 
 
 @triton.jit
@@ -124,18 +124,12 @@ def _gemm(x, w, s_wk: int, s_wn: int, n_out: int, bias, residual, activation: st
     P = N * H * W
     if P == 0:
         return y
-    x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
-    _, s_yn, s_yc, s_yhw, y_lin = _pixel_strides(y)
-    if residual is not None:
-        residual, s_rn, s_rc, s_rhw, r_lin = _pixel_strides(residual)
-    else:
-        s_rn = s_rc = s_rhw = 0
-        r_lin = True
+    x, residual, strides, x_lin, y_lin, r_lin = _forward_strides(x, y, residual)
     block_p, block_n, block_k, warps, stages = _config(C, n_out)
     grid = (triton.cdiv(P, block_p) * triton.cdiv(n_out, block_n),)
     _sf_gemm_fwd_kernel[grid](
         x, w, bias.contiguous() if bias is not None else x, residual if residual is not None else x, y,
-        P, H * W, C, n_out, s_wk, s_wn, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw,
+        P, H * W, C, n_out, s_wk, s_wn, *strides,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
         X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype),
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,

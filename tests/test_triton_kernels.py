@@ -105,11 +105,13 @@ def _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt):
             for t in (x, w1, w2, b, res, gy)]
 
 
-def check_sf_conv(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt):
+def check_sf_conv(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt, impl=tsf):
+    """impl's sf_conv_forward and sf_conv_backward (the two-stage kernels, or the composed-weight
+    GEMM candidate triton_sf_gemm) against the float64 reference."""
     x, w1, w2, b, res, gy = _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt)
     poison_allocator()
-    y = tsf.sf_conv_forward(x, w1, w2, b, res, activation)
-    grads = tsf.sf_conv_backward(gy, x, w1, w2, b, activation)
+    y = impl.sf_conv_forward(x, w1, w2, b, res, activation)
+    grads = impl.sf_conv_backward(gy, x, w1, w2, b, activation)
     y64 = ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), _f64(res), activation)
     g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), activation)
     if dtype == torch.float32:
@@ -117,13 +119,14 @@ def check_sf_conv(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtyp
     else:
         y_low = ref.sf_conv_ref(x, w1, w2, b, res, activation)
         g_low = ref.sf_conv_backward_ref(gy, x, w1, w2, b, activation)
-    case = f"sf_conv {C_in}->{C_out} k={k} c_h={c_h} {activation} {dtype} {fmt}"
+    case = f"{impl.__name__} {C_in}->{C_out} k={k} c_h={c_h} {activation} {dtype} {fmt}"
     assert_matches(case + " forward", [y], [y64], [y_low], dtype)
     assert_matches(case + " backward", grads, g64, g_low, dtype)
     # output layout follows x: channels_last in, channels_last out
     expect_cl = fmt == torch.channels_last and not x.is_contiguous()
     assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
     assert grads[0].is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    return w1, w2
 
 
 # (C_in, k, c_h, C_out): the default configs of three FalconNet shapes, r = 2, and a
@@ -169,13 +172,17 @@ def test_sf_conv_mixed_layouts():
     assert rel_err(gx, g64[0]) < FP32_TOL
 
 
-def test_sf_conv_batch_zero():
+def check_sf_conv_batch_zero(impl=tsf):
     x, w1, w2, b, _, _ = _sf_inputs(0, 32, 8, 8, 128, 5, 7, True, False, torch.float32, torch.channels_last)
-    y = tsf.sf_conv_forward(x, w1, w2, b, None, "relu")
+    y = impl.sf_conv_forward(x, w1, w2, b, None, "relu")
     assert y.shape == (0, 128, 5, 7)
-    gx, gw1, gw2, gb = tsf.sf_conv_backward(y, x, w1, w2, b, "relu")
+    gx, gw1, gw2, gb = impl.sf_conv_backward(y, x, w1, w2, b, "relu")
     assert gx.shape == x.shape and gb.shape == (128,)
     assert gw1.abs().sum() == 0 and gw2.abs().sum() == 0 and gb.abs().sum() == 0
+
+
+def test_sf_conv_batch_zero():
+    check_sf_conv_batch_zero()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,26 +241,10 @@ def test_dw_conv3x3_batch_zero():
 
 
 def check_sf_gemm(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt):
-    """The composed-weight GEMM candidate (triton_sf_gemm.py), forward and backward, as check_sf_conv."""
+    """The composed-weight GEMM candidate (triton_sf_gemm.py), as check_sf_conv, and its composed weight."""
     from falconnet_kernels import triton_sf_gemm
 
-    x, w1, w2, b, res, gy = _sf_inputs(N, C_in, k, c_h, C_out, H, W, bias, residual, dtype, fmt)
-    poison_allocator()
-    y = triton_sf_gemm.sf_conv_forward(x, w1, w2, b, res, activation)
-    grads = triton_sf_gemm.sf_conv_backward(gy, x, w1, w2, b, activation)
-    y64 = ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), _f64(res), activation)
-    g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), activation)
-    if dtype == torch.float32:
-        y_low, g_low = y64, g64
-    else:
-        y_low = ref.sf_conv_ref(x, w1, w2, b, res, activation)
-        g_low = ref.sf_conv_backward_ref(gy, x, w1, w2, b, activation)
-    case = f"sf_gemm {C_in}->{C_out} {activation} {dtype} {fmt}"
-    assert_matches(case + " forward", [y], [y64], [y_low], dtype)
-    assert_matches(case + " backward", grads, g64, g_low, dtype)
-    expect_cl = fmt == torch.channels_last and not x.is_contiguous()
-    assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
-    assert grads[0].is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    w1, w2 = check_sf_conv(N, C_in, k, c_h, C_out, H, W, bias, residual, activation, dtype, fmt, impl=triton_sf_gemm)
     w = triton_sf_gemm.compose_weight(w1, w2, torch.float32)
     assert rel_err(w, ref.sf_conv_dense_weight(_f64(w1), _f64(w2))) <= (FP32_TOL if dtype == torch.float32 else 2**-7)
 
@@ -270,12 +261,7 @@ def test_sf_gemm_k_loop_and_batch_zero():
     check_sf_gemm(1, 200, 8, 8, 200, 3, 5, True, True, "relu6", torch.float32, torch.channels_last)
     from falconnet_kernels import triton_sf_gemm
 
-    x, w1, w2, b, _, _ = _sf_inputs(0, 32, 8, 8, 128, 5, 7, True, False, torch.float32, torch.channels_last)
-    y = triton_sf_gemm.sf_conv_forward(x, w1, w2, b, None, "relu")
-    assert y.shape == (0, 128, 5, 7)
-    gx, gw1, gw2, gb = triton_sf_gemm.sf_conv_backward(y, x, w1, w2, b, "relu")
-    assert gx.shape == x.shape and gb.shape == (128,)
-    assert gw1.abs().sum() == 0 and gw2.abs().sum() == 0 and gb.abs().sum() == 0
+    check_sf_conv_batch_zero(triton_sf_gemm)
 
 
 def test_sf_gemm_autograd_function():
