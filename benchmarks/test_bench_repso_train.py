@@ -161,3 +161,53 @@ def test_falconnet_train_step(benchmark, device, impl):
         fn()
         info["peak_bytes"] = peak_cuda_bytes(fn)
     run_benchmark(benchmark, fn, device, info, rounds=20 if device == "cuda" else 3)
+
+
+# The GPU one-node path (_OneConvTrainTriton) piece by piece, so one run says where its time goes:
+# the moments kernel, the fold kernel, cuDNN's conv, cuDNN's weight gradient, the fold's backward
+# kernel, and the grad_x kernel (moments backward + the conv's input gradient). bytes_min: the
+# activation-sized tensors each piece must read and write (the fold kernels move only KBs).
+NODE_PARTS = {"moments": 1, "fold": 0, "conv": 2, "conv-wgrad": 2, "fold-bwd": 0, "grad-x": 3}
+
+
+@pytest.mark.benchmark(group="repso_node_parts", timer=cuda_sync_timer)
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=[f"{c}@{h}" for c, h in DW_SHAPES])
+@pytest.mark.parametrize("part", list(NODE_PARTS))
+def test_repso_node_parts(benchmark, device, part, shape):
+    if device != "cuda":
+        pytest.skip("the Triton one-node path's pieces: GPU only")
+    import torch.nn.functional as F
+
+    from falconnet.layers.repso_train import _fold_inputs
+    from falconnet_kernels import triton_repso_fold as tf
+    from falconnet_kernels import triton_repso_moments as tm
+
+    C, H = shape
+    N, dtype, K = BATCH[device], DTYPE[device], 3
+    torch.manual_seed(0)
+    layer = make_layer(C, device, dtype)
+    x = torch.randn(N, C, H, H, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
+    gy = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=dtype))
+    bns = [b.bn for b in layer.branches] + [layer.identity_bn]
+    kernels, gamma, beta, eps = _fold_inputs([b.conv.weight.detach() for b in layer.branches], bns, True, K,
+                                             torch.float32, x.device)
+    sums, prods, shift = tm.forward_partials(x, K)
+    mean, cov, weight, bias, _, _ = tf.fold_forward(sums, prods, shift, N * H * H, kernels, gamma, beta, eps, K, dtype)
+    weight = weight.view(C, 1, K, K)
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True])
+    a_hi, a_lo, cst, shift_b = tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype)[3:]
+    fns = {
+        "moments": lambda: tm.forward_partials(x, K),
+        "fold": lambda: tf.fold_forward(sums, prods, shift, N * H * H, kernels, gamma, beta, eps, K, dtype),
+        "conv": lambda: F.conv2d(x, weight, bias, padding=1, groups=C),
+        "conv-wgrad": lambda: torch.ops.aten.convolution_backward(
+            gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True]),
+        "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype),
+        "grad-x": lambda: tm.backward_launch(x, a_hi, a_lo, cst, shift_b, K, conv=(gy, weight)),
+    }
+    info = {"op": "repso_node_part", "pass": part, "impl": "one-node", "device": device,
+            "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last", "batch": N, "shape": f"{C}@{H}",
+            "bytes_min": NODE_PARTS[part] * x.numel() * x.element_size()}
+    fns[part]()  # compile / autotune outside the timed graph
+    run_benchmark(benchmark, fns[part], device, info, rounds=50)
