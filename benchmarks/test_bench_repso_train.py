@@ -206,7 +206,7 @@ def test_repso_node_parts(benchmark, device, part, shape):
         "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype),
         "grad-x": lambda: tm.backward_launch(x, a_hi, a_lo, cst, shift_b, K, conv=(gy, weight)),
     }
-    info = {"op": "repso_node_part", "pass": part, "impl": "one-node", "device": device,
+    info = {"op": "repso_node_part", "pass": "fwd+bwd pieces", "impl": part, "device": device,
             "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last", "batch": N, "shape": f"{C}@{H}",
             "bytes_min": NODE_PARTS[part] * x.numel() * x.element_size()}
     fns[part]()  # compile / autotune outside the timed graph

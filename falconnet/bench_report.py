@@ -92,7 +92,7 @@ def render(analysis: dict, machine: dict) -> str:
     for key in sorted(analysis["tables"], key=str):
         op, pas, device, layout = key
         lines += ["", f"## {op} {pas} on {device}" + (f", {layout}" if layout else ""), "",
-                  f"| shape | impl | median us | min us | GB/s | % copy | speedup vs {BASELINE.get(op)} |",
+                  f"| shape | impl | median us | min us | GB/s | % copy | {_speedup_header(op)} |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in sorted(analysis["tables"][key], key=lambda r: (_shape_key(r["shape"]), r["impl"])):
             share = f"{100 * r['copy_share']:.0f}" if r["copy_share"] else "-"
@@ -102,9 +102,15 @@ def render(analysis: dict, machine: dict) -> str:
                 f"| {r['shape']} | {r['impl']} | {1e6 * r['median_s']:.1f} | {1e6 * r['min_s']:.1f} | {gbps} | {share} | {speed} |"
             )
         gm = analysis["geomeans"][key]
-        lines.append("")
-        lines.append("geomean speedup: " + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(gm.items())))
+        if gm:
+            lines.append("")
+            lines.append("geomean speedup: " + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(gm.items())))
     return "\n".join(lines)
+
+
+def _speedup_header(op: str) -> str:
+    # ops measured without a baseline (the pieces of one path) have no speedup column to fill
+    return f"speedup vs {BASELINE[op]}" if op in BASELINE else "speedup"
 
 
 def _shape_key(shape: str):
@@ -114,13 +120,17 @@ def _shape_key(shape: str):
     return tuple(int(v) for v in re.findall(r"\d+", shape)) or (0,)
 
 
-def write_png(analysis: dict, path: str) -> None:
+def write_png(analysis: dict, path: str) -> bool:
+    """A bar chart of every table's speedups; False (nothing written) when no table has any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(analysis["tables"], key=str)
+    # only the tables with a baseline have speedups to draw
+    keys = sorted((k for k in analysis["tables"] if any(r["speedup"] for r in analysis["tables"][k])), key=str)
+    if not keys:
+        return False
     fig, axes = plt.subplots(len(keys), 1, figsize=(11, 3.2 * max(1, len(keys))), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         rows = [r for r in analysis["tables"][key] if r["speedup"]]
@@ -140,6 +150,7 @@ def write_png(analysis: dict, path: str) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)  # atomic: a crash leaves the old chart, never half a file
+    return True
 
 
 def run(args) -> int:
@@ -159,6 +170,8 @@ def run(args) -> int:
             f.write(text + "\n")
         os.replace(tmp, args.markdown)
     if args.png:
-        write_png(analysis, args.png)
-        print(f"chart written to {args.png}")
+        if write_png(analysis, args.png):
+            print(f"chart written to {args.png}")
+        else:
+            print(f"falconnet bench: no speedups to chart, {args.png} not written", file=sys.stderr)
     return 0

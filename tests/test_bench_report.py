@@ -1,0 +1,77 @@
+"""`falconnet bench` (falconnet/bench_report.py): the table and chart it makes of a pytest-benchmark
+JSON, on a small synthetic file in the format benchmarks/ writes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from falconnet import bench_report
+
+
+def _bench(op, impl, shape, median, bytes_min=None, pass_="fwd", **extra):
+    info = {"op": op, "impl": impl, "shape": shape, "pass": pass_, "device": "cuda", "layout": "channels_last"}
+    if bytes_min is not None:
+        info["bytes_min"] = bytes_min
+    info.update(extra)
+    return {"name": f"{op}-{impl}-{shape}", "stats": {"median": median, "min": 0.9 * median}, "extra_info": info}
+
+
+@pytest.fixture
+def results(tmp_path):
+    rows = [
+        _bench("copy", "copy", "1 GB", 0.5, bytes_min=2e9),  # 4 GB/s: the roofline of this run
+        _bench("sf_conv", "dense", "32->128@56", 4e-3, bytes_min=8e6),
+        _bench("sf_conv", "falconnet-triton", "32->128@56", 2e-3, bytes_min=8e6),
+        _bench("sf_conv", "dense", "128->32@56", 1e-3, bytes_min=2e6),
+        _bench("sf_conv", "falconnet-triton", "128->32@56", 2e-3, bytes_min=2e6),
+        # pieces of one path: no baseline, no bytes for some
+        _bench("repso_node_part", "moments", "128@56", 1e-3, bytes_min=1e6, pass_="fwd+bwd pieces"),
+        _bench("repso_node_part", "fold", "128@56", 1e-5, pass_="fwd+bwd pieces"),
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": rows, "machine_info": {"falconnet": {"gpu": "Test GPU", "torch": "x"}}}))
+    return path
+
+
+def test_table_speedups_bandwidth_and_copy_share(results):
+    rows, machine = bench_report.load_rows(str(results))
+    analysis = bench_report.analyse(rows)
+    assert analysis["copy_gbps"] == pytest.approx(4.0)
+    sf = {(r["shape"], r["impl"]): r for r in analysis["tables"][("sf_conv", "fwd", "cuda", "channels_last")]}
+    fast = sf[("32->128@56", "falconnet-triton")]
+    assert fast["speedup"] == pytest.approx(2.0)  # dense 4 ms / 2 ms
+    assert fast["gbps"] == pytest.approx(4.0) and fast["copy_share"] == pytest.approx(1.0)
+    assert sf[("128->32@56", "falconnet-triton")]["speedup"] == pytest.approx(0.5)
+    geo = analysis["geomeans"][("sf_conv", "fwd", "cuda", "channels_last")]
+    assert geo["falconnet-triton"] == pytest.approx(1.0)  # sqrt(2 * 0.5)
+    text = bench_report.render(analysis, machine)
+    assert "device: Test GPU" in text and "plain copy (roofline, same run): 4 GB/s" in text
+    assert "| 32->128@56 | falconnet-triton | 2000.0 | 1800.0 | 4 | 100 | 2.00x |" in text
+    # the pieces table has no baseline: a plain "speedup" column of dashes, no geomean line
+    pieces = text[text.index("## repso_node_part"):].split("\n## ")[0]
+    assert "speedup vs" not in pieces.splitlines()[2] and "geomean" not in pieces
+    assert "| 128@56 | fold | 10.0 | 9.0 | - | - | - |" in pieces
+
+
+def test_cli_writes_markdown_and_chart(results, tmp_path):
+    md, png = tmp_path / "t.md", tmp_path / "t.png"
+    out = subprocess.run([sys.executable, "-m", "falconnet.cli", "bench", str(results), "--markdown", str(md),
+                          "--png", str(png)], capture_output=True, text=True, check=True)
+    assert "geomean speedup: dense 1.00x, falconnet-triton 1.00x" in out.stdout
+    assert md.read_text().startswith("device: Test GPU")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.json"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"benchmarks": []}))
+    for path, message in ((missing, "does not exist"), (bad, "is not a pytest-benchmark JSON"),
+                          (empty, "hold no falconnet benchmark rows")):
+        out = subprocess.run([sys.executable, "-m", "falconnet.cli", "bench", str(path)], capture_output=True, text=True)
+        assert out.returncode != 0 and message in out.stderr and str(path) in out.stderr
