@@ -22,6 +22,8 @@ def cpp_built() -> bool:
 
 
 BACKENDS = ["torch", "cpp", "triton"]
+# the Triton tests below run on the GPU when there is one, else on CPU tensors in the interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def use_backend(monkeypatch, backend: str) -> None:
@@ -529,6 +531,7 @@ def test_triton_interpreter_float32_end_to_end(monkeypatch):
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K", [1, 3, 5])
 def test_triton_fold_kernels_match_reference(K, x_dtype):
@@ -540,16 +543,17 @@ def test_triton_fold_kernels_match_reference(K, x_dtype):
     from falconnet_kernels import triton_repso_fold as tf
     from falconnet_kernels import triton_repso_moments as tm
 
-    C, B, KK = 6, 5, K * K
+    C, B, KK, dev = 6, 5, K * K, TRITON_DEVICE
     x = torch.randn(3, C, 7, 5) * 2 + 1
-    sums, prods, shift = tm.forward_partials(x, K)
+    sums, prods, shift = tm.forward_partials(x.to(dev), K)
     kernels = torch.randn(C, B, KK)
     kernels[:, 1, : KK // 2] = 0
     kernels[2, 3] = 0
     gamma, beta = torch.rand(C, B) + 0.5, torch.randn(C, B)
     eps = torch.tensor([1e-5, 1e-3, 1e-5, 1e-4, 1e-5], dtype=torch.float64)
-    mean, cov, weight, bias, bmean, bvar = tf.fold_forward(sums, prods, shift, 3 * 7 * 5, kernels, gamma, beta, eps,
-                                                           K, x_dtype)
+    outs = tf.fold_forward(sums, prods, shift, 3 * 7 * 5, kernels.to(dev), gamma.to(dev), beta.to(dev), eps.to(dev), K,
+                           x_dtype)
+    mean, cov, weight, bias, bmean, bvar = (t.cpu() for t in outs)
     ref_mean, ref_cov = rm.repso_moments_ref(x.double(), K)
     # the moments: float32 tiles summed in float64 (test_moments_match_reference's bar)
     assert (mean.double() - ref_mean).abs().max() <= 4e-6 * ref_mean.abs().max()
@@ -563,8 +567,8 @@ def test_triton_fold_kernels_match_reference(K, x_dtype):
         assert (ours.double() - theirs).abs().max() <= ulp * max(1.0, theirs.abs().max().item())
     grad_w = torch.randn(C, 1, K, K).to(x_dtype)
     grad_b = torch.randn(C).to(x_dtype)
-    g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift_b = tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K,
-                                                                       x_dtype)
+    outs = tf.fold_backward(*(t.to(dev) for t in (grad_w, grad_b, mean, cov, kernels, gamma, eps)), K, x_dtype)
+    g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift_b = (t.cpu() for t in outs)
     g_mean, g_cov, *ref_g = rm.repso_fold_backward_ref(grad_w.double().view(C, KK), grad_b.double(), *f64[:4], eps)
     for ours, theirs in zip((g_k, g_gamma, g_beta), ref_g):
         assert (ours.double() - theirs).abs().max() <= 4 * 2**-24 * max(1.0, theirs.abs().max().item())
@@ -582,6 +586,7 @@ def test_triton_fold_kernels_match_reference(K, x_dtype):
     assert (cst[:, :KK].double() - ref_cst).abs().max() <= 2**-21 * ref_cst.abs().max()
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("K", [3, 5])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_triton_moments_backward_with_the_conv_input_gradient(K, channels_last):
@@ -602,23 +607,29 @@ def test_triton_moments_backward_with_the_conv_input_gradient(K, channels_last):
     cst = torch.zeros(C, tm._pow2(K * K))
     cst[:, : K * K] = (g_mean - (g_sym @ (mean - shift[:, None]).unsqueeze(-1)).squeeze(-1)).float()
     A = tm._lag_matrix(g_sym, K, tm._pow2((2 * K - 1) ** 2), tm._pow2(K * K)).float()
-    gx = tm.backward_launch(x, A, A, cst, shift.float(), K, conv=(grad_y, weight))
+    dev = TRITON_DEVICE
+    gx = tm.backward_launch(x.to(dev), A.to(dev), A.to(dev), cst.to(dev), shift.float().to(dev), K,
+                            conv=(grad_y.to(dev), weight.to(dev))).cpu()
     ref = rm.repso_moments_backward_ref(g_mean, g_cov, x.double(), mean, K) + torch.nn.grad.conv2d_input(
         x.shape, weight.double(), grad_y.double(), padding=K // 2, groups=C)
     assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert (gx.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("one_node", [True, False])
 @pytest.mark.parametrize("row", ["T", "N"])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_triton_training_paths_match_branch_sum(monkeypatch, one_node, row, channels_last):
-    """Triton (interpreter, float32): the one-node path (_OneConvTrainTriton: moments, fold kernel,
-    conv; backward with the conv's input gradient added in the moments backward kernel) and the
-    custom-op path both equal the branch sum, running statistics included."""
+    """Triton (the GPU, or the interpreter without one; float32): the one-node path
+    (_OneConvTrainTriton: moments, fold kernel, conv; backward with the conv's input gradient in
+    the moments backward kernel) and the custom-op path both equal the branch sum, running
+    statistics included."""
     use_backend(monkeypatch, "triton")
-    module = make_repso(5, row).float()
-    x = torch.randn(2, 5, 6, 7) * 2 + 1
+    # on a GPU: true float32 convs on both sides (cuDNN's default TF32 would dominate the error)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    module = make_repso(5, row).float().to(TRITON_DEVICE)
+    x = (torch.randn(2, 5, 6, 7) * 2 + 1).to(TRITON_DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn_like(x)
