@@ -17,9 +17,9 @@ seven-branch path). Here each direction is one launch over blocks of channels:
   the kernels, gamma and beta (repso_fold_backward_ref's formulas), and, for the moments backward
   kernel, its inputs directly: the lag matrix A[d, p] = G[p, p + d] with G = grad_cov + grad_cov^T
   = 2 sum_b g_v,b k_b k_b^T, the constant grad_mean - G (mean - shift), and the shift (the centre
-  mean for float32 x; 0 for 16-bit x, whose A is split into high and low 16-bit parts).
+  mean for float32 and float16 x; 0 for bf16 x, whose A is split into high and low bf16 parts).
 All per-channel math is float64 (the C++ fold's precision); A is accumulated in float32 (the
-moments backward kernel consumes it as float32, or as two 16-bit parts, ~2^-16 relative).
+moments backward kernel consumes it as float32, or for bf16 x as two bf16 parts, ~2^-16 relative).
 
 Arithmetic and bytes are negligible (a few KB per channel); the point is one launch instead of
 tens. Only Triton 3.6 APIs are used; both kernels run under TRITON_INTERPRET=1 (the tests).
@@ -42,7 +42,7 @@ def _narrow(v, ptr):
 def _fold_fwd_kernel(
     sums_ptr, prods_ptr, shift_ptr, k_ptr, gamma_ptr, beta_ptr, eps_ptr,
     mean_ptr, cov_ptr, w_ptr, bias_ptr, bmean_ptr, bvar_ptr,
-    C, n_split, inv_M,
+    C, n_split, M,
     B: tl.constexpr, KK: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -59,8 +59,9 @@ def _fold_fwd_kernel(
         s2 += tl.load(prods_ptr + off2, mask=c_ok[:, None, None], other=0.0).to(tl.float64)
         sums_ptr += C * KK_PAD
         prods_ptr += C * KK_PAD * KK_PAD
-    ew = s1 * inv_M
-    cov = s2 * inv_M - ew[:, :, None] * ew[:, None, :]
+    # divided in float64 (a float 1/M would carry 2^-24 into the centring, which cancels)
+    ew = s1 / M
+    cov = s2 / M - ew[:, :, None] * ew[:, None, :]
     mean = ew + tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float64)[:, None]
     # the op's float32 outputs; the fold below uses these rounded values, as the backward does
     ok1 = c_ok[:, None] & p_ok[None, :]
@@ -110,7 +111,7 @@ def _fold_bwd_kernel(
            + tl.load(cov_base + p[None, None, :] * KK + p[None, :, None], mask=ok2, other=0.0).to(tl.float64))
     g_f = tl.load(gw_ptr + c[:, None] * KK + p[None, :], mask=ok1, other=0.0).to(tl.float64)
     g_bias = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
-    # the moments backward centres its stencil on the centre mean for float32 x (16-bit x: none)
+    # the moments backward centres its stencil on the centre mean for float32/float16 x (bf16: none)
     if SPLIT:
         shift = tl.zeros((BLOCK_C,), dtype=tl.float64)
     else:
@@ -193,7 +194,7 @@ def fold_forward(sums, prods, shift, n_pos: int, kernels, gamma, beta, eps, K: i
     _fold_fwd_kernel[(triton.cdiv(C, block_c),)](
         sums, prods, shift, kernels.contiguous(), gamma.contiguous(), beta.contiguous(), eps,
         mean, cov, weight, bias, bmean, bvar,
-        C, n_split, 1.0 / n_pos,
+        C, n_split, n_pos,
         B=B, KK=KK, KK_PAD=KK_PAD, BLOCK_C=block_c, num_warps=warps,
     )
     return mean, cov, weight, bias, bmean, bvar
@@ -206,7 +207,7 @@ def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int
     C, KK = mean.shape
     B = kernels.shape[1]
     KK_PAD, LAG_PAD = _pow2(KK), _pow2((2 * K - 1) ** 2)
-    split = x_dtype in (torch.bfloat16, torch.float16)
+    split = x_dtype == torch.bfloat16  # triton_repso_moments._split_lag: float16 takes float32
     dev = mean.device
     g_k = torch.empty((C, B, KK), device=dev, dtype=kernels.dtype)
     g_gamma = torch.empty((C, B), device=dev, dtype=gamma.dtype)

@@ -11,10 +11,11 @@ per-channel work into batched matrix products (one per channel of the tile):
   (G = grad_cov + grad_cov^T), grad_x(v) = 1/M sum_{valid p} (c_p + (T A)[v, p]).
 
 Precision. bf16/fp16 input: values are exact in the 16-bit type and products exact in float32,
-so the forward runs on tensor cores unshifted; the backward's float32 matrix A is split into a
-high and a low bf16 part (two tensor-core products, ~2^-16 relative error, far below bf16
+so the forward runs on tensor cores unshifted; for bf16 the backward's float32 matrix A is split
+into a high and a low bf16 part (two tensor-core products, ~2^-16 relative error, far below bf16
 rounding). float32 input: the values are shifted by a per-channel sample (see the C++ kernel's
-note on cancellation) and the products run in full float32 (input_precision="ieee").
+note on cancellation) and the products run in full float32 (input_precision="ieee"); the
+backward does the same for float16 x, whose range cannot hold A (_split_lag).
 Only Triton 3.6 APIs are used.
 """
 from __future__ import annotations
@@ -29,7 +30,9 @@ import triton.language as tl
 # tensors of a tile live in registers, and the batched products' operands in shared memory); the
 # interpreter (TRITON_INTERPRET=1), or FALCONNET_TRITON_AUTOTUNE=0, runs the first fitting one, untimed.
 _FWD_TILES = [(16, 32, 4), (16, 32, 8), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 64, 4), (2, 32, 4), (1, 32, 4), (1, 64, 4)]
-_BWD_TILES = [(16, 32, 4), (16, 32, 8), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 64, 4), (2, 32, 4), (2, 64, 4),
+# (16, 32, 8) first: with autotuning off (tests) the first fitting tile runs, and (16, 32, 4)
+# spills ~7 KB a thread for float32 x on sm_90 (triton 3.6)
+_BWD_TILES = [(16, 32, 8), (16, 32, 4), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 64, 4), (2, 32, 4), (2, 64, 4),
               (1, 32, 4), (1, 64, 4)]
 
 
@@ -66,7 +69,10 @@ def _prune_backward(configs, named_args, **kwargs):
     return _fitting(configs, lambda c, p: c * (p * lag + lag * kk) <= 24576)
 
 
-@triton.autotune(configs=_configs(_FWD_TILES), key=["C", "H", "W", "n_pos"],
+# K is in the keys: triton caches the chosen config per key (constexprs are not part of it), so
+# without K a second window size at the same shape reused the first one's tiles, unpruned (16
+# channels at K = 5: 262 KB of shared memory, refused at launch)
+@triton.autotune(configs=_configs(_FWD_TILES), key=["C", "H", "W", "n_pos", "K"],
                  prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _moments_fwd_kernel(
@@ -120,7 +126,7 @@ def _moments_fwd_kernel(
     tl.store(out, acc, mask=c_ok[:, None, None])
 
 
-@triton.autotune(configs=_configs(_BWD_TILES), key=["C", "H", "W", "n_pos"],
+@triton.autotune(configs=_configs(_BWD_TILES), key=["C", "H", "W", "n_pos", "K", "HAS_CONV"],
                  prune_configs_by={"early_config_prune": _prune_backward})
 @triton.jit
 def _moments_bwd_kernel(
@@ -255,6 +261,14 @@ def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.
     return mean.float(), cov.float()
 
 
+def _split_lag(dtype: torch.dtype) -> bool:
+    """Whether the backward's lag matrix goes to the tensor cores as two parts of x's 16-bit type
+    (bf16: float32's exponent range). float16 takes the float32 route instead: the matrix grows
+    with the position count and with 1/std^3 of the branches and overflowed float16's 65504 (a
+    review measured 2.8e7 for a channel of std 0.01), and its low part underflowed."""
+    return dtype == torch.bfloat16
+
+
 def _lag_matrix(g_sym: torch.Tensor, K: int, lag_pad: int, kk_pad: int) -> torch.Tensor:
     """A[c, d, p] = G[c, p, p + d] where p + d is in the window, else 0: (C, lag_pad, kk_pad)."""
     C = g_sym.shape[0]
@@ -273,7 +287,7 @@ def repso_moments_backward(
     N, C, H, W = x.shape
     KK, KK_PAD, LAG_PAD = K * K, _pow2(K * K), _pow2((2 * K - 1) ** 2)
     _check(x)
-    split = x.dtype in (torch.bfloat16, torch.float16)
+    split = _split_lag(x.dtype)
     g_sym = (grad_cov + grad_cov.transpose(1, 2)).double()
     mean64 = mean.double()
     # the shift: the centre mean for float32 (centres the stencil's terms), none for 16-bit x
@@ -300,7 +314,7 @@ def backward_launch(x: torch.Tensor, a_hi: torch.Tensor, a_lo: torch.Tensor, cst
     N, C, H, W = x.shape
     KK_PAD, LAG_PAD = _pow2(K * K), _pow2((2 * K - 1) ** 2)
     n_pos = N * H * W
-    split = x.dtype in (torch.bfloat16, torch.float16)
+    split = _split_lag(x.dtype)
     gx = torch.empty_like(x)
     if conv is not None:
         grad_y, weight = conv

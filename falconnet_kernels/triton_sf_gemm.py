@@ -149,12 +149,13 @@ def _pixels_by_channels(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
+def sf_conv_backward(grad_y, x, w1, w2, bias, activation, need_bias: bool = True):
     """(grad_x, grad_w1, grad_w2, grad_bias) of sf_conv_forward, in the same composed form:
     grad_z = grad_y * act'(z) (z recomputed by the forward GEMM when there is an activation),
     grad_x = grad_z @ W (the GEMM kernel with W read transposed), grad_W = grad_z^T x (one
     cuBLAS product over the pixels, float32 result), then the chain rule through
-    W[j*m + t, g*k + i] = w2[j, t, g] w1[g, j, i] on the small weights."""
+    W[j*m + t, g*k + i] = w2[j, t, g] w1[g, j, i] on the small weights. grad_bias (C_out,) is
+    None when need_bias is False (it costs a pass over grad_z)."""
     G, c_h, k = w1.shape
     m = w2.shape[1]
     C_in, C_out = G * k, c_h * m
@@ -168,11 +169,23 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         grad_z = grad_y
     grad_x = _gemm(grad_z, w, C_in, 1, C_in, None, None, "none")  # B[o, c] = w[o, c]
     gz2 = _pixels_by_channels(grad_z)
-    grad_w = (gz2.t() @ _pixels_by_channels(x)).float().view(c_h, m, G, k)  # [j, t, g, i]
+    grad_w = _mm_float32(gz2.t(), _pixels_by_channels(x)).view(c_h, m, G, k)  # [j, t, g, i]
     grad_w1 = torch.einsum("jtgi,jtg->gji", grad_w, w2.float()).to(w1.dtype)
     grad_w2 = torch.einsum("jtgi,gji->jtg", grad_w, w1.float()).to(w2.dtype)
-    grad_b = gz2.float().sum(0).to(bias.dtype if bias is not None else x.dtype)
+    # one reduction in float32 (no float32 copy of grad_z); skipped when no bias gradient is wanted
+    grad_b = gz2.sum(0, dtype=torch.float32).to(bias.dtype if bias is not None else x.dtype) if need_bias else None
     return grad_x, grad_w1, grad_w2, grad_b
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result: for 16-bit CUDA inputs cuBLAS's float32 output (no rounding of
+    grad_W to 16 bits before the chain rule sums it), elsewhere in float32."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm's out_dtype
+            pass
+    return a.float() @ b.float()
 
 
 class SFConvGemm(torch.autograd.Function):
@@ -189,5 +202,5 @@ class SFConvGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, w1, w2, bias = ctx.saved_tensors
-        gx, gw1, gw2, gb = sf_conv_backward(grad_y, x, w1, w2, bias, ctx.activation)
-        return gx, gw1, gw2, gb if bias is not None else None, grad_y if ctx.has_res else None, None
+        gx, gw1, gw2, gb = sf_conv_backward(grad_y, x, w1, w2, bias, ctx.activation, need_bias=bias is not None)
+        return gx, gw1, gw2, gb, grad_y if ctx.has_res else None, None
