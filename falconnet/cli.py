@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(f"falconnet {args.command}: not available in this build ({args._missing})", file=sys.stderr)
         return 2
+    # keep large freed blocks for reuse instead of page-faulting every activation in again
+    # (falconnet/malloc_tuning.py; FALCONNET_MALLOC_TUNING=0 turns it off)
+    from falconnet import malloc_tuning
+
+    malloc_tuning.apply()
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

@@ -11,7 +11,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import falconnet_kernels
 
+    from falconnet import malloc_tuning
+
     info = falconnet_kernels.kernels_info()
+    info["malloc_tuning"] = malloc_tuning.state()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -24,4 +27,13 @@ def run(args) -> int:
         print(f"  {op:<11} compiled for [{', '.join(kernels) or 'none'}]; runs on {runs}")
     if info["forced_backend"]:
         print(f"FALCONNET_BACKEND={info['forced_backend']} forces the backend")
+    print(f"malloc tuning (large freed blocks kept for reuse): {_MALLOC_STATES.get(info['malloc_tuning'], info['malloc_tuning'])}")
     return 0
+
+
+_MALLOC_STATES = {
+    "mallopt": "on (glibc mmap/trim thresholds raised; FALCONNET_MALLOC_TUNING=0 turns it off)",
+    "env": "left to MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ as set",
+    "off": "off (FALCONNET_MALLOC_TUNING=0)",
+    "unsupported": "not available (not glibc)",
+}
