@@ -10,7 +10,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import falconnet_kernels
-
     from falconnet import malloc_tuning
 
     info = falconnet_kernels.kernels_info()
