@@ -82,7 +82,11 @@
 //   tile evicts the scratch from L1); (b) prefetcht0 instead of t1 for the next tile; (c) the next
 //   tile's prefetches spread over the stage-2 row groups instead of one burst of 256: neither
 //   beyond the noise. Not kept: none reaches 1.2x, and the host's noise (+-15%, bimodal
-//   output page faults) is larger than (a)'s 2-thread gain.
+//   output page faults) is larger than (a)'s 2-thread gain. (d) Stage 1 fed straight from the
+//   16x16 transposes' registers (k = c_h = 4: 16 FMAs a group, no transposed copy of x), with
+//   and without (a): 0.93-1.02x alone, 1.06-1.12x with (a), in three rotated runs (the stages
+//   themselves run near FMA peak: 96 FMAs a pixel at 2 a cycle is ~45% of the op at 1 thread;
+//   the rest is the input side). Not kept either.
 // * 64 -> 256 @ 28 (k = c_h = 16, G = 4, m = 16; lanes over output channels, no output
 //   transpose): interleaved with dense the fused op took 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
 //   pytest-benchmark's back-to-back rounds gave 0.74-0.84 vs 0.86-0.90 ms (1.04-1.21x). Same
