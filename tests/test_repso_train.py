@@ -653,6 +653,40 @@ def test_triton_training_paths_match_branch_sum(monkeypatch, one_node, row, chan
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_node_random_configurations(monkeypatch, seed):
+    """The Triton one-node path on random Table 3 rows, channel counts, odd sizes and layouts
+    (channels_last, NCHW, and a non-contiguous slice of a wider tensor) against the branch sum,
+    both in float32 (the GPU, or the interpreter without one)."""
+    use_backend(monkeypatch, "triton")
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda n: int(torch.randint(n, (1,), generator=gen))  # noqa: E731
+    row = ROWS[pick(len(ROWS))]
+    C, N, H, W = 1 + pick(20), 1 + pick(3), 2 + pick(9), 2 + pick(9)
+    layout = ("channels_last", "nchw", "slice")[seed % 3]
+    module = make_repso(C, row).float().to(TRITON_DEVICE)
+    x = torch.randn(N, C, H, W + (3 if layout == "slice" else 0), generator=gen) * 2 + 1
+    x = x.to(TRITON_DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "slice":
+        x = x[..., 1:W + 1]  # neither NCHW- nor channels_last-contiguous
+    grad_y = torch.randn(x.shape, generator=gen).to(TRITON_DEVICE)
+
+    def node(m, inp):
+        return repso_train_forward(inp, [b.conv.weight for b in m.branches], [b.bn for b in m.branches], m.identity_bn)
+
+    y = node(copy.deepcopy(module), x.detach().requires_grad_())
+    assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward", (row, C, N, H, W, layout)
+    y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    y1, g1, b1 = run(node, copy.deepcopy(module), x, grad_y)
+    assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0)), (row, C, N, H, W, layout)
+    assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("row", ["T", "N"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
