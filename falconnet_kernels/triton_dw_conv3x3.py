@@ -266,6 +266,43 @@ def dw_conv3x3_forward(x, weight, bias, stride, activation):
     return y
 
 
+def _weight_grad_into(grad_y, x, weight, bias, stride, activation, gw, gb):
+    """Adds the weight and bias gradients into the float32 gw (C, 1, 3, 3) and gb (C,) (zeroed by
+    the caller); returns grad_z = grad_y * act'(z) (grad_y itself without an activation)."""
+    N, C, H, W = x.shape
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    total = N * Ho * Wo
+    act = _ACTIVATION_CODE[activation]
+    # with an activation, grad_z = grad_y * act'(z) is materialised once (same strides as grad_y)
+    grad_z = torch.empty_like(grad_y) if act != 0 else grad_y
+    # about 4 slabs per SM over all channel blocks
+    block_c = _block_c(C)
+    block_q = max(16, 2048 // block_c)  # 10 fp32 accumulator tiles live: 8 warps keep them in registers
+    c_blocks = triton.cdiv(C, block_c)
+    tiles = triton.cdiv(total, block_q)
+    slabs = max(1, min(tiles, 4 * _num_sms(x.device) // c_blocks))
+    tiles_per_program = triton.cdiv(tiles, slabs)
+    slabs = triton.cdiv(tiles, tiles_per_program)
+    _dw_bwd_weight_kernel[(slabs, c_blocks)](
+        grad_y, x, weight, bias if bias is not None else weight, grad_z, gw, gb,
+        C, H, W, Wo, Ho * Wo, total, tiles_per_program, *grad_y.stride(), *x.stride(),
+        STRIDE=stride, HAS_BIAS=bias is not None, ACT=act, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=8,
+    )
+    return grad_z
+
+
+def dw_conv3x3_weight_grad(grad_y, x):
+    """(grad_weight (C, 1, 3, 3), grad_bias (C,)) of the stride-1 depthwise 3x3 conv of x without
+    activation, float32 (one launch after a zero fill): RepSO's one-node GPU path can use it in
+    place of cuDNN's weight gradient (falconnet/layers/repso_train.py, WEIGHT_GRAD)."""
+    C = x.shape[1]
+    acc = torch.zeros(10 * C, device=x.device, dtype=torch.float32)
+    gw, gb = acc[: 9 * C].view(C, 1, 3, 3), acc[9 * C:]
+    if x.numel():
+        _weight_grad_into(grad_y, x, x.new_empty(()), None, 1, "none", gw, gb)
+    return gw, gb
+
+
 def dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation):
     """(grad_x, grad_weight, grad_bias) of dw_conv3x3_forward; grad_bias has shape (C,) always."""
     N, C, H, W = x.shape
@@ -281,23 +318,10 @@ def dw_conv3x3_backward(grad_y, x, weight, bias, stride, activation):
     if total == 0 or C == 0:
         grad_x.zero_()
         return grad_x, gw.to(weight.dtype, copy=True), gb.to(weight.dtype, copy=True)
-    act = _ACTIVATION_CODE[activation]
-    # with an activation, grad_z = grad_y * act'(z) is materialised once (same strides as grad_y)
-    grad_z = torch.empty_like(grad_y) if act != 0 else grad_y
-
-    # 1. weight and bias gradients: about 4 slabs per SM over all channel blocks
+    # 1. weight and bias gradients (and grad_z with an activation)
+    grad_z = _weight_grad_into(grad_y, x, weight, bias, stride, activation, gw, gb)
     block_c = _block_c(C)
-    block_q = max(16, 2048 // block_c)  # 10 fp32 accumulator tiles live: 8 warps keep them in registers
     c_blocks = triton.cdiv(C, block_c)
-    tiles = triton.cdiv(total, block_q)
-    slabs = max(1, min(tiles, 4 * _num_sms(x.device) // c_blocks))
-    tiles_per_program = triton.cdiv(tiles, slabs)
-    slabs = triton.cdiv(tiles, tiles_per_program)
-    _dw_bwd_weight_kernel[(slabs, c_blocks)](
-        grad_y, x, weight, bias if bias is not None else weight, grad_z, gw, gb,
-        C, H, W, Wo, Ho * Wo, total, tiles_per_program, *grad_y.stride(), *x.stride(),
-        STRIDE=stride, HAS_BIAS=bias is not None, ACT=act, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=8,
-    )
 
     # 2. grad_x, gathered per input pixel
     in_total = N * H * W

@@ -619,6 +619,34 @@ def test_triton_moments_backward_with_the_conv_input_gradient(monkeypatch, K, ch
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_triton_node_with_the_triton_weight_gradient(monkeypatch, channels_last):
+    """WEIGHT_GRAD = "triton": the node's conv weight gradient from triton_dw_conv3x3's kernel
+    instead of cuDNN's, same result (float32, against the branch sum)."""
+    from falconnet.layers import repso_train
+
+    use_backend(monkeypatch, "triton")
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(repso_train, "WEIGHT_GRAD", "triton")
+    module = make_repso(6, "T").float().to(TRITON_DEVICE)
+    x = (torch.randn(2, 6, 5, 7) * 2 + 1).to(TRITON_DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    called = []
+    from falconnet_kernels import triton_dw_conv3x3
+
+    original = triton_dw_conv3x3.dw_conv3x3_weight_grad
+    monkeypatch.setattr(triton_dw_conv3x3, "dw_conv3x3_weight_grad", lambda *a: called.append(1) or original(*a))
+    y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
+    y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
+    assert called
+    assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
+    assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("one_node", [True, False])
 @pytest.mark.parametrize("row", ["T", "N"])
 @pytest.mark.parametrize("channels_last", [True, False])

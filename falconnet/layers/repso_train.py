@@ -241,6 +241,14 @@ class _OneConvTrainCPU(torch.autograd.Function):
         return grad_x, g_k, g_gamma, g_beta, None, None
 
 
+# Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "cudnn"
+# (torch's convolution_backward) or "triton" (falconnet_kernels.triton_dw_conv3x3's weight-gradient
+# kernel). Not yet measured against each other (benchmarks/test_bench_repso_train.py times both
+# as conv-wgrad and conv-wgrad-triton); cuDNN's depthwise kernels ran at 12-17% of the roofline on
+# an H200 (benchmarks/results/2026-11-26-h200/NOTES.md).
+WEIGHT_GRAD = "cudnn"
+
+
 class _OneConvTrainTriton(torch.autograd.Function):
     """The GPU counterpart of _OneConvTrainCPU: moments (Triton) -> fold (one Triton kernel) ->
     cuDNN's depthwise conv; backward: cuDNN's conv weight gradient -> fold backward (one Triton
@@ -278,8 +286,13 @@ class _OneConvTrainTriton(torch.autograd.Function):
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
         # the conv's weight and bias gradients only: its input gradient is computed inside the
         # moments backward kernel, from the same pass over grad_y and x that writes grad_x
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_y, x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, True])
+        if K == 3 and WEIGHT_GRAD == "triton":
+            from falconnet_kernels import triton_dw_conv3x3
+
+            grad_w, grad_b = triton_dw_conv3x3.dw_conv3x3_weight_grad(grad_y, x)
+        else:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_y, x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, True])
         g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift = triton_repso_fold.fold_backward(
             grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K, x.dtype)
         grad_x = None
