@@ -27,8 +27,8 @@ backward (0.33x cuDNN fwd+bwd on the H200).
 
 Status: correct in the interpreter (tests/test_triton_kernels.py), the forward compiled for sm_90
 with triton 3.6 without a GPU; never timed. benchmarks/test_bench_sf_conv.py times it as
-"falconnet-triton-gemm" beside the two-stage Triton kernel and cuDNN; the backend default
-(_backend.CUDA_DEFAULT) switches only on a measurement.
+"falconnet-triton-gemm" beside the two-stage Triton kernel and cuDNN; falconnet::sf_conv's Triton
+backend takes this form only for the shapes listed in COMPOSED (none until measured).
 """
 from __future__ import annotations
 
@@ -37,6 +37,18 @@ import triton
 import triton.language as tl
 
 from .triton_sf_conv import _ACTIVATION_CODE, _dot_precision, _forward_strides, _out_format, _pixel_offset
+
+
+# (C_in, C_out, pass) that falconnet::sf_conv's Triton backend runs in this composed form instead
+# of the two-stage kernel (ops._run); "*" matches any channel count. Empty until a GPU measurement
+# shows where it wins (benchmarks/test_bench_sf_conv.py: falconnet-triton-gemm vs falconnet-triton).
+COMPOSED: set = set()
+
+
+def routed(C_in: int, C_out: int, pass_: str) -> bool:
+    """Whether the Triton backend's sf_conv `pass_` ('forward' or 'backward') runs here."""
+    return bool(COMPOSED) and any(
+        (a in ("*", C_in)) and (b in ("*", C_out)) and p == pass_ for a, b, p in COMPOSED)
 
 
 @triton.jit

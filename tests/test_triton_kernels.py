@@ -264,6 +264,33 @@ def test_sf_gemm_k_loop_and_batch_zero():
     check_sf_conv_batch_zero(triton_sf_gemm)
 
 
+@pytest.mark.parametrize("routes", [{("*", "*", "forward"), ("*", "*", "backward")}, {(32, 128, "forward")}], ids=str)
+def test_sf_conv_op_routes_to_the_gemm_form(monkeypatch, routes):
+    """falconnet::sf_conv's Triton backend takes the composed GEMM form for the (C_in, C_out, pass)
+    listed in triton_sf_gemm.COMPOSED, and the two-stage kernel otherwise; both match the
+    reference through the op (forward and autograd backward)."""
+    import falconnet_kernels
+    from falconnet_kernels import _backend, triton_sf_gemm
+
+    monkeypatch.setattr(triton_sf_gemm, "COMPOSED", routes)
+    monkeypatch.setattr(_backend, "select", lambda op, device, pass_="forward": "triton")
+    calls = []
+    for name in ("sf_conv_forward", "sf_conv_backward"):
+        original = getattr(triton_sf_gemm, name)
+        monkeypatch.setattr(triton_sf_gemm, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x, w1, w2, b, res, gy = _sf_inputs(2, 32, 8, 8, 128, 3, 5, True, True, torch.float32, torch.channels_last)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, b)]
+    y = falconnet_kernels.sf_conv(*leaves, residual=res, activation="relu")
+    grads = torch.autograd.grad(y, leaves, gy)
+    expected = ["sf_conv_forward", "sf_conv_backward"] if len(routes) == 2 else ["sf_conv_forward"]
+    assert calls == expected
+    assert rel_err(y, ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), _f64(res), "relu")) < FP32_TOL
+    g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), "relu")
+    for got, want in zip(grads, g64):
+        assert rel_err(got, want) < FP32_TOL
+    assert not triton_sf_gemm.routed(128, 32, "forward") or len(routes) == 2
+
+
 def test_sf_gemm_autograd_function():
     """SFConvGemm (what the benchmark times) passes the residual's gradient through and gives
     the weight gradients of the reference."""
