@@ -38,7 +38,6 @@ import triton.language as tl
 
 from .triton_sf_conv import _ACTIVATION_CODE, _dot_precision, _forward_strides, _out_format, _pixel_offset
 
-
 # (C_in, C_out, pass) that falconnet::sf_conv's Triton backend runs in this composed form instead
 # of the two-stage kernel (ops._run); "*" matches any channel count. Empty until a GPU measurement
 # shows where it wins (benchmarks/test_bench_sf_conv.py: falconnet-triton-gemm vs falconnet-triton).
