@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, tune_malloc: bool | None = None) -> int:
+    """Run a command. tune_malloc (default: only for a command-line run, argv None) applies
+    falconnet/malloc_tuning.py first; programs that call main([...]) keep their allocator as is."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -50,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # keep large freed blocks for reuse instead of page-faulting every activation in again
     # (falconnet/malloc_tuning.py; FALCONNET_MALLOC_TUNING=0 turns it off)
-    from falconnet import malloc_tuning
+    if argv is None if tune_malloc is None else tune_malloc:
+        from falconnet import malloc_tuning
 
-    malloc_tuning.apply()
+        malloc_tuning.apply()
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

@@ -16,7 +16,6 @@ they can call apply() themselves, or set those variables.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -32,18 +31,26 @@ _state: str | None = None
 
 def apply() -> str:
     """Raise glibc's mmap and trim thresholds (once per process); returns what happened:
-    "mallopt" (done), "env" (the user set MALLOC_*_THRESHOLD_ already: left alone), "off"
-    (FALCONNET_MALLOC_TUNING=0) or "unsupported" (not glibc)."""
+    "mallopt" (done), "env" (the user set MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES malloc thresholds
+    already: left alone), "off" (FALCONNET_MALLOC_TUNING=0) or "unsupported" (not glibc). With
+    another allocator preloaded (jemalloc, tcmalloc) glibc's setting is simply unused."""
     global _state
     if _state is not None:
         return _state
     if os.environ.get("FALCONNET_MALLOC_TUNING", "1") == "0":
         _state = "off"
-    elif "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    elif _user_set():
         _state = "env"
     else:
         _state = "mallopt" if _mallopt() else "unsupported"
     return _state
+
+
+def _user_set() -> bool:
+    """The thresholds were set for this process already: MALLOC_*_THRESHOLD_ or glibc tunables."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
+            or "malloc.mmap_threshold" in tunables or "malloc.trim_threshold" in tunables)
 
 
 def state() -> str:
@@ -55,7 +62,7 @@ def _mallopt() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc's, without searching for it
         libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no such symbol)
         mallopt = libc.mallopt
     except (OSError, AttributeError):

@@ -181,8 +181,9 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation, need_bias: bool = True
     grad_x = _gemm(grad_z, w, C_in, 1, C_in, None, None, "none")  # B[o, c] = w[o, c]
     gz2 = _pixels_by_channels(grad_z)
     grad_w = _mm_float32(gz2.t(), _pixels_by_channels(x)).view(c_h, m, G, k)  # [j, t, g, i]
-    grad_w1 = torch.einsum("jtgi,jtg->gji", grad_w, w2.float()).to(w1.dtype)
-    grad_w2 = torch.einsum("jtgi,gji->jtg", grad_w, w1.float()).to(w2.dtype)
+    # contiguous, as the op's fake kernel promises (einsum's result layout is its own choice)
+    grad_w1 = torch.einsum("jtgi,jtg->gji", grad_w, w2.float()).to(w1.dtype).contiguous()
+    grad_w2 = torch.einsum("jtgi,gji->jtg", grad_w, w1.float()).to(w2.dtype).contiguous()
     # one reduction in float32 (no float32 copy of grad_z); skipped when no bias gradient is wanted
     grad_b = gz2.sum(0, dtype=torch.float32).to(bias.dtype if bias is not None else x.dtype) if need_bias else None
     return grad_x, grad_w1, grad_w2, grad_b

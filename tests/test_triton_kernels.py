@@ -289,6 +289,11 @@ def test_sf_conv_op_routes_to_the_gemm_form(monkeypatch, routes):
     for got, want in zip(grads, g64):
         assert rel_err(got, want) < FP32_TOL
     assert not triton_sf_gemm.routed(128, 32, "forward") or len(routes) == 2
+    # the outputs' metadata match the fake kernels (what torch.compile relies on)
+    torch.library.opcheck(torch.ops.falconnet.sf_conv, (x, w1, w2, b, res, "relu"),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.falconnet.sf_conv_backward, (gy, x, w1, w2, b, "relu"),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_sf_gemm_autograd_function():
