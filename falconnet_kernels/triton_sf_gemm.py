@@ -36,7 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_sf_conv import _ACTIVATION_CODE, _dot_precision, _forward_strides, _out_format, _pixel_offset
+from .triton_sf_conv import (
+    _ACTIVATION_CODE,
+    _autotune_enabled,
+    _dot_precision,
+    _forward_strides,
+    _out_format,
+    _pixel_offset,
+)
 
 # (C_in, C_out, pass) that falconnet::sf_conv's Triton backend runs in this composed form instead
 # of the two-stage kernel (ops._run); "*" matches any channel count. Empty until a GPU measurement
@@ -117,14 +124,40 @@ def compose_weight(w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> to
 
 
 def _config(C_in: int, C_out: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages), a first guess to be tuned on a GPU: all
-    of C_out in one tile up to 128 (x is then read by one program), K in steps of up to 64, 128
-    pixels; shared memory 2-3 stages of (128 x BLOCK_K + BLOCK_K x BLOCK_N) 16-bit values <= 96 KB."""
+    """(BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages), the first guess: all of C_out in one
+    tile up to 128 (x is then read by one program), K in steps of up to 64, 128 pixels; shared
+    memory 2-3 stages of (128 x BLOCK_K + BLOCK_K x BLOCK_N) 16-bit values <= 96 KB. Compiled for
+    sm_90 at the 8 FalconNet shapes: wgmma, cp.async, 72-126 registers, no spills."""
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
     block_k = min(64, max(16, triton.next_power_of_2(C_in)))
     warps = 8 if block_n >= 128 else 4
     stages = 3 if C_in > block_k else 2
     return 128, block_n, block_k, warps, stages
+
+
+def _candidates(C_in: int, C_out: int) -> list[tuple[int, int, int, int, int]]:
+    """The first guess, then a few neighbours (fewer or more pixels a tile, narrower output
+    tiles): timed once per shape on a GPU (_pick), each costs one compile."""
+    first = _config(C_in, C_out)
+    _, bn, bk, _, stages = first
+    out = [first, (64, bn, bk, 4, stages), (256, min(bn, 64), bk, 8, stages), (128, min(bn, 64), bk, 4, stages)]
+    return list(dict.fromkeys(out))
+
+
+_TUNED: dict = {}
+
+
+def _pick(key, launch, candidates):
+    """The fastest of candidates for key, timed once on the GPU (triton.testing.do_bench); the
+    first candidate where timing is not possible or wanted: the interpreter,
+    FALCONNET_TRITON_AUTOTUNE=0, or during CUDA-graph capture."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if not _autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25) for c in candidates]
+    _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
+    return _TUNED[key]
 
 
 def _gemm(x, w, s_wk: int, s_wn: int, n_out: int, bias, residual, activation: str):
@@ -136,15 +169,21 @@ def _gemm(x, w, s_wk: int, s_wn: int, n_out: int, bias, residual, activation: st
     if P == 0:
         return y
     x, residual, strides, x_lin, y_lin, r_lin = _forward_strides(x, y, residual)
-    block_p, block_n, block_k, warps, stages = _config(C, n_out)
-    grid = (triton.cdiv(P, block_p) * triton.cdiv(n_out, block_n),)
-    _sf_gemm_fwd_kernel[grid](
-        x, w, bias.contiguous() if bias is not None else x, residual if residual is not None else x, y,
-        P, H * W, C, n_out, s_wk, s_wn, *strides,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
-        X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-    )
+    bias = bias.contiguous() if bias is not None else None
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
+                 X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype))
+
+    def launch(config):
+        block_p, block_n, block_k, warps, stages = config
+        grid = (triton.cdiv(P, block_p) * triton.cdiv(n_out, block_n),)
+        _sf_gemm_fwd_kernel[grid](
+            x, w, bias if bias is not None else x, residual if residual is not None else x, y,
+            P, H * W, C, n_out, s_wk, s_wn, *strides, **flags,
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )
+
+    key = (C, n_out, s_wk == 1, x.dtype, x.device, tuple(flags.values()))
+    launch(_pick(key, launch, _candidates(C, n_out)))
     return y
 
 

@@ -296,6 +296,28 @@ def test_sf_conv_op_routes_to_the_gemm_form(monkeypatch, routes):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_sf_gemm_picks_the_fastest_candidate_once(monkeypatch):
+    """_pick times every candidate once per key (do_bench on a GPU; faked here) and keeps the
+    fastest; without autotuning (tests, the interpreter) it takes the first guess untimed."""
+    from falconnet_kernels import triton_sf_gemm
+
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed = []
+    monkeypatch.setattr(triton_sf_gemm, "_TUNED", {})
+    monkeypatch.setattr(triton_sf_gemm.triton.testing, "do_bench", lambda fn, **kw: fn())
+    monkeypatch.setattr(triton_sf_gemm.torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    def launch(config):
+        timed.append(config)
+        return times[config]
+
+    monkeypatch.setattr(triton_sf_gemm, "_autotune_enabled", lambda: False)
+    assert triton_sf_gemm._pick("k", launch, ["a", "b", "c"]) == "a" and timed == []
+    monkeypatch.setattr(triton_sf_gemm, "_autotune_enabled", lambda: True)
+    assert triton_sf_gemm._pick("k", launch, ["a", "b", "c"]) == "b" and timed == ["a", "b", "c"]
+    assert triton_sf_gemm._pick("k", launch, ["a", "b", "c"]) == "b" and len(timed) == 3  # cached
+
+
 def test_sf_gemm_autograd_function():
     """SFConvGemm (what the benchmark times) passes the residual's gradient through and gives
     the weight gradients of the reference."""
