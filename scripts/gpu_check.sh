@@ -31,17 +31,21 @@ stamp "tests (CUDA and Triton on the GPU)"
 # One pytest process per file, verbose: a crash (the 2026-11-26 run died with SIGSEGV) then costs
 # only its file, and the last test name in the log is the one that crashed.
 test_files="tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py"
-# a per-test timeout where pytest-timeout is installed (the GPU image has it)
+# a per-test timeout where pytest-timeout is installed (the GPU image has it), and 4 pytest-xdist
+# workers where xdist is (the GPU image has it too): kernels compile in parallel, and a worker that
+# crashes (SIGSEGV) is replaced, its test reported as "crashed while running", the rest still run
 per_test_timeout=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=100")
+workers=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
 [ "${SKIP_TESTS:-0}" = "1" ] && test_files=""
 for f in $test_files; do
   t=$(stage_time ${TEST_TIMEOUT:-120}); (( t < 20 )) && { stamp "budget spent: skipping $f"; continue; }
   stamp "tests: $f (up to ${t}s)"
-  timeout $t $PY -m pytest -v -rf $per_test_timeout -p no:cacheprovider "$f" -m "cuda or triton" \
+  timeout $t $PY -m pytest -v -rf $per_test_timeout $workers -p no:cacheprovider "$f" -m "cuda or triton" \
     > "$OUT/tests_$(basename $f .py).log" 2>&1
   code=$?
   echo "exit code: $code" >> "$OUT/tests_$(basename $f .py).log"
   grep -E "^(FAILED|ERROR)|passed|failed|no tests ran" "$OUT/tests_$(basename $f .py).log" | tail -12
+  grep -E "crashed while running" "$OUT/tests_$(basename $f .py).log" | head -5
   if grep -q "Fatal Python error" "$OUT/tests_$(basename $f .py).log"; then
     echo "CRASH in $f after:"; grep -E "PASSED|FAILED|SKIPPED" "$OUT/tests_$(basename $f .py).log" | tail -2
     grep -A14 "Fatal Python error" "$OUT/tests_$(basename $f .py).log" | head -16
