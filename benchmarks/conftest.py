@@ -9,6 +9,19 @@ def pytest_addoption(parser):
         default=None,
         help="device to benchmark on (default: cuda when a GPU is visible, else cpu)",
     )
+    parser.addoption(
+        "--malloc-tuning",
+        action="store_true",
+        help="raise glibc's mmap/trim thresholds first, as every falconnet command does "
+        "(falconnet/malloc_tuning.py); recorded in the machine info",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--malloc-tuning"):
+        from falconnet import malloc_tuning
+
+        malloc_tuning.apply()
 
 
 @pytest.fixture(scope="session")
@@ -24,4 +37,7 @@ def device(request) -> str:
 def pytest_benchmark_update_machine_info(config, machine_info):
     from common import environment
 
+    from falconnet import malloc_tuning
+
     machine_info["falconnet"] = environment()
+    machine_info["falconnet"]["malloc_tuning"] = malloc_tuning.state()

@@ -5,8 +5,10 @@ mmap'd pages and hands large freed blocks back to the kernel, so a CNN's multi-M
 page-faulted in again on their first write at every step (the kernels then spend a fifth of their
 time in the page-fault handler: see benchmarks/results/2026-11-26-cpu-2/NOTES.md). Raising the
 mmap and trim thresholds keeps freed blocks in the heap for the next step. Measured on the 2-core
-dev machine: deployed FalconNet inference 1.4x (batch 8 at 224 px, 33.9 -> 24.2 ms, by the
-environment variables below), a FalconNet training step (batch 16 at 64 px) 1.15-1.35x.
+dev machine: deployed FalconNet inference ~1.4x (batch 8 at 224 px: 33.9 -> 24.2 ms by the
+environment variables below; 39.7 -> 28.4 ms median over alternating processes with this
+module, benchmarks/results/2026-11-26-cpu-3/); a training step at 64 px, whose activations are
+small, no change beyond the noise.
 The cost: a process keeps its peak heap instead of returning freed memory to the system.
 
 It is what `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` do when set before a process starts,
