@@ -79,6 +79,16 @@ struct Simd {
   }
 };
 
+// activate() on a vector of Simd<A>, lane by lane (NaN-propagating, as torch.relu / relu6).
+template <typename A>
+inline typename Simd<A>::vec activate_vec(typename Simd<A>::vec o, Activation act) {
+  if (act == Activation::kNone) return o;
+  const typename Simd<A>::vec zero = Simd<A>::zero(), six = Simd<A>::splat(A(6));
+  o = o < zero ? zero : o;
+  if (act == Activation::kRelu6) o = o > six ? six : o;
+  return o;
+}
+
 // The type the kernels compute and accumulate in: float for bfloat16 storage.
 template <typename S>
 using compute_t = at::opmath_type<S>;

@@ -90,11 +90,8 @@ void load_padded_plane(const S* plane, int64_t H, int64_t W, A* xp) {
 
 template <typename A>
 void apply_activation(A* z, int64_t n, Activation act) {
-  if (act == Activation::kRelu) {
-    for (int64_t i = 0; i < n; ++i) z[i] = std::max(z[i], A(0));
-  } else if (act == Activation::kRelu6) {
-    for (int64_t i = 0; i < n; ++i) z[i] = std::min(std::max(z[i], A(0)), A(6));
-  }
+  if (act == Activation::kNone) return;
+  for (int64_t i = 0; i < n; ++i) z[i] = activate(z[i], act);
 }
 
 template <typename A>
@@ -234,7 +231,6 @@ inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s
   for (int t = 0; t < 9; ++t)
     for (int v = 0; v < NVB; ++v) w[t][v] = V::load(wt + t * C + c0 + v * L);
   for (int v = 0; v < NVB; ++v) bias[v] = b ? V::load(b + c0 + v * L) : V::zero();
-  const vec zero = V::zero(), six = V::splat(A(6));
   for (int64_t ow = 0; ow < s.Wo; ++ow) {
     vec acc[NVB];
     for (int v = 0; v < NVB; ++v) acc[v] = bias[v];
@@ -249,12 +245,7 @@ inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s
         for (int v = 0; v < NVB; ++v) acc[v] += w[dy * 3 + dx][v] * V::load(xp + v * L);
       }
     }
-    for (int v = 0; v < NVB; ++v) {
-      vec o = acc[v];
-      if (act != Activation::kNone) o = o < zero ? zero : o;  // NaN-propagating, as torch.relu
-      if (act == Activation::kRelu6) o = o > six ? six : o;
-      V::store(out_row + ow * C + c0 + v * L, o);
-    }
+    for (int v = 0; v < NVB; ++v) V::store(out_row + ow * C + c0 + v * L, activate_vec<A>(acc[v], act));
   }
 }
 

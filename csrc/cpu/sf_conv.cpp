@@ -185,16 +185,13 @@ inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const 
       for (int v = 0; v < NV; ++v) V::store(c + r * c_rs + v * L, acc[r][v]);
     return;
   }
-  const vec zero = V::zero(), six = V::splat(A(6));
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       vec o = acc[r][v];
       if (epi->bias) o += epi->bias[r];
-      // NaN-propagating, as torch.relu / relu6
-      if (epi->act != Activation::kNone) o = o < zero ? zero : o;
-      if (epi->act == Activation::kRelu6) o = o > six ? six : o;
+      o = activate_vec<A>(o, epi->act);
       if (epi->res) o += V::load(epi->res + r * epi->res_rs + v * L);
       store_vec<A>(c + r * c_rs + v * L, o, epi->stream);
     }
@@ -270,17 +267,14 @@ inline void lanes_block(const A* __restrict h, int64_t h_ps, int64_t h_qs, const
       for (int v = 0; v < MV; ++v) V::store(out + p * o_ps + v * L, acc[p][v]);
     return;
   }
-  const vec zero = V::zero(), six = V::splat(A(6));
   vec bv[MV];
 #pragma GCC unroll 4
-  for (int v = 0; v < MV; ++v) bv[v] = epi->bias ? V::load(epi->bias + v * L) : zero;
+  for (int v = 0; v < MV; ++v) bv[v] = epi->bias ? V::load(epi->bias + v * L) : V::zero();
 #pragma GCC unroll 16
   for (int p = 0; p < PB; ++p) {
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) {
-      vec o = acc[p][v] + bv[v];
-      if (epi->act != Activation::kNone) o = o < zero ? zero : o;
-      if (epi->act == Activation::kRelu6) o = o > six ? six : o;
+      vec o = activate_vec<A>(acc[p][v] + bv[v], epi->act);
       if (epi->res) o += V::load(epi->res + p * epi->res_ps + v * L);
       store_vec<A>(out + p * o_ps + v * L, o, epi->stream);
     }
