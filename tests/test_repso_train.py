@@ -26,6 +26,14 @@ BACKENDS = ["torch", "cpp", "triton"]
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def use_triton(monkeypatch) -> None:
+    """The Triton kernels with one untimed tile each (no autotuning on a GPU) and true float32
+    convs (cuDNN's default TF32 would dominate a float32 comparison on a GPU)."""
+    use_backend(monkeypatch, "triton")
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def use_backend(monkeypatch, backend: str) -> None:
     if backend == "cpp":
         if not cpp_built():
@@ -63,9 +71,10 @@ def branch_sum(module: RepSO, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fused(module: RepSO, x: torch.Tensor, conv: str = "auto") -> torch.Tensor:
+def fused(module: RepSO, x: torch.Tensor, conv: str = "auto", one_node: bool = True) -> torch.Tensor:
     return repso_train_forward(
-        x, [b.conv.weight for b in module.branches], [b.bn for b in module.branches], module.identity_bn, conv=conv
+        x, [b.conv.weight for b in module.branches], [b.bn for b in module.branches], module.identity_bn, conv=conv,
+        one_node=one_node,
     )
 
 
@@ -625,9 +634,7 @@ def test_triton_node_with_the_triton_weight_gradient(monkeypatch, channels_last)
     instead of cuDNN's, same result (float32, against the branch sum)."""
     from falconnet.layers import repso_train
 
-    use_backend(monkeypatch, "triton")
-    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    use_triton(monkeypatch)
     monkeypatch.setattr(repso_train, "WEIGHT_GRAD", "triton")
     module = make_repso(6, "T").float().to(TRITON_DEVICE)
     x = (torch.randn(2, 6, 5, 7) * 2 + 1).to(TRITON_DEVICE)
@@ -655,10 +662,7 @@ def test_triton_training_paths_match_branch_sum(monkeypatch, one_node, row, chan
     (_OneConvTrainTriton: moments, fold kernel, conv; backward with the conv's input gradient in
     the moments backward kernel) and the custom-op path both equal the branch sum, running
     statistics included."""
-    use_backend(monkeypatch, "triton")
-    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
-    # on a GPU: true float32 convs on both sides (cuDNN's default TF32 would dominate the error)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    use_triton(monkeypatch)
     module = make_repso(5, row).float().to(TRITON_DEVICE)
     x = (torch.randn(2, 5, 6, 7) * 2 + 1).to(TRITON_DEVICE)
     if channels_last:
@@ -666,8 +670,7 @@ def test_triton_training_paths_match_branch_sum(monkeypatch, one_node, row, chan
     grad_y = torch.randn_like(x)
 
     def path(m, inp):
-        return repso_train_forward(inp, [b.conv.weight for b in m.branches], [b.bn for b in m.branches], m.identity_bn,
-                                   one_node=one_node)
+        return fused(m, inp, one_node=one_node)
 
     y = path(copy.deepcopy(module), x.clone().requires_grad_())
     node = type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
@@ -687,9 +690,7 @@ def test_triton_node_random_configurations(monkeypatch, seed):
     """The Triton one-node path on random Table 3 rows, channel counts, odd sizes and layouts
     (channels_last, NCHW, and a non-contiguous slice of a wider tensor) against the branch sum,
     both in float32 (the GPU, or the interpreter without one)."""
-    use_backend(monkeypatch, "triton")
-    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    use_triton(monkeypatch)
     gen = torch.Generator().manual_seed(seed)
     pick = lambda n: int(torch.randint(n, (1,), generator=gen))  # noqa: E731
     row = ROWS[pick(len(ROWS))]
@@ -704,13 +705,10 @@ def test_triton_node_random_configurations(monkeypatch, seed):
         x = x[..., 1:W + 1]  # neither NCHW- nor channels_last-contiguous
     grad_y = torch.randn(x.shape, generator=gen).to(TRITON_DEVICE)
 
-    def node(m, inp):
-        return repso_train_forward(inp, [b.conv.weight for b in m.branches], [b.bn for b in m.branches], m.identity_bn)
-
-    y = node(copy.deepcopy(module), x.detach().requires_grad_())
+    y = fused(copy.deepcopy(module), x.detach().requires_grad_())
     assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward", (row, C, N, H, W, layout)
     y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
-    y1, g1, b1 = run(node, copy.deepcopy(module), x, grad_y)
+    y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
     assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0)), (row, C, N, H, W, layout)
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
 
@@ -736,8 +734,7 @@ def test_cuda_triton_one_node_against_op_path(monkeypatch, row, dtype):
     assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
 
     def ops(m, inp):
-        return repso_train_forward(inp, [b.conv.weight for b in m.branches], [b.bn for b in m.branches], m.identity_bn,
-                                   one_node=False)
+        return fused(m, inp, one_node=False)
 
     floor = {torch.bfloat16: 2**-6, torch.float16: 2**-9, torch.float32: 1e-5}[dtype]
     for path in (fused, ops):
