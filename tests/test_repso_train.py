@@ -782,3 +782,21 @@ def test_cuda_moments_triton(monkeypatch, K, dtype, channels_last):
     ref_gx = rm.repso_moments_backward_ref(g_mean, g_cov, xl.double(), ref_mean, K)
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # grad_x is rounded to x's dtype
     assert (gx.double() - ref_gx).abs().max() <= tol * ref_gx.abs().max()
+
+
+def test_repso_one_conv_steps_aside_for_syncbatchnorm(monkeypatch):
+    """Under torch.distributed a SyncBatchNorm reduces its statistics across processes; the one
+    conv folds this process's batch only, so the branch sum (SyncBatchNorm's own forward) runs."""
+    from falconnet.layers import repso as repso_module
+    from falconnet.layers.repso import RepSO
+
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(RepSO(8).double().train())
+    calls = []
+    monkeypatch.setattr(repso_module, "repso_train_forward", lambda x, *a, **k: calls.append(1) or x)
+    monkeypatch.setattr(torch.nn.SyncBatchNorm, "forward", torch.nn.BatchNorm2d.forward)  # no process group here
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    synced(x)
+    assert calls == [1]  # not distributed: nothing to synchronize, the one conv runs
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    synced(x)
+    assert calls == [1]

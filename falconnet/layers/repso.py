@@ -23,7 +23,7 @@ from falconnet_kernels import dw_conv3x3
 
 from .activation import apply_activation, check_activation, split_for_fusion
 from .fold import FOLD_DTYPE, fold_conv_bn, identity_kernel, pad_kernel
-from .repso_train import repso_train_forward
+from .repso_train import needs_sync, repso_train_forward
 
 # Table 3's header was lost. Its 11 count columns read as the branch kernels below: column 5 is
 # 3x3 because row C (3x3 only) equals the IRB row of Table 1 (94.84 / 76.92) and rows P/Q/R hold
@@ -139,7 +139,8 @@ class RepSO(nn.Module):
         one_conv = self.one_conv_training
         if one_conv == "auto":
             one_conv = self.kernel_size == (3, 3)
-        if one_conv and self.stride == 1 and len(self.branches) > 0:
+        bns = [b.bn for b in self.branches] + ([self.identity_bn] if self.identity_bn is not None else [])
+        if one_conv and self.stride == 1 and len(self.branches) > 0 and not any(needs_sync(bn) for bn in bns):
             return repso_train_forward(
                 x, [b.conv.weight for b in self.branches], [b.bn for b in self.branches], self.identity_bn
             )

@@ -50,6 +50,18 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
 
 
+def needs_sync(bn: nn.Module) -> bool:
+    """SyncBatchNorm's own rule for reducing its statistics across processes in this forward: the
+    folded training paths (RepSO's one conv, RefCO's fused form) compute this process's batch
+    statistics only, so they step aside for it."""
+    return (
+        isinstance(bn, nn.SyncBatchNorm)
+        and bn.training
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    )
+
+
 def _bn_update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
     """The running-statistics update nn.BatchNorm2d makes in a training forward."""
     if not (bn.training and bn.track_running_stats):
