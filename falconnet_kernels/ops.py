@@ -15,7 +15,8 @@ from torch.utils.flop_counter import register_flop_formula
 from . import _backend
 from . import reference as ref
 
-_SUPPORTED_DTYPES = {
+# the dtypes the kernels take, per device type (other devices: the reference path, any dtype)
+SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
@@ -31,7 +32,7 @@ def _check_same(name: str, t: Optional[Tensor], x: Tensor) -> None:
 
 
 def _check_dtype(x: Tensor) -> None:
-    allowed = _SUPPORTED_DTYPES.get(x.device.type)
+    allowed = SUPPORTED_DTYPES.get(x.device.type)
     if allowed is not None and x.dtype not in allowed:
         raise ValueError(f"x must have one of the dtypes {allowed} on {x.device.type}, got {x.dtype}")
 

@@ -2,7 +2,9 @@
 
 Training: M parallel 1st-stage SF-Conv branches (each with its own BN over the C_in/r hidden
 channels) summed into H, then M parallel 2nd-stage branches (each with its own BN over C_out)
-summed into y. Inference: one SFConv2d with bias (`reparameterize()`).
+summed into y. Inference: one SFConv2d with bias (`reparameterize()`). By default the training
+form runs as two fused SF-Conv calls with every BatchNorm folded from its batch statistics,
+exactly (refco_train.py); `fused_training=False` runs the branches below.
 
 All M branches of a stage run as ONE grouped 1x1 conv: branch b's weights sit side by side in
 the grouped conv's output channels, and the M per-branch BatchNorms are one BatchNorm2d over
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from .activation import apply_activation, check_activation
 from .fold import FOLD_DTYPE, bn_scale_shift
+from .refco_train import fused_path_applies, refco_train_forward
 from .sf_conv import SFConv2d, check_sf_config, choose_k
 
 
@@ -39,10 +42,17 @@ class RefCO(nn.Module):
         k: Optional[int] = None,
         bn: bool = True,
         activation: str = "none",
+        fused_training: bool = True,
     ):
         super().__init__()
         if branches < 1:
             raise ValueError(f"RefCO branches must be >= 1, got {branches}")
+        if not isinstance(fused_training, bool):
+            raise ValueError(f"fused_training must be True or False, got {fused_training!r}")
+        # True: the undeployed forward as two fused SF-Conv calls with the BatchNorms folded from
+        # their statistics, exact (refco_train.py), wherever refco_train.fused_path_applies;
+        # False: the branch form, the reference it is tested against.
+        self.fused_training = fused_training
         if k is None:
             k = choose_k(in_channels, out_channels, r)
         check_sf_config(in_channels, out_channels, r, k)
@@ -64,7 +74,7 @@ class RefCO(nn.Module):
     def deployed(self) -> bool:
         return self.sf is not None
 
-    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _branch_forward(self, x: torch.Tensor) -> torch.Tensor:
         M, G, c_h, m = self.num_branches, self.groups, self.hidden, self.multiplier
         N, _, H, W = x.shape
         # stage 1: groups=G; output channel g*M*c_h + b*c_h + j = sum_i weight1[b, g, j, i] x[g*k+i]
@@ -87,7 +97,9 @@ class RefCO(nn.Module):
             return self.sf(x, residual)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"RefCO expects x of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        y = apply_activation(self._train_forward(x), self.activation)
+        if self.fused_training and fused_path_applies(x, (self.bn1, self.bn2)):
+            return refco_train_forward(x, self.weight1, self.weight2, self.bn1, self.bn2, self.activation, residual)
+        y = apply_activation(self._branch_forward(x), self.activation)
         return y if residual is None else y + residual
 
     @torch.no_grad()

@@ -1,0 +1,237 @@
+"""RefCO's training forward, exact, with two fused SF-Conv calls (docs/refco_training.md).
+
+The branch form (RefCO._branch_forward) runs a grouped 1x1 conv with M*c_h outputs per k-channel
+group, a BatchNorm over M*C_in/r hidden channels, a branch sum, a shuffle copy, a second grouped
+conv, a BatchNorm over M*C_out channels and another branch sum. Each BatchNorm is an affine map
+per channel once its batch mean and variance are known, and both sets follow without running
+the branches:
+
+* Stage 1. Branch b's hidden value A_b[g, j] = w1_b[g, j] . x_g is linear in the k channels x_g
+  of group g, so its batch mean is w1_b[g, j] . mean(x_g) and its biased variance
+  w1_b[g, j]^T cov(x_g) w1_b[g, j]: one mean per channel and one k x k covariance per group, from
+  x alone. The M BatchNorms fold into one stage-1 weight W1 = sum_b s_b w1_b and a hidden bias
+  c = sum_b (beta_b - s_b mu_b), so the hidden sum is H = W1 x + c.
+* Stage 2. Branch b's output Z_b = w2_b . shuffle(H). One SF-Conv call computes every branch's
+  output at once (W1, then the M stage-2 weights side by side: M*C_out channels, without c, which
+  moves each mean by w2_b . c and leaves each variance). Their per-channel means and variances
+  are the M BatchNorms' statistics; the BatchNorms fold into W2 = sum_b s2_b w2_b and the bias.
+* y = act(sf_conv(x, W1, W2) + bias) + residual, with the fused epilogue.
+
+Autograd runs through the statistics (covariance, the Z statistics, the folds: tensor ops; the
+SF-Conv op has its own backward), so every gradient is the branch form's, and the running
+statistics are updated as nn.BatchNorm2d does. BatchNorms in eval mode use their running
+statistics in the same formulas, so an undeployed RefCO in eval mode is one SF-Conv call too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import falconnet_kernels
+from falconnet_kernels.ops import SUPPORTED_DTYPES
+from falconnet_kernels.repso_moments import stats_dtype
+
+from .activation import apply_activation, split_for_fusion
+from .repso_train import _bn_update_running, _scale_shift, _uses_batch_stats, needs_sync
+
+
+def fused_path_applies(x: Tensor, bns) -> bool:
+    """Whether refco_train_forward can stand in for the branch form: the SF-Conv op takes x's
+    dtype on its device, no BatchNorm needs cross-process statistics (SyncBatchNorm under
+    torch.distributed: the fold would use this process's batch only), and BatchNorm's own
+    "more than 1 value per channel" error is left to the branch form to raise."""
+    if x.dtype not in SUPPORTED_DTYPES.get(x.device.type, ()):
+        return False
+    batch = [bn for bn in bns if bn is not None and _uses_batch_stats(bn)]
+    if batch and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        return False
+    return not any(needs_sync(bn) for bn in batch)
+
+
+class _GroupMoments(torch.autograd.Function):
+    """Per-channel mean (C,) and per-group biased covariance (C/k, k, k) of x over (N, H, W), in
+    float32 (float64 for float64 x), centred first (no cancellation when a channel's mean dwarfs
+    its spread). The covariances are the k x k diagonal blocks of the B x B Gram matrices of
+    channel blocks of B = a few groups (>= 16 channels where the groups allow): one batched
+    GEMM over the pixels, whose rows are then 64-byte runs of a channels_last x, where k = 4
+    groups alone would make it gather 16-byte pieces (3-4x slower). The backward is another
+    GEMM: grad_x = x_centred (g + g^T) / count + grad_mean / count, g block-diagonal."""
+
+    @staticmethod
+    def forward(ctx, x, k, dtype):
+        with torch.autocast(x.device.type, enabled=False):  # a bfloat16 Gram would lose the statistics
+            return _GroupMoments._forward(ctx, x, k, dtype)
+
+    @staticmethod
+    def _forward(ctx, x, k, dtype):
+        N, C, H, W = x.shape
+        G, count = C // k, N * H * W
+        q = max(d for d in range(1, G + 1) if G % d == 0 and (d == 1 or k * d <= 16))  # groups a block
+        B, nb = k * q, G // q
+        mean = x.sum((0, 2, 3), dtype=dtype) / count
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if ctx.channels_last:
+            # (blocks, pixels, B): centred while copied out of the (pixels, C) rows
+            centred = torch.empty((nb, count, B), dtype=dtype, device=x.device)
+            torch.sub(x.permute(0, 2, 3, 1).reshape(count, nb, B).transpose(0, 1), mean.view(nb, 1, B), out=centred)
+            gram = torch.bmm(centred.transpose(1, 2), centred)
+        else:
+            # (images x blocks, B, H*W): x's own layout, one GEMM per image and block
+            centred = (x.to(dtype) - mean.view(1, C, 1, 1)).contiguous().view(N * nb, B, H * W)
+            gram = torch.bmm(centred, centred.transpose(1, 2)).view(N, nb, B, B).sum(0)
+        cov = torch.diagonal(gram.view(nb, q, k, q, k), dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(G, k, k) / count
+        ctx.save_for_backward(centred)
+        ctx.geometry = (N, C, H, W, k, q)
+        ctx.dtype = x.dtype
+        return mean, cov
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_cov):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _GroupMoments._backward(ctx, grad_mean, grad_cov)
+
+    @staticmethod
+    def _backward(ctx, grad_mean, grad_cov):
+        (centred,) = ctx.saved_tensors
+        N, C, H, W, k, q = ctx.geometry
+        G, count = C // k, N * H * W
+        B, nb = k * q, G // q
+        if grad_mean is None:
+            grad_mean = centred.new_zeros(C)
+        if grad_cov is None:
+            grad_cov = centred.new_zeros(G, k, k)
+        sym = (grad_cov + grad_cov.transpose(1, 2)) / count
+        block_diag = centred.new_zeros(nb, q, k, q, k)
+        torch.diagonal(block_diag, dim1=1, dim2=3).copy_(sym.view(nb, q, k, k).permute(0, 2, 3, 1))
+        block_diag = block_diag.view(nb, B, B)
+        shift = (grad_mean / count).to(centred.dtype)
+        if ctx.channels_last:
+            grad = torch.bmm(centred, block_diag)  # (blocks, pixels, B)
+            grad_x = torch.empty((N, C, H, W), dtype=ctx.dtype, device=centred.device, memory_format=torch.channels_last)
+            rows = grad_x.permute(0, 2, 3, 1).view(count, nb, B)
+            if torch.compiler.is_compiling():  # functionalization takes copy_ into a view, not out=
+                rows.copy_(grad.transpose(0, 1) + shift.view(1, nb, B))
+            else:  # the mean's share added while copied back into the (pixels, C) rows: one pass
+                torch.add(grad.transpose(0, 1), shift.view(1, nb, B), out=rows)
+            return grad_x, None, None
+        diag = block_diag.unsqueeze(0).expand(N, nb, B, B).reshape(N * nb, B, B)
+        grad = torch.baddbmm(shift.view(1, nb, B, 1).expand(N, nb, B, 1).reshape(N * nb, B, 1), diag, centred)
+        return grad.view(N, C, H, W).to(ctx.dtype), None, None
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance of z over (N, H, W), in float32 (float64 for float64
+    z), as E[z^2] - mean^2: the caller centres z (the SF-Conv call subtracts the analytic mean as
+    its bias), so nothing cancels. torch.var_mean reduces a (N, C, H, W) tensor over (0, 2, 3) at
+    a tenth of the speed of sum on the CPU, and its autograd backward takes four passes over z;
+    this backward is one (grad_z = a * z + b per channel)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        dims, count = (0, 2, 3), z.numel() // z.shape[1]
+        zs = z if z.dtype in (torch.float32, torch.float64) else z.float()
+        mean = zs.sum(dims) / count
+        var = ((zs * zs).sum(dims) / count - mean * mean).clamp_min(0)
+        ctx.save_for_backward(z, mean)
+        ctx.count = count
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        z, mean = ctx.saved_tensors
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+        a = grad_var * (2.0 / ctx.count)
+        b = grad_mean / ctx.count - a * mean
+        shape = (1, -1, 1, 1)
+        return torch.addcmul(b.to(z.dtype).view(shape), z, a.to(z.dtype).view(shape))
+
+
+def _op_dtype(x: Tensor) -> torch.dtype:
+    """The dtype falconnet_kernels.sf_conv computes x in (it follows torch.autocast)."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def refco_train_forward(
+    x: Tensor,
+    weight1: Tensor,
+    weight2: Tensor,
+    bn1: Optional[nn.BatchNorm2d],
+    bn2: Optional[nn.BatchNorm2d],
+    activation: str = "none",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """act(sum_b bn2_b(w2_b . shuffle(sum_b bn1_b(w1_b . x)))) + residual, exactly, in two SF-Conv
+    calls (one when bn2 uses running statistics or is None). weight1 (M, G, c_h, k), weight2
+    (M, c_h, m, G); bn1 over M*G*c_h channels (b*G*c_h + g*c_h + j), bn2 over M*C_out
+    (b*C_out + j*m + t), as in RefCO. Training-mode BatchNorms use batch statistics and update
+    their running statistics in place."""
+    M, G, c_h, k = weight1.shape
+    m = weight2.shape[2]
+    N, C_in, H, W = x.shape
+    count = N * H * W
+    dtype = stats_dtype(x.dtype)
+    w1, w2 = weight1.to(dtype), weight2.to(dtype)
+    mean_x = None
+
+    # stage 1: the M BatchNorms folded into W1 (G, c_h, k) and the hidden bias c (G, c_h)
+    if bn1 is None:
+        W1, c = w1.sum(0), None
+    else:
+        mean1 = var1 = None
+        if _uses_batch_stats(bn1):
+            mean_x, cov_x = _GroupMoments.apply(x, k, dtype)
+            # (tiny tensors: elementwise products and sums, one op each, where einsum would
+            # dispatch batched GEMMs of k x k matrices with per-batch copies)
+            mean1 = (w1 * mean_x.view(1, G, 1, k)).sum(-1)
+            var1 = (w1.unsqueeze(-1) * cov_x.view(1, G, 1, k, k) * w1.unsqueeze(-2)).sum((-2, -1)).clamp_min(0)
+            mean1, var1 = mean1.reshape(-1), var1.reshape(-1)
+            _bn_update_running(bn1, mean1.detach(), var1.detach(), count)
+        scale1, shift1 = _scale_shift(bn1, mean1, var1, dtype)
+        W1 = (scale1.view(M, G, c_h, 1) * w1).sum(0)
+        c = shift1.view(M, G, c_h).sum(0)
+
+    # c reaches branch b's output channel j*m + t through w2_b[j, t, :]
+    d = None if c is None else (w2 * c.t().view(1, c_h, 1, G)).sum(-1)  # (M, c_h, m)
+    if bn2 is None:
+        W2 = w2.sum(0)
+        bias = None if d is None else d.sum(0)
+    else:
+        mean2 = var2 = None
+        if _uses_batch_stats(bn2):
+            # every branch's output at once (output channel j*(M*m) + b*m + t), minus its mean
+            # as known from x's (a constant shift: exact for the variance and, detached, for
+            # every gradient; it keeps _ChannelMoments free of cancellation)
+            w2_all = w2.permute(1, 0, 2, 3).reshape(c_h, M * m, G)
+            if mean_x is None:
+                mean_x = x.to(dtype).mean(dim=(0, 2, 3))
+            with torch.no_grad():
+                hidden_mean = (W1 * mean_x.view(G, 1, k)).sum(-1)  # (G, c_h)
+                shift = (w2_all * hidden_mean.t().unsqueeze(1)).sum(-1).reshape(-1)
+                # the shift as the op applies it: rounded to its dtype (autocast's, if on)
+                shift = shift.to(_op_dtype(x)).to(dtype)
+            z = falconnet_kernels.sf_conv(x, W1.to(x.dtype), w2_all.to(x.dtype), (-shift).to(x.dtype))
+            mean2, var2 = _ChannelMoments.apply(z)
+            mean2 = mean2 + shift
+            var2 = var2.view(c_h, M, m).transpose(0, 1).reshape(-1)
+            mean2 = mean2.view(c_h, M, m).transpose(0, 1)
+            mean2 = (mean2 if d is None else mean2 + d).reshape(-1)
+            _bn_update_running(bn2, mean2.detach(), var2.detach(), count)
+        scale2, shift2 = _scale_shift(bn2, mean2, var2, dtype)
+        scale2, shift2 = scale2.view(M, c_h, m), shift2.view(M, c_h, m)
+        W2 = (scale2.unsqueeze(-1) * w2).sum(0)
+        bias = (shift2 if d is None else shift2 + scale2 * d).sum(0)
+
+    fused, after = split_for_fusion(activation)
+    W1, W2 = W1.to(x.dtype), W2.to(x.dtype)
+    bias = None if bias is None else bias.reshape(-1).to(x.dtype)
+    if after == "none":
+        return falconnet_kernels.sf_conv(x, W1, W2, bias, residual, fused)
+    y = apply_activation(falconnet_kernels.sf_conv(x, W1, W2, bias), after)
+    return y if residual is None else y + residual

@@ -1,0 +1,230 @@
+"""RefCO's fused training form (falconnet/layers/refco_train.py: two SF-Conv calls with every
+BatchNorm folded from its statistics) against the branch form it replaces (fused_training=False):
+outputs, every gradient, running statistics, in float64 to ~1e-10 and in float32 / bfloat16
+within the branch form's own error against float64."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from falconnet.layers.refco import RefCO
+from falconnet.layers.refco_train import _ChannelMoments, _GroupMoments, fused_path_applies
+
+# (C_in, C_out, r, k, branches): FalconNet's stage-3 pair, odd group counts, r = 2, one branch
+CONFIGS = [(128, 512, 1, 16, 3), (48, 24, 1, 6, 3), (12, 10, 1, 2, 2), (24, 36, 2, 6, 1), (40, 20, 2, 4, 3)]
+ACTS = ["none", "relu6", "gelu"]  # gelu: not fused into the op's epilogue, applied after
+
+
+def make_refco(C_in, C_out, r, k, M, dtype=torch.float64, activation="none", momentum=0.1) -> RefCO:
+    module = RefCO(C_in, C_out, branches=M, r=r, k=k, activation=activation).to(dtype).train()
+    with torch.no_grad():
+        for bn in (module.bn1, module.bn2):
+            bn.momentum = momentum
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+    return module
+
+
+def branch_twin(module: RefCO) -> RefCO:
+    twin = copy.deepcopy(module)
+    twin.fused_training = False
+    return twin
+
+
+def params(module: RefCO) -> list:
+    return [module.weight1, module.weight2, module.bn1.weight, module.bn1.bias, module.bn2.weight, module.bn2.bias]
+
+
+def run(module, x, residual, grad):
+    """(y, grads of x, residual and every parameter, running statistics)."""
+    x = x.detach().requires_grad_()
+    res = None if residual is None else residual.detach().requires_grad_()
+    y = module(x, res)
+    inputs = [x] + ([res] if res is not None else []) + params(module)
+    grads = torch.autograd.grad(y, inputs, grad)
+    stats = [module.bn1.running_mean, module.bn1.running_var, module.bn2.running_mean, module.bn2.running_var]
+    return y, grads, [s.clone() for s in stats]
+
+
+def compare(a, b, rtol, atol):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
+    for i, (ga, gb) in enumerate(zip(a[1], b[1])):
+        torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol, msg=lambda m: f"gradient {i}: {m}")
+    for i, (sa, sb) in enumerate(zip(a[2], b[2])):
+        torch.testing.assert_close(sa, sb, rtol=rtol, atol=atol, msg=lambda m: f"running statistic {i}: {m}")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "{}->{} r{} k{} M{}".format(*c))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("act", ACTS)
+def test_fused_equals_branches_float64(config, layout, act):
+    C_in, C_out, r, k, M = config
+    fused = make_refco(*config, activation=act)
+    branches = branch_twin(fused)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    # a mean far from 0 (x * 2 + 3): the statistics must not cancel
+    x = (torch.randn(3, C_in, 5, 7, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
+    residual = torch.randn(3, C_out, 5, 7, dtype=torch.float64) if act != "gelu" else None
+    grad = torch.randn(3, C_out, 5, 7, dtype=torch.float64)
+    out_f, out_b = run(fused, x, residual, grad), run(branches, x, residual, grad)
+    compare(out_f, out_b, rtol=1e-10, atol=1e-10)
+    assert out_f[0].is_contiguous(memory_format=fmt)
+    assert fused.bn1.num_batches_tracked.item() == branches.bn1.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("modes", [("eval", "eval"), ("train", "eval"), ("eval", "train")])
+def test_mixed_batchnorm_modes_float64(modes):
+    """Each BatchNorm uses batch or running statistics as its own mode says."""
+    fused = make_refco(24, 36, 1, 6, 3, activation="relu")
+    fused.bn1.train(modes[0] == "train")
+    fused.bn2.train(modes[1] == "train")
+    branches = branch_twin(fused)
+    x = torch.randn(2, 24, 6, 5, dtype=torch.float64) + 1
+    grad = torch.randn(2, 36, 6, 5, dtype=torch.float64)
+    compare(run(fused, x, None, grad), run(branches, x, None, grad), rtol=1e-10, atol=1e-10)
+
+
+def test_momentum_none_and_batch_one_float64():
+    """Cumulative running averages (momentum=None) over three steps, batch 1 (3x3 positions)."""
+    fused = make_refco(16, 32, 1, 4, 2, momentum=None)
+    branches = branch_twin(fused)
+    for step in range(3):
+        x = torch.randn(1, 16, 3, 3, dtype=torch.float64) - step
+        grad = torch.randn(1, 32, 3, 3, dtype=torch.float64)
+        compare(run(fused, x, None, grad), run(branches, x, None, grad), rtol=1e-10, atol=1e-10)
+    assert fused.bn2.num_batches_tracked.item() == 3
+
+
+def test_without_batchnorm_float64():
+    fused = RefCO(24, 36, branches=3, k=6, bn=False).double()
+    branches = branch_twin(fused)
+    x = torch.randn(2, 24, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), branches(x), rtol=1e-12, atol=1e-12)
+
+
+def relative_errors(out, exact) -> list[float]:
+    """Max abs error of each tensor over its reference's max abs value. bn1's beta gradient is 0
+    in exact arithmetic (bn2 re-centres whatever shift it adds), so every gradient is measured
+    against at least 1e-4 of the largest gradient's scale."""
+    grad_scale = max(g.abs().max().item() for g in exact[1])
+    floors = [0.0, 1e-4 * grad_scale, 0.0]
+    return [max((a.double().cpu() - b).abs().max().item() / max(b.abs().max().item(), floor) for a, b in zip(o, e))
+            for o, e, floor in zip(([out[0]], out[1], out[2]), ([exact[0]], exact[1], exact[2]), floors)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast-bfloat16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_error_within_branch_error(dtype, layout):
+    """Against the float64 branch form, the fused form in float32 / bfloat16 / float32 under
+    bfloat16 autocast errs no more than twice the branch form does in the same setting (plus
+    1e-6): both round every stage; neither is the reference. Output, every gradient and the
+    running statistics."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    autocast = dtype.startswith("autocast")
+    dtype = torch.float32 if autocast else getattr(torch, dtype)
+    reference = branch_twin(make_refco(64, 128, 1, 8, 3, activation="relu6"))
+    low_branches = copy.deepcopy(reference).to(dtype)
+    low_fused = copy.deepcopy(low_branches)
+    low_fused.fused_training = True
+    x = (torch.randn(4, 64, 9, 11, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
+    grad = torch.randn(4, 128, 9, 11, dtype=torch.float64)
+    exact = run(reference, x, None, grad)
+    xl, gl = x.to(dtype), grad.to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused_err = relative_errors(run(low_fused, xl, None, gl), exact)
+        branch_err = relative_errors(run(low_branches, xl, None, gl), exact)
+    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err):
+        assert f <= 2 * b + 1e-6, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
+
+
+@pytest.mark.parametrize("C,k", [(6, 3), (6, 2), (40, 4), (36, 18)])  # 1 block of 2-3 groups, 5 blocks of 2, k > 16
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_group_moments_gradcheck(C, k, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(2, C, 3, 4, dtype=torch.float64) + 2).contiguous(memory_format=fmt).requires_grad_()
+    mean, cov = _GroupMoments.apply(x, k, torch.float64)
+    xg = x.detach().transpose(0, 1).reshape(C // k, k, -1)
+    torch.testing.assert_close(mean, x.detach().mean((0, 2, 3)))
+    torch.testing.assert_close(cov, torch.stack([torch.cov(g, correction=0) for g in xg]))
+    assert torch.autograd.gradcheck(lambda t: _GroupMoments.apply(t, k, torch.float64), (x,))
+
+
+def test_group_moments_stay_float32_under_autocast():
+    """BatchNorm keeps its statistics in float32 under autocast; so do the folded ones (a
+    bfloat16 Gram would carry ~3e-3 relative error into every variance)."""
+    x = torch.randn(4, 32, 6, 6, dtype=torch.float64) + 1
+    exact = _GroupMoments.apply(x, 8, torch.float64)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cov = _GroupMoments.apply(x.float(), 8, torch.float32)[1]
+    assert cov.dtype == torch.float32
+    torch.testing.assert_close(cov.double(), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_channel_moments_gradcheck():
+    z = torch.randn(2, 5, 3, 4, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(_ChannelMoments.apply, (z,))
+
+
+def test_falls_back_to_the_branches(monkeypatch):
+    fused = make_refco(12, 10, 1, 2, 2)
+    # float16 on the CPU: no kernel takes it; the branch form runs (and stays exact in float64 below)
+    assert not fused_path_applies(torch.randn(2, 12, 3, 3, dtype=torch.float16), (fused.bn1, fused.bn2))
+    # one value per channel in training: BatchNorm's own error, from the branch form
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(torch.randn(1, 12, 1, 1, dtype=torch.float64))
+    # SyncBatchNorm under torch.distributed: cross-process statistics, which the fold lacks
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
+    x = torch.randn(2, 12, 3, 3, dtype=torch.float64)
+    assert fused_path_applies(x, (synced.bn1, synced.bn2))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert not fused_path_applies(x, (synced.bn1, synced.bn2))
+    assert fused_path_applies(x, (fused.bn1, fused.bn2))
+
+
+def test_option_is_checked():
+    with pytest.raises(ValueError, match="fused_training must be True or False"):
+        RefCO(8, 8, fused_training="auto")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_matches_cpu_float64(monkeypatch, dtype):
+    """On the GPU (whatever backend the ops pick) against the float64 branch form on the CPU,
+    within twice the GPU branch form's own error (true float32 convs: cuDNN's TF32 default
+    would set the branch form's error, not the kernels')."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    reference = branch_twin(make_refco(128, 512, 1, 16, 3, activation="relu6"))
+    x = torch.randn(8, 128, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, 512, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    gpu_branches = copy.deepcopy(reference).cuda().to(dtype)
+    gpu_fused = copy.deepcopy(gpu_branches)
+    gpu_fused.fused_training = True
+    exact = run(reference, x, None, grad)
+    xg, gg = x.cuda().to(dtype), grad.cuda().to(dtype)
+    fused_err = relative_errors(run(gpu_fused, xg, None, gg), exact)
+    branch_err = relative_errors(run(gpu_branches, xg, None, gg), exact)
+    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err):
+        assert f <= 2 * b + 1e-5, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_training_compiles_fullgraph(layout):
+    """torch.compile(fullgraph=True) traces the fused form (the ops' fake kernels, the two
+    moment functions) and gives the eager results, running statistics included."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    eager = make_refco(48, 24, 1, 6, 3, activation="relu6")
+    traced = copy.deepcopy(eager)
+    compiled = torch.compile(traced, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 48, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt)
+    residual = torch.randn(2, 24, 5, 6, dtype=torch.float64)
+    grad = torch.randn(2, 24, 5, 6, dtype=torch.float64)
+    out_e = run(eager, x, residual, grad)
+    xc, rc = x.detach().requires_grad_(), residual.detach().requires_grad_()
+    y = compiled(xc, rc)
+    grads = torch.autograd.grad(y, [xc, rc] + params(traced), grad)
+    stats = [traced.bn1.running_mean, traced.bn1.running_var, traced.bn2.running_mean, traced.bn2.running_var]
+    compare(out_e, (y, grads, stats), rtol=1e-10, atol=1e-10)
