@@ -84,6 +84,31 @@ def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = 
             benchmark.pedantic(fn, rounds=rounds or 10, warmup_rounds=2, iterations=1)
 
 
+def saved_bytes(forward, x: torch.Tensor) -> int:
+    """Distinct storages saved for backward by one forward, plus its output, in bytes."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = forward()
+    storages.pop(x.untyped_storage().data_ptr(), None)  # the input exists either way
+    return sum(storages.values()) + y.untyped_storage().nbytes()
+
+
+def peak_cuda_bytes(step) -> int:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def environment() -> dict:
     import platform
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, run_benchmark
+from common import BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, peak_cuda_bytes, run_benchmark, saved_bytes
 
 from falconnet.layers.repso import RepSO
 from falconnet.layers.repso_train import repso_train_forward
@@ -52,31 +52,6 @@ def one_conv_ops(layer: RepSO, x: torch.Tensor) -> torch.Tensor:
 
 IMPLS = {"seven-branch": seven_branch, "one-conv": one_conv, "one-conv-ops": one_conv_ops,
          "one-conv-dw-op": one_conv_dw_op}
-
-
-def saved_bytes(forward, x: torch.Tensor) -> int:
-    """Distinct storages saved for backward by one forward, plus its output, in bytes."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = forward()
-    storages.pop(x.untyped_storage().data_ptr(), None)  # the input exists either way
-    return sum(storages.values()) + y.untyped_storage().nbytes()
-
-
-def peak_cuda_bytes(step) -> int:
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ BASELINE = {
     "model": "resnet18",
     "repso_train": "seven-branch",
     "falconnet_train_step": "seven-branch",
+    "refco_train": "refco-branches",
+    "falconnet_train_step_refco": "refco-branches",
 }
 
 
