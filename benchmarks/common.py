@@ -109,6 +109,32 @@ def peak_cuda_bytes(step) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def falconnet_train_step(benchmark, device: str, batch: int, size: int, configure, info: dict, rounds: int) -> None:
+    """Time one training step (forward, cross-entropy, backward) of the registry's FalconNet,
+    channels_last as `falconnet train` runs it, after configure(model) sets the layers' own
+    training-form flags; info names the op and impl (device, dtype, batch and size are added)."""
+    from falconnet.models import create_model
+
+    dtype = DTYPE[device]
+    torch.manual_seed(0)
+    model = create_model("falconnet", num_classes=100).to(device=device, dtype=dtype).train()
+    configure(model)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 100, (batch,)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def fn():
+        loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        return torch.autograd.grad(loss, params)
+
+    info = {**info, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "img_size": size}
+    if device == "cuda":
+        fn()
+        info["peak_bytes"] = peak_cuda_bytes(fn)
+    run_benchmark(benchmark, fn, device, info, rounds=rounds)
+
+
 def environment() -> dict:
     import platform
 

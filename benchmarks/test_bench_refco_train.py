@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import BATCH, DTYPE, PW_SHAPES, cuda_sync_timer, peak_cuda_bytes, run_benchmark, saved_bytes
+from common import (BATCH, DTYPE, PW_SHAPES, cuda_sync_timer, falconnet_train_step, peak_cuda_bytes,
+                    run_benchmark, saved_bytes)
 
 from falconnet.layers.refco import RefCO
 
@@ -61,27 +62,11 @@ MODEL_STEP = {"cuda": (128, 224), "cpu": (16, 224)}
 @pytest.mark.benchmark(group="falconnet_train_step_refco", timer=cuda_sync_timer)
 @pytest.mark.parametrize("impl", ["refco-branches", "refco-fused"])
 def test_falconnet_train_step_refco(benchmark, device, impl):
-    from falconnet.models import create_model
+    def configure(model):
+        for module in model.modules():
+            if isinstance(module, RefCO):  # the layer's own flag, as training uses it
+                module.fused_training = impl == "refco-fused"
 
     N, size = MODEL_STEP[device]
-    dtype = DTYPE[device]
-    torch.manual_seed(0)
-    model = create_model("falconnet", num_classes=100).to(device=device, dtype=dtype).train()
-    for module in model.modules():
-        if isinstance(module, RefCO):  # the layer's own flag, as training uses it
-            module.fused_training = impl == "refco-fused"
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(N, 3, size, size, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 100, (N,)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def fn():
-        loss = torch.nn.functional.cross_entropy(model(x).float(), target)
-        return torch.autograd.grad(loss, params)
-
-    info = {"op": "falconnet_train_step_refco", "impl": impl, "device": device, "dtype": str(dtype).replace("torch.", ""),
-            "batch": N, "img_size": size}
-    if device == "cuda":
-        fn()
-        info["peak_bytes"] = peak_cuda_bytes(fn)
-    run_benchmark(benchmark, fn, device, info, rounds=10 if device == "cuda" else 3)
+    falconnet_train_step(benchmark, device, N, size, configure, {"op": "falconnet_train_step_refco", "impl": impl},
+                         rounds=10 if device == "cuda" else 3)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, peak_cuda_bytes, run_benchmark, saved_bytes
+from common import (BATCH, DTYPE, DW_SHAPES, cuda_sync_timer, falconnet_train_step, peak_cuda_bytes,
+                    run_benchmark, saved_bytes)
 
 from falconnet.layers.repso import RepSO
 from falconnet.layers.repso_train import repso_train_forward
@@ -111,31 +112,14 @@ MODEL_STEP = {"cuda": (128, 224), "cpu": (16, 64)}
 @pytest.mark.benchmark(group="falconnet_train_step", timer=cuda_sync_timer)
 @pytest.mark.parametrize("impl", ["seven-branch", "one-conv"])
 def test_falconnet_train_step(benchmark, device, impl):
-    from falconnet.models import create_model
+    def configure(model):
+        for module in model.modules():
+            if isinstance(module, RepSO):  # the layer's own flag, as training uses it
+                module.one_conv_training = impl == "one-conv"
 
     N, size = MODEL_STEP[device]
-    dtype = DTYPE[device]
-    torch.manual_seed(0)
-    model = create_model("falconnet", num_classes=100).to(device=device, dtype=dtype).train()
-    for module in model.modules():
-        if isinstance(module, RepSO):  # the layer's own flag, as training uses it
-            module.one_conv_training = impl == "one-conv"
-    # channels_last on both devices, as `falconnet train` runs by default
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(N, 3, size, size, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 100, (N,)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def fn():
-        loss = torch.nn.functional.cross_entropy(model(x).float(), target)
-        return torch.autograd.grad(loss, params)
-
-    info = {"op": "falconnet_train_step", "impl": impl, "device": device, "dtype": str(dtype).replace("torch.", ""),
-            "batch": N, "img_size": size}
-    if device == "cuda":
-        fn()
-        info["peak_bytes"] = peak_cuda_bytes(fn)
-    run_benchmark(benchmark, fn, device, info, rounds=20 if device == "cuda" else 3)
+    falconnet_train_step(benchmark, device, N, size, configure, {"op": "falconnet_train_step", "impl": impl},
+                         rounds=20 if device == "cuda" else 3)
 
 
 # The GPU one-node path (_OneConvTrainTriton) piece by piece, so one run says where its time goes:

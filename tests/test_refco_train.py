@@ -58,21 +58,31 @@ def compare(a, b, rtol, atol):
         torch.testing.assert_close(sa, sb, rtol=rtol, atol=atol, msg=lambda m: f"running statistic {i}: {m}")
 
 
+def make_input(shape, layout):
+    """(N, C, H, W) float64 with a mean far from 0 (x * 2 + 3: the statistics must not cancel),
+    NCHW, channels_last, or a non-contiguous slice of a wider tensor."""
+    N, C, H, W = shape
+    if layout == "sliced":
+        return (torch.randn(N, C, H, W + 3, dtype=torch.float64) * 2 + 3)[..., 2:-1]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return (torch.randn(N, C, H, W, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "{}->{} r{} k{} M{}".format(*c))
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
 @pytest.mark.parametrize("act", ACTS)
 def test_fused_equals_branches_float64(config, layout, act):
     C_in, C_out, r, k, M = config
     fused = make_refco(*config, activation=act)
     branches = branch_twin(fused)
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    # a mean far from 0 (x * 2 + 3): the statistics must not cancel
-    x = (torch.randn(3, C_in, 5, 7, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
+    x = make_input((3, C_in, 5, 7), layout)
+    assert x.is_contiguous() == (layout == "nchw")
     residual = torch.randn(3, C_out, 5, 7, dtype=torch.float64) if act != "gelu" else None
     grad = torch.randn(3, C_out, 5, 7, dtype=torch.float64)
     out_f, out_b = run(fused, x, residual, grad), run(branches, x, residual, grad)
     compare(out_f, out_b, rtol=1e-10, atol=1e-10)
-    assert out_f[0].is_contiguous(memory_format=fmt)
+    if layout == "channels_last":
+        assert out_f[0].is_contiguous(memory_format=torch.channels_last)
     assert fused.bn1.num_batches_tracked.item() == branches.bn1.num_batches_tracked.item() == 1
 
 
@@ -104,6 +114,12 @@ def test_without_batchnorm_float64():
     branches = branch_twin(fused)
     x = torch.randn(2, 24, 4, 5, dtype=torch.float64)
     torch.testing.assert_close(fused(x), branches(x), rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch_in_eval_mode():
+    fused = make_refco(24, 36, 1, 6, 3).eval()
+    y = fused(torch.randn(0, 24, 4, 5, dtype=torch.float64))
+    assert y.shape == (0, 36, 4, 5)
 
 
 def relative_errors(out, exact) -> list[float]:

@@ -58,68 +58,72 @@ class _GroupMoments(torch.autograd.Function):
     channel blocks of B = a few groups (>= 16 channels where the groups allow): one batched
     GEMM over the pixels, whose rows are then 64-byte runs of a channels_last x, where k = 4
     groups alone would make it gather 16-byte pieces (3-4x slower). The backward is another
-    GEMM: grad_x = x_centred (g + g^T) / count + grad_mean / count, g block-diagonal."""
+    GEMM: grad_x = x_centred (g + g^T) / count + grad_mean / count, g block-diagonal. It centres
+    x again rather than keep the float32 copy from the forward (x is kept by the SF-Conv calls
+    anyway): one more pass over x against a saved activation of x's width."""
 
     @staticmethod
     def forward(ctx, x, k, dtype):
         with torch.autocast(x.device.type, enabled=False):  # a bfloat16 Gram would lose the statistics
-            return _GroupMoments._forward(ctx, x, k, dtype)
-
-    @staticmethod
-    def _forward(ctx, x, k, dtype):
-        N, C, H, W = x.shape
-        G, count = C // k, N * H * W
-        q = max(d for d in range(1, G + 1) if G % d == 0 and (d == 1 or k * d <= 16))  # groups a block
-        B, nb = k * q, G // q
-        mean = x.sum((0, 2, 3), dtype=dtype) / count
-        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if ctx.channels_last:
-            # (blocks, pixels, B): centred while copied out of the (pixels, C) rows
-            centred = torch.empty((nb, count, B), dtype=dtype, device=x.device)
-            torch.sub(x.permute(0, 2, 3, 1).reshape(count, nb, B).transpose(0, 1), mean.view(nb, 1, B), out=centred)
-            gram = torch.bmm(centred.transpose(1, 2), centred)
-        else:
-            # (images x blocks, B, H*W): x's own layout, one GEMM per image and block
-            centred = (x.to(dtype) - mean.view(1, C, 1, 1)).contiguous().view(N * nb, B, H * W)
-            gram = torch.bmm(centred, centred.transpose(1, 2)).view(N, nb, B, B).sum(0)
-        cov = torch.diagonal(gram.view(nb, q, k, q, k), dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(G, k, k) / count
-        ctx.save_for_backward(centred)
-        ctx.geometry = (N, C, H, W, k, q)
-        ctx.dtype = x.dtype
-        return mean, cov
+            N, C, H, W = x.shape
+            mean = x.sum((0, 2, 3), dtype=dtype) / (N * H * W)
+            centred, channels_last, q = _centred_blocks(x, mean, k)
+            nb, B = centred.shape[0] // (1 if channels_last else N), k * q
+            if channels_last:  # (blocks, pixels, B)
+                gram = torch.bmm(centred.transpose(1, 2), centred)
+            else:  # (images x blocks, B, H*W): one GEMM per image and block
+                gram = torch.bmm(centred, centred.transpose(1, 2)).view(N, nb, B, B).sum(0)
+            cov = torch.diagonal(gram.view(nb, q, k, q, k), dim1=1, dim2=3).permute(0, 3, 1, 2)
+        ctx.save_for_backward(x, mean)
+        ctx.k = k
+        return mean, cov.reshape(C // k, k, k) / (N * H * W)
 
     @staticmethod
     def backward(ctx, grad_mean, grad_cov):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return _GroupMoments._backward(ctx, grad_mean, grad_cov)
+        x, mean = ctx.saved_tensors
+        N, C, H, W = x.shape
+        k, count = ctx.k, N * H * W
+        with torch.autocast(x.device.type, enabled=False):
+            centred, channels_last, q = _centred_blocks(x, mean, k)
+            G, B = C // k, k * q
+            nb = G // q
+            if grad_mean is None:
+                grad_mean = mean.new_zeros(C)
+            if grad_cov is None:
+                grad_cov = mean.new_zeros(G, k, k)
+            sym = (grad_cov + grad_cov.transpose(1, 2)) / count
+            block_diag = mean.new_zeros(nb, q, k, q, k)
+            torch.diagonal(block_diag, dim1=1, dim2=3).copy_(sym.view(nb, q, k, k).permute(0, 2, 3, 1))
+            block_diag = block_diag.view(nb, B, B)
+            shift = grad_mean / count
+            if channels_last:
+                grad = torch.bmm(centred, block_diag)  # (blocks, pixels, B)
+                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+                rows = grad_x.permute(0, 2, 3, 1).view(count, nb, B)
+                if torch.compiler.is_compiling():  # functionalization takes copy_ into a view, not out=
+                    rows.copy_(grad.transpose(0, 1) + shift.view(1, nb, B))
+                else:  # the mean's share added while copied back into the (pixels, C) rows: one pass
+                    torch.add(grad.transpose(0, 1), shift.view(1, nb, B), out=rows)
+                return grad_x, None, None
+            diag = block_diag.unsqueeze(0).expand(N, nb, B, B).reshape(N * nb, B, B)
+            grad = torch.baddbmm(shift.view(1, nb, B, 1).expand(N, nb, B, 1).reshape(N * nb, B, 1), diag, centred)
+            return grad.view(N, C, H, W).to(x.dtype), None, None
 
-    @staticmethod
-    def _backward(ctx, grad_mean, grad_cov):
-        (centred,) = ctx.saved_tensors
-        N, C, H, W, k, q = ctx.geometry
-        G, count = C // k, N * H * W
-        B, nb = k * q, G // q
-        if grad_mean is None:
-            grad_mean = centred.new_zeros(C)
-        if grad_cov is None:
-            grad_cov = centred.new_zeros(G, k, k)
-        sym = (grad_cov + grad_cov.transpose(1, 2)) / count
-        block_diag = centred.new_zeros(nb, q, k, q, k)
-        torch.diagonal(block_diag, dim1=1, dim2=3).copy_(sym.view(nb, q, k, k).permute(0, 2, 3, 1))
-        block_diag = block_diag.view(nb, B, B)
-        shift = (grad_mean / count).to(centred.dtype)
-        if ctx.channels_last:
-            grad = torch.bmm(centred, block_diag)  # (blocks, pixels, B)
-            grad_x = torch.empty((N, C, H, W), dtype=ctx.dtype, device=centred.device, memory_format=torch.channels_last)
-            rows = grad_x.permute(0, 2, 3, 1).view(count, nb, B)
-            if torch.compiler.is_compiling():  # functionalization takes copy_ into a view, not out=
-                rows.copy_(grad.transpose(0, 1) + shift.view(1, nb, B))
-            else:  # the mean's share added while copied back into the (pixels, C) rows: one pass
-                torch.add(grad.transpose(0, 1), shift.view(1, nb, B), out=rows)
-            return grad_x, None, None
-        diag = block_diag.unsqueeze(0).expand(N, nb, B, B).reshape(N * nb, B, B)
-        grad = torch.baddbmm(shift.view(1, nb, B, 1).expand(N, nb, B, 1).reshape(N * nb, B, 1), diag, centred)
-        return grad.view(N, C, H, W).to(ctx.dtype), None, None
+
+def _centred_blocks(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, bool, int]:
+    """x - mean in mean's dtype, laid out for _GroupMoments' GEMMs: (blocks, pixels, B) for a
+    channels_last x (centred while copied out of its (pixels, C) rows), else (images x blocks,
+    B, H*W) in x's own order; with whether x was channels_last and q, the groups a block."""
+    N, C, H, W = x.shape
+    G, count = C // k, N * H * W
+    q = max(d for d in range(1, G + 1) if G % d == 0 and (d == 1 or k * d <= 16))
+    B, nb = k * q, G // q
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        centred = torch.empty((nb, count, B), dtype=mean.dtype, device=x.device)
+        torch.sub(x.permute(0, 2, 3, 1).reshape(count, nb, B).transpose(0, 1), mean.view(nb, 1, B), out=centred)
+        return centred, True, q
+    centred = (x.to(mean.dtype) - mean.view(1, C, 1, 1)).contiguous().view(N * nb, B, H * W)
+    return centred, False, q
 
 
 class _ChannelMoments(torch.autograd.Function):
