@@ -42,6 +42,7 @@ def extension_built() -> bool:
     return _ext_error is None
 
 
+@functools.lru_cache(maxsize=None)  # asked on every op call (~2 us uncached); registrations are fixed at import
 def _has_kernel(op: str, key: str) -> bool:
     if _ext_error is not None:
         return False
