@@ -244,3 +244,27 @@ def test_fused_training_compiles_fullgraph(layout):
     grads = torch.autograd.grad(y, [xc, rc] + params(traced), grad)
     stats = [traced.bn1.running_mean, traced.bn1.running_var, traced.bn2.running_mean, traced.bn2.running_var]
     compare(out_e, (y, grads, stats), rtol=1e-10, atol=1e-10)
+
+
+def test_falconnet_model_trains_the_same_in_either_form():
+    """The registry's FalconNet (RefCO in stage 3, with the residual passed into the second
+    RefCO) in float64: logits and every parameter gradient of one training step agree."""
+    from falconnet.models import create_model
+
+    torch.manual_seed(0)
+    fused = create_model("falconnet", num_classes=10).double().train()
+    branches = copy.deepcopy(fused)
+    refcos = [m for m in branches.modules() if isinstance(m, RefCO)]
+    assert refcos and all(m.fused_training for m in refcos)
+    for m in refcos:
+        m.fused_training = False
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([1, 4, 7])
+    out = []
+    for model in (fused, branches):
+        logits = model(x)
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, target), list(model.parameters()))
+        out.append((logits, grads))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-9, atol=1e-9)
+    for (name, _), ga, gb in zip(fused.named_parameters(), out[0][1], out[1][1]):
+        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
