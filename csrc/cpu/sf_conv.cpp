@@ -87,6 +87,17 @@
 //   and without (a): 0.93-1.02x alone, 1.06-1.12x with (a), in three rotated runs (the stages
 //   themselves run near FMA peak: 96 FMAs a pixel at 2 a cycle is ~45% of the op at 1 thread;
 //   the rest is the input side). Not kept either.
+//   2026-11-26 09:18 UTC (session 4), per-pixel times by batch (malloc tuning on, fastest of 30,
+//   this kernel vs oneDNN dense, channels_last; scripts in the session notes): 2 threads, N = 1, 2,
+//   4, 8 (input 1.6-12.8 MB, L3-resident): 22.4/19.3/16.6/16.3 ns a pixel vs dense 24.2/20.7/18.2/
+//   17.2, i.e. 1.06-1.10x; N = 16 (25.7 MB, the benchmark): 22.6 vs 18.9 (0.84x); N = 32: 27.5 vs
+//   22.7 (0.82x). So the fused op loses ~40% per pixel when its input stops fitting the cache
+//   (dense loses ~10%: its 256 FMAs a pixel hide the memory time), and even cache-resident it is
+//   only ~1.1x: ~32 ns a pixel-core against a 14 ns FMA floor (96 zmm FMAs at ~7/ns), the rest
+//   being the 16x16 transposes and loads. 1.2x at N = 16 needs both a ~10% faster compute side
+//   and the memory time fully hidden; neither the prefetch experiments above nor any variant
+//   tried here gave either. (At 1 thread oneDNN takes 80-99 ns a pixel for N <= 8 and 43 at
+//   N = 16, another algorithm; the fused op 35-39 and 55.)
 // * 64 -> 256 @ 28 (k = c_h = 16, G = 4, m = 16; lanes over output channels, no output
 //   transpose): interleaved with dense the fused op took 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
 //   pytest-benchmark's back-to-back rounds gave 0.74-0.84 vs 0.86-0.90 ms (1.04-1.21x). Same
