@@ -268,3 +268,22 @@ def test_falconnet_model_trains_the_same_in_either_form():
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-9, atol=1e-9)
     for (name, _), ga, gb in zip(fused.named_parameters(), out[0][1], out[1][1]):
         torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_without_running_stats_float64(mode):
+    """BatchNorms built with track_running_stats=False use batch statistics in eval mode too."""
+    fused = make_refco(24, 36, 1, 6, 2)
+    fused.bn1 = torch.nn.BatchNorm2d(fused.bn1.num_features, track_running_stats=False).double()
+    fused.bn2 = torch.nn.BatchNorm2d(fused.bn2.num_features, track_running_stats=False).double()
+    fused.train(mode == "train")
+    branches = branch_twin(fused)
+    x = torch.randn(2, 24, 4, 5, dtype=torch.float64) + 2
+    grad = torch.randn(2, 36, 4, 5, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fused(xa), branches(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+    ga = torch.autograd.grad(ya, [xa] + params(fused), grad)
+    gb = torch.autograd.grad(yb, [xb] + params(branches), grad)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
