@@ -30,7 +30,7 @@ stamp "built"; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
 stamp "tests (CUDA and Triton on the GPU)"
 # One pytest process per file, verbose: a crash (the 2026-11-26 run died with SIGSEGV) then costs
 # only its file, and the last test name in the log is the one that crashed.
-test_files="tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py"
+test_files="tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py tests/test_refco_train.py"
 # a per-test timeout where pytest-timeout is installed (the GPU image has it), and 4 pytest-xdist
 # workers where xdist is (the GPU image has it too): kernels compile in parallel, and a worker that
 # crashes (SIGSEGV) is replaced, its test reported as "crashed while running", the rest still run
