@@ -5,8 +5,8 @@ with the dense 1x1 conv + BatchNorm that RefCO replaces beside them, at the 8 po
 SPEC section 6. channels_last; GPU: bfloat16, batch 128; CPU: float32, batch 16, 2 threads.
 
 Then a whole FalconNet training step (RepSO on its default one-conv path) with RefCO in either
-form, at 224 px (RefCO sits in stage 3, at 14x14 there; on small images it runs at 2x2 and 4x4,
-where per-op overheads dominate both forms).
+form: at 224 px, batch 16 on the CPU (128 on the GPU; RefCO sits in stage 3, at 14x14 there), and
+on the CPU also at CIFAR's 32 px with batch 256 (stage 3 at 2x2).
 
     pytest benchmarks/test_bench_refco_train.py --benchmark-group-by=param:shape
 """
@@ -56,17 +56,24 @@ def test_refco_train(benchmark, device, impl, shape):
     run_benchmark(benchmark, fn, device, info, rounds=50 if device == "cuda" else 5)
 
 
-MODEL_STEP = {"cuda": (128, 224), "cpu": (16, 224)}
+# (batch, image size): the paper's recipe (224 px) and CIFAR at its own 32 px with the recipe's
+# batch 256, where stage 3 runs at 2x2 (CPU); the GPU runs the recipe only
+MODEL_STEPS = {"cuda": [(128, 224)], "cpu": [(16, 224), (256, 32)]}
 
 
 @pytest.mark.benchmark(group="falconnet_train_step_refco", timer=cuda_sync_timer)
+@pytest.mark.parametrize("step", [0, 1], ids=["recipe", "cifar32"])
 @pytest.mark.parametrize("impl", ["refco-branches", "refco-fused"])
-def test_falconnet_train_step_refco(benchmark, device, impl):
+def test_falconnet_train_step_refco(benchmark, device, impl, step):
+    if step >= len(MODEL_STEPS[device]):
+        pytest.skip(f"not measured on {device}")
+
     def configure(model):
         for module in model.modules():
             if isinstance(module, RefCO):  # the layer's own flag, as training uses it
                 module.fused_training = impl == "refco-fused"
 
-    N, size = MODEL_STEP[device]
-    falconnet_train_step(benchmark, device, N, size, configure, {"op": "falconnet_train_step_refco", "impl": impl},
+    N, size = MODEL_STEPS[device][step]
+    falconnet_train_step(benchmark, device, N, size, configure,
+                         {"op": "falconnet_train_step_refco", "impl": impl, "shape": f"{N}x{size}px"},
                          rounds=10 if device == "cuda" else 3)
