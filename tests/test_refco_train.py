@@ -10,10 +10,22 @@ import pytest
 import torch
 
 from falconnet.layers.refco import RefCO
-from falconnet.layers.refco_train import _ChannelMoments, _GroupMoments, fused_path_applies
+from falconnet.layers.refco_train import _ChannelMoments, _GroupMoments, _HiddenCovariance, fused_path_applies
 
-# (C_in, C_out, r, k, branches): FalconNet's stage-3 pair, odd group counts, r = 2, one branch
-CONFIGS = [(128, 512, 1, 16, 3), (48, 24, 1, 6, 3), (12, 10, 1, 2, 2), (24, 36, 2, 6, 1), (40, 20, 2, 4, 3)]
+# (C_in, C_out, r, k, branches): FalconNet's widening stage-3 RefCO, odd group counts, r = 2, one
+# branch; the stage-2 statistics come from the hidden covariance where the hidden width C_in/r is
+# under branches * C_out, else from the SF-Conv call over every branch (the last three here)
+CONFIGS = [(128, 512, 1, 16, 3), (48, 24, 1, 6, 3), (12, 10, 1, 2, 2), (24, 36, 2, 6, 1), (40, 20, 2, 4, 3),
+           (64, 16, 1, 4, 3), (36, 12, 1, 6, 2), (32, 8, 2, 8, 1)]
+
+
+def hidden_covariance_path(config) -> bool:
+    C_in, C_out, r, k, M = config
+    return C_in // r < M * C_out
+
+
+def test_configs_cover_both_statistics_paths():
+    assert {hidden_covariance_path(c) for c in CONFIGS} == {True, False}
 ACTS = ["none", "relu6", "gelu"]  # gelu: not fused into the op's epilogue, applied after
 
 
@@ -132,9 +144,10 @@ def relative_errors(out, exact) -> list[float]:
             for o, e, floor in zip(([out[0]], out[1], out[2]), ([exact[0]], exact[1], exact[2]), floors)]
 
 
+@pytest.mark.parametrize("config", [(64, 128, 1, 8, 3), (128, 32, 1, 4, 3)], ids=["hidden-cov", "z-stats"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast-bfloat16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_fused_error_within_branch_error(dtype, layout):
+def test_fused_error_within_branch_error(config, dtype, layout):
     """Against the float64 branch form, the fused form in float32 / bfloat16 / float32 under
     bfloat16 autocast errs no more than twice the branch form does in the same setting (plus
     1e-6): both round every stage; neither is the reference. Output, every gradient and the
@@ -142,12 +155,13 @@ def test_fused_error_within_branch_error(dtype, layout):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     autocast = dtype.startswith("autocast")
     dtype = torch.float32 if autocast else getattr(torch, dtype)
-    reference = branch_twin(make_refco(64, 128, 1, 8, 3, activation="relu6"))
+    C_in, C_out = config[:2]
+    reference = branch_twin(make_refco(*config, activation="relu6"))
     low_branches = copy.deepcopy(reference).to(dtype)
     low_fused = copy.deepcopy(low_branches)
     low_fused.fused_training = True
-    x = (torch.randn(4, 64, 9, 11, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
-    grad = torch.randn(4, 128, 9, 11, dtype=torch.float64)
+    x = (torch.randn(4, C_in, 9, 11, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
+    grad = torch.randn(4, C_out, 9, 11, dtype=torch.float64)
     exact = run(reference, x, None, grad)
     xl, gl = x.to(dtype), grad.to(dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -169,7 +183,7 @@ def test_group_moments_gradcheck(C, k, layout):
     assert torch.autograd.gradcheck(lambda t: _GroupMoments.apply(t, k, torch.float64), (x,))
 
 
-def test_group_moments_stay_float32_under_autocast():
+def test_moments_stay_float32_under_autocast():
     """BatchNorm keeps its statistics in float32 under autocast; so do the folded ones (a
     bfloat16 Gram would carry ~3e-3 relative error into every variance)."""
     x = torch.randn(4, 32, 6, 6, dtype=torch.float64) + 1
@@ -178,6 +192,28 @@ def test_group_moments_stay_float32_under_autocast():
         cov = _GroupMoments.apply(x.float(), 8, torch.float32)[1]
     assert cov.dtype == torch.float32
     torch.testing.assert_close(cov.double(), exact, rtol=1e-5, atol=1e-6)
+    w1 = torch.randn(4, 6, 8, dtype=torch.float64)
+    exact = _HiddenCovariance.apply(x, x.mean((0, 2, 3)), w1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cov = _HiddenCovariance.apply(x.float(), x.float().mean((0, 2, 3)), w1.float())
+    assert cov.dtype == torch.float32
+    torch.testing.assert_close(cov.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("C,k,c_h", [(12, 4, 2), (40, 4, 4), (36, 18, 3)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_hidden_covariance_gradcheck(C, k, c_h, layout):
+    """Against the hidden values formed one pixel at a time; gradcheck perturbs x with its mean
+    recomputed (the function takes the mean as a constant: no gradient flows through it)."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    G = C // k
+    x = (torch.randn(2, C, 3, 4, dtype=torch.float64) + 1).contiguous(memory_format=fmt).requires_grad_()
+    w1 = torch.randn(G, c_h, k, dtype=torch.float64, requires_grad=True)
+    cov = _HiddenCovariance.apply(x, x.detach().mean((0, 2, 3)), w1)
+    xg = x.detach().permute(0, 2, 3, 1).reshape(-1, G, k)
+    hidden = torch.einsum("pgi,gji->pjg", xg - xg.mean(0), w1.detach())
+    torch.testing.assert_close(cov, torch.einsum("pjg,pjh->jgh", hidden, hidden) / hidden.shape[0])
+    assert torch.autograd.gradcheck(lambda a, b: _HiddenCovariance.apply(a, a.mean((0, 2, 3)).detach(), b), (x, w1))
 
 
 def test_channel_moments_gradcheck():

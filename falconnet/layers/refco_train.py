@@ -126,6 +126,82 @@ def _centred_blocks(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, bool, int]
     return centred, False, q
 
 
+def _block_diagonal(w: Tensor, q: int) -> Tensor:
+    """(G, r, c) per-group matrices -> (G/q, q*r, q*c): q groups a block on its diagonal."""
+    G, r, c = w.shape
+    out = w.new_zeros(G // q, q, r, q, c)
+    torch.diagonal(out, dim1=1, dim2=3).copy_(w.view(G // q, q, r, c).permute(0, 2, 3, 1))
+    return out.view(G // q, q * r, q * c)
+
+
+def _block_diagonal_part(m: Tensor, q: int, r: int, c: int) -> Tensor:
+    """The inverse: the (G, r, c) diagonal blocks of (G/q, q*r, q*c) matrices."""
+    nb = m.shape[0]
+    return torch.diagonal(m.view(nb, q, r, q, c), dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(nb * q, r, c)
+
+
+class _HiddenCovariance(torch.autograd.Function):
+    """For every hidden index j, the G x G covariance over (N, H, W) of the stage-1 outputs
+    H[g, j] = w1[g, j] . x_g: (c_h, G, G). Stage 2 branch b's output w2_b[j, t] . H[:, j] then has
+    variance w2_b[j, t]^T cov[j] w2_b[j, t]. c_h G^2 multiply-adds a pixel (two batched GEMMs:
+    the hidden values from the centred x, then their Gram matrices), against M C_out G for the
+    SF-Conv call that computes every branch's output (refco_train_forward takes the cheaper);
+    nothing of the hidden width is kept for the backward, which recomputes it. mean is x's
+    per-channel mean: the hidden values are centred, so no gradient flows through it."""
+
+    @staticmethod
+    def forward(ctx, x, mean, w1):
+        with torch.autocast(x.device.type, enabled=False):
+            hidden, _ = _HiddenCovariance._hidden(x, mean, w1)
+            cov = torch.bmm(hidden, hidden.transpose(1, 2)) / (x.shape[0] * x.shape[2] * x.shape[3])
+        ctx.save_for_backward(x, mean, w1)
+        return cov
+
+    @staticmethod
+    def _hidden(x, mean, w1):
+        """(hidden (c_h, G, P) centred, (centred x blocks, w1 blocks, channels_last, q))."""
+        N, C, H, W = x.shape
+        G, c_h, k = w1.shape
+        centred, channels_last, q = _centred_blocks(x, mean, k)
+        nb = G // q
+        blocks = _block_diagonal(w1.to(mean.dtype), q)  # (nb, q*c_h, B)
+        if channels_last:  # centred (nb, P, B) -> (nb, P, q*c_h)
+            h = torch.bmm(centred, blocks.transpose(1, 2))
+            hidden = h.view(nb, -1, q, c_h).permute(3, 0, 2, 1).reshape(c_h, G, -1)
+        else:  # centred (N*nb, B, HW) -> (N*nb, q*c_h, HW)
+            h = torch.bmm(blocks.repeat(N, 1, 1), centred)
+            hidden = h.view(N, nb, q, c_h, H * W).permute(3, 1, 2, 0, 4).reshape(c_h, G, -1)
+        return hidden, (centred, blocks, channels_last, q)
+
+    @staticmethod
+    def backward(ctx, grad_cov):
+        x, mean, w1 = ctx.saved_tensors
+        N, C, H, W = x.shape
+        G, c_h, k = w1.shape
+        count = N * H * W
+        with torch.autocast(x.device.type, enabled=False):
+            hidden, (centred, blocks, channels_last, q) = _HiddenCovariance._hidden(x, mean, w1)
+            nb = G // q
+            grad_hidden = torch.bmm((grad_cov + grad_cov.transpose(1, 2)).to(hidden.dtype) / count, hidden)  # (c_h, G, P)
+            grad_x = grad_w1 = None
+            if channels_last:
+                gh = grad_hidden.view(c_h, nb, q, count).permute(1, 3, 2, 0).reshape(nb, count, q * c_h)
+                if ctx.needs_input_grad[2]:
+                    grad_w1 = _block_diagonal_part(torch.bmm(gh.transpose(1, 2), centred), q, c_h, k)
+                if ctx.needs_input_grad[0]:
+                    g = torch.bmm(gh, blocks)  # (nb, P, B)
+                    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+                    grad_x.permute(0, 2, 3, 1).view(count, nb, q * k).copy_(g.transpose(0, 1))
+            else:
+                gh = grad_hidden.view(c_h, nb, q, N, H * W).permute(3, 1, 2, 0, 4).reshape(N * nb, q * c_h, H * W)
+                if ctx.needs_input_grad[2]:
+                    gw = torch.bmm(gh, centred.transpose(1, 2)).view(N, nb, q * c_h, q * k).sum(0)
+                    grad_w1 = _block_diagonal_part(gw, q, c_h, k)
+                if ctx.needs_input_grad[0]:
+                    grad_x = torch.bmm(blocks.transpose(1, 2).repeat(N, 1, 1), gh).view(N, C, H, W).to(x.dtype)
+        return grad_x, None, None if grad_w1 is None else grad_w1.to(w1.dtype)
+
+
 class _ChannelMoments(torch.autograd.Function):
     """Per-channel mean and biased variance of z over (N, H, W), in float32 (float64 for float64
     z), as E[z^2] - mean^2: the caller centres z (the SF-Conv call subtracts the analytic mean as
@@ -209,22 +285,30 @@ def refco_train_forward(
     else:
         mean2 = var2 = None
         if _uses_batch_stats(bn2):
-            # every branch's output at once (output channel j*(M*m) + b*m + t), minus its mean
-            # as known from x's (a constant shift: exact for the variance and, detached, for
-            # every gradient; it keeps _ChannelMoments free of cancellation)
-            w2_all = w2.permute(1, 0, 2, 3).reshape(c_h, M * m, G)
+            w2_all = w2.permute(1, 0, 2, 3).reshape(c_h, M * m, G)  # row j*(M*m) + b*m + t: every branch
             if mean_x is None:
                 mean_x = x.to(dtype).mean(dim=(0, 2, 3))
-            with torch.no_grad():
-                hidden_mean = (W1 * mean_x.view(G, 1, k)).sum(-1)  # (G, c_h)
-                shift = (w2_all * hidden_mean.t().unsqueeze(1)).sum(-1).reshape(-1)
-                # the shift as the op applies it: rounded to its dtype (autocast's, if on)
-                shift = shift.to(_op_dtype(x)).to(dtype)
-            z = falconnet_kernels.sf_conv(x, W1.to(x.dtype), w2_all.to(x.dtype), (-shift).to(x.dtype))
-            mean2, var2 = _ChannelMoments.apply(z)
-            mean2 = mean2 + shift
-            var2 = var2.view(c_h, M, m).transpose(0, 1).reshape(-1)
-            mean2 = mean2.view(c_h, M, m).transpose(0, 1)
+            if c_h * G < M * m * c_h:
+                # the hidden width under M*C_out: the branches' output statistics from the G x G
+                # covariance of the hidden values per hidden index (c_h G^2 multiply-adds a pixel)
+                cov_h = _HiddenCovariance.apply(x, mean_x.detach(), W1)
+                hidden_mean = (W1 * mean_x.view(G, 1, k)).sum(-1)  # (G, c_h), without c
+                mean_z = (w2_all * hidden_mean.t().unsqueeze(1)).sum(-1).reshape(-1)
+                var_z = (torch.bmm(w2_all, cov_h) * w2_all).sum(-1).clamp_min(0).reshape(-1)
+            else:
+                # else from every branch's output at once (M*C_out channels, M*C_out*G a pixel),
+                # minus its mean as known from x's (a constant shift: exact for the variance and,
+                # detached, for every gradient; it keeps _ChannelMoments free of cancellation)
+                with torch.no_grad():
+                    hidden_mean = (W1 * mean_x.view(G, 1, k)).sum(-1)  # (G, c_h)
+                    shift = (w2_all * hidden_mean.t().unsqueeze(1)).sum(-1).reshape(-1)
+                    # the shift as the op applies it: rounded to its dtype (autocast's, if on)
+                    shift = shift.to(_op_dtype(x)).to(dtype)
+                z = falconnet_kernels.sf_conv(x, W1.to(x.dtype), w2_all.to(x.dtype), (-shift).to(x.dtype))
+                mean_z, var_z = _ChannelMoments.apply(z)
+                mean_z = mean_z + shift
+            var2 = var_z.view(c_h, M, m).transpose(0, 1).reshape(-1)
+            mean2 = mean_z.view(c_h, M, m).transpose(0, 1)
             mean2 = (mean2 if d is None else mean2 + d).reshape(-1)
             _bn_update_running(bn2, mean2.detach(), var2.detach(), count)
         scale2, shift2 = _scale_shift(bn2, mean2, var2, dtype)
