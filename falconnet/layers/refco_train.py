@@ -1,4 +1,4 @@
-"""RefCO's training forward, exact, with two fused SF-Conv calls (docs/refco_training.md).
+"""RefCO's training forward, exact, with one or two fused SF-Conv calls (docs/refco_training.md).
 
 The branch form (RefCO._branch_forward) runs a grouped 1x1 conv with M*c_h outputs per k-channel
 group, a BatchNorm over M*C_in/r hidden channels, a branch sum, a shuffle copy, a second grouped
@@ -11,16 +11,20 @@ the branches:
   w1_b[g, j]^T cov(x_g) w1_b[g, j]: one mean per channel and one k x k covariance per group, from
   x alone. The M BatchNorms fold into one stage-1 weight W1 = sum_b s_b w1_b and a hidden bias
   c = sum_b (beta_b - s_b mu_b), so the hidden sum is H = W1 x + c.
-* Stage 2. Branch b's output Z_b = w2_b . shuffle(H). One SF-Conv call computes every branch's
-  output at once (W1, then the M stage-2 weights side by side: M*C_out channels, without c, which
-  moves each mean by w2_b . c and leaves each variance). Their per-channel means and variances
-  are the M BatchNorms' statistics; the BatchNorms fold into W2 = sum_b s2_b w2_b and the bias.
+* Stage 2. Branch b's output Z_b[j, t] = w2_b[j, t] . H[:, j]: its mean follows from mean(H) and
+  its variance is w2_b[j, t]^T cov(H[:, j]) w2_b[j, t]. Where the hidden width G*c_h is under
+  M*C_out (widening layers), the c_h covariances of G x G come from the hidden values directly
+  (_HiddenCovariance); elsewhere one SF-Conv call computes every branch's output at once (W1,
+  then the M stage-2 weights side by side: M*C_out channels, without c, which moves each mean by
+  w2_b . c and leaves each variance) and its per-channel statistics are taken (_ChannelMoments).
+  The BatchNorms fold into W2 = sum_b s2_b w2_b and the bias.
 * y = act(sf_conv(x, W1, W2) + bias) + residual, with the fused epilogue.
 
-Autograd runs through the statistics (covariance, the Z statistics, the folds: tensor ops; the
-SF-Conv op has its own backward), so every gradient is the branch form's, and the running
-statistics are updated as nn.BatchNorm2d does. BatchNorms in eval mode use their running
-statistics in the same formulas, so an undeployed RefCO in eval mode is one SF-Conv call too.
+Autograd runs through the statistics (covariances, the Z statistics, the folds: tensor ops and
+three small autograd functions; the SF-Conv op has its own backward), so every gradient is the
+branch form's, and the running statistics are updated as nn.BatchNorm2d does. BatchNorms in eval
+mode use their running statistics in the same formulas, so an undeployed RefCO in eval mode is
+one SF-Conv call too.
 """
 from __future__ import annotations
 
