@@ -141,5 +141,5 @@ class RefCO(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, branches={self.num_branches}, r={self.r}, k={self.k}, "
-            f"activation={self.activation!r}, deployed={self.deployed}"
+            f"activation={self.activation!r}, fused_training={self.fused_training}, deployed={self.deployed}"
         )
