@@ -223,8 +223,12 @@ def test_channel_moments_gradcheck():
 
 def test_falls_back_to_the_branches(monkeypatch):
     fused = make_refco(12, 10, 1, 2, 2)
-    # float16 on the CPU: no kernel takes it; the branch form runs (and stays exact in float64 below)
+    # float16 on the CPU, given or through autocast: no kernel takes it; the branch form runs
     assert not fused_path_applies(torch.randn(2, 12, 3, 3, dtype=torch.float16), (fused.bn1, fused.bn2))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not fused_path_applies(torch.randn(2, 12, 3, 3), (fused.bn1, fused.bn2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_path_applies(torch.randn(2, 12, 3, 3), (fused.bn1, fused.bn2))
     # one value per channel in training: BatchNorm's own error, from the branch form
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         fused(torch.randn(1, 12, 1, 1, dtype=torch.float64))

@@ -43,11 +43,11 @@ from .repso_train import _bn_update_running, _scale_shift, _uses_batch_stats, ne
 
 
 def fused_path_applies(x: Tensor, bns) -> bool:
-    """Whether refco_train_forward can stand in for the branch form: the SF-Conv op takes x's
-    dtype on its device, no BatchNorm needs cross-process statistics (SyncBatchNorm under
+    """Whether refco_train_forward can stand in for the branch form: the SF-Conv op takes the
+    dtype it would compute in (x's, or autocast's) on x's device, no BatchNorm needs cross-process statistics (SyncBatchNorm under
     torch.distributed: the fold would use this process's batch only), and BatchNorm's own
     "more than 1 value per channel" error is left to the branch form to raise."""
-    if x.dtype not in SUPPORTED_DTYPES.get(x.device.type, ()):
+    if x.dtype not in SUPPORTED_DTYPES.get(x.device.type, ()) or _op_dtype(x) not in SUPPORTED_DTYPES[x.device.type]:
         return False
     batch = [bn for bn in bns if bn is not None and _uses_batch_stats(bn)]
     if batch and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
