@@ -42,7 +42,7 @@
 //   varies, so results can differ run to run in the last bits). The backward's tiles are 64
 //   pixels (kNVB): the accumulators outgrow L1 at wide shapes (G*c_h*m*16 floats: 1.5 MB at
 //   512 -> 384), and each of their loads/stores then serves 4 FMAs instead of 2: the backward
-//   8-20% faster (2026-11-26 10:30 UTC, 2 threads, batch 16, channels_last, A/B builds:
+//   8-20% faster (2026-11-26 10:20 UTC, 2 threads, batch 16, channels_last, A/B builds:
 //   512->384@14 2.42 -> 1.92 ms, 128->32@56 4.06 -> 3.57, 32->128@56 2.35 -> 2.15).
 //
 // Measured (scripts/cpu_kernel_timing.py, float32, batch 16, 2 threads, shared machine; see the
