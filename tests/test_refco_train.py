@@ -327,3 +327,39 @@ def test_batchnorm_without_running_stats_float64(mode):
     gb = torch.autograd.grad(yb, [xb] + params(branches), grad)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("config", [(32, 64, 1, 8, 3), (64, 16, 1, 4, 3)], ids=["hidden-cov", "z-stats"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_on_the_triton_kernels(monkeypatch, config, layout):
+    """The fused form with the SF-Conv op on its Triton backend (the GPU default; on CPU tensors in
+    the interpreter without a GPU), float32 with true-float32 convs, against the float64 branch
+    form: within twice the float32 branch form's own error (plus 1e-6)."""
+    from falconnet_kernels import _backend
+
+    monkeypatch.setenv("FALCONNET_BACKEND", "triton")
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")  # on a GPU: one tile, not every config compiled
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # CPU tensors take the C++ kernels whatever the variable says: route them
+        monkeypatch.setattr(_backend, "select", lambda op, dev, pass_="forward": "triton")
+    calls = []
+    from falconnet_kernels import triton_sf_conv
+
+    real = triton_sf_conv.sf_conv_forward
+    monkeypatch.setattr(triton_sf_conv, "sf_conv_forward", lambda *a: calls.append(1) or real(*a))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    reference = branch_twin(make_refco(*config, activation="relu6"))
+    low_branches = copy.deepcopy(reference).float().to(device)
+    low_fused = copy.deepcopy(low_branches)
+    low_fused.fused_training = True
+    x = (torch.randn(2, config[0], 5, 6, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
+    grad = torch.randn(2, config[1], 5, 6, dtype=torch.float64)
+    exact = run(reference, x, None, grad)
+    xl, gl = x.float().to(device), grad.float().to(device)
+    fused_err = relative_errors(run(low_fused, xl, None, gl), exact)
+    branch_err = relative_errors(run(low_branches, xl, None, gl), exact)
+    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err):
+        assert f <= 2 * b + 1e-6, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
+    assert calls, "the Triton SF-Conv kernel did not run"
