@@ -1,4 +1,5 @@
-"""`falconnet info`: which kernel backends are built and which one runs each op."""
+"""`falconnet info`: which kernel backends are built, which one runs each op, and how the
+multi-branch layers train."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ def run(args) -> int:
 
     info = falconnet_kernels.kernels_info()
     info["malloc_tuning"] = malloc_tuning.state()
+    info["training"] = training_paths(info)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -26,8 +28,26 @@ def run(args) -> int:
         print(f"  {op:<11} compiled for [{', '.join(kernels) or 'none'}]; runs on {runs}")
     if info["forced_backend"]:
         print(f"FALCONNET_BACKEND={info['forced_backend']} forces the backend")
+    print("training forms (the layers' defaults):")
+    for layer, text in info["training"].items():
+        print(f"  {layer:<6} {text}")
     print(f"malloc tuning (large freed blocks kept for reuse): {_MALLOC_STATES.get(info['malloc_tuning'], info['malloc_tuning'])}")
     return 0
+
+
+def training_paths(info: dict) -> dict:
+    """How RepSO and RefCO train by default, and on which kernels (docs/repso_training.md,
+    docs/refco_training.md)."""
+    import torch
+
+    from falconnet_kernels.repso_moments import cpp_train_path_available
+
+    cpu = "C++ one-node path" if cpp_train_path_available(torch.empty(1, 1, 1, 1)) else "PyTorch ops"
+    repso = f"exact one conv (3x3 folded kernels): statistics and fold on the CPU by the {cpu}"
+    if info["gpu"] is not None:
+        repso += ", on the GPU by the Triton one-node path" if info["triton"] else ", on the GPU by PyTorch ops"
+    refco = "exact fused form: BatchNorms folded from their statistics, one or two SF-Conv calls (sf_conv above)"
+    return {"RepSO": repso, "RefCO": refco}
 
 
 _MALLOC_STATES = {

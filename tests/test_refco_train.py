@@ -363,3 +363,16 @@ def test_fused_on_the_triton_kernels(monkeypatch, config, layout):
     for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err):
         assert f <= 2 * b + 1e-6, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
     assert calls, "the Triton SF-Conv kernel did not run"
+
+
+def test_falconnet_info_names_the_training_forms(capsys):
+    from falconnet import cli
+
+    assert cli.main(["info", "--json"]) == 0
+    import json
+
+    training = json.loads(capsys.readouterr().out)["training"]
+    assert set(training) == {"RepSO", "RefCO"}
+    assert "one conv" in training["RepSO"] and "fused" in training["RefCO"]
+    assert cli.main(["info"]) == 0
+    assert "training forms" in capsys.readouterr().out
