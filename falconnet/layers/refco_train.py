@@ -77,10 +77,10 @@ class _GroupMoments(torch.autograd.Function):
                 gram = torch.bmm(centred.transpose(1, 2), centred)
             else:  # (images x blocks, B, H*W): one GEMM per image and block
                 gram = torch.bmm(centred, centred.transpose(1, 2)).view(N, nb, B, B).sum(0)
-            cov = torch.diagonal(gram.view(nb, q, k, q, k), dim1=1, dim2=3).permute(0, 3, 1, 2)
+            cov = _block_diagonal_part(gram, q, k, k) / (N * H * W)
         ctx.save_for_backward(x, mean)
         ctx.k = k
-        return mean, cov.reshape(C // k, k, k) / (N * H * W)
+        return mean, cov
 
     @staticmethod
     def backward(ctx, grad_mean, grad_cov):
@@ -95,10 +95,7 @@ class _GroupMoments(torch.autograd.Function):
                 grad_mean = mean.new_zeros(C)
             if grad_cov is None:
                 grad_cov = mean.new_zeros(G, k, k)
-            sym = (grad_cov + grad_cov.transpose(1, 2)) / count
-            block_diag = mean.new_zeros(nb, q, k, q, k)
-            torch.diagonal(block_diag, dim1=1, dim2=3).copy_(sym.view(nb, q, k, k).permute(0, 2, 3, 1))
-            block_diag = block_diag.view(nb, B, B)
+            block_diag = _block_diagonal((grad_cov + grad_cov.transpose(1, 2)) / count, q)  # (nb, B, B)
             shift = grad_mean / count
             if channels_last:
                 grad = torch.bmm(centred, block_diag)  # (blocks, pixels, B)
