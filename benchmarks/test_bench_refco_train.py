@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import (BATCH, DTYPE, PW_SHAPES, cuda_sync_timer, falconnet_train_step, peak_cuda_bytes,
-                    run_benchmark, saved_bytes)
+from common import (
+    BATCH,
+    DTYPE,
+    PW_SHAPES,
+    cuda_sync_timer,
+    falconnet_train_step,
+    peak_cuda_bytes,
+    run_benchmark,
+    saved_bytes,
+)
 
 from falconnet.layers.refco import RefCO
 

@@ -64,10 +64,10 @@ def run(module, x, residual, grad):
 
 def compare(a, b, rtol, atol):
     torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
-    for i, (ga, gb) in enumerate(zip(a[1], b[1])):
-        torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol, msg=lambda m: f"gradient {i}: {m}")
-    for i, (sa, sb) in enumerate(zip(a[2], b[2])):
-        torch.testing.assert_close(sa, sb, rtol=rtol, atol=atol, msg=lambda m: f"running statistic {i}: {m}")
+    for i, (ga, gb) in enumerate(zip(a[1], b[1], strict=True)):
+        torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol, msg=lambda m, i=i: f"gradient {i}: {m}")
+    for i, (sa, sb) in enumerate(zip(a[2], b[2], strict=True)):
+        torch.testing.assert_close(sa, sb, rtol=rtol, atol=atol, msg=lambda m, i=i: f"running statistic {i}: {m}")
 
 
 def make_input(shape, layout):
@@ -140,8 +140,8 @@ def relative_errors(out, exact) -> list[float]:
     against at least 1e-4 of the largest gradient's scale."""
     grad_scale = max(g.abs().max().item() for g in exact[1])
     floors = [0.0, 1e-4 * grad_scale, 0.0]
-    return [max((a.double().cpu() - b).abs().max().item() / max(b.abs().max().item(), floor) for a, b in zip(o, e))
-            for o, e, floor in zip(([out[0]], out[1], out[2]), ([exact[0]], exact[1], exact[2]), floors)]
+    return [max((a.double().cpu() - b).abs().max().item() / max(b.abs().max().item(), floor) for a, b in zip(o, e, strict=True))
+            for o, e, floor in zip(([out[0]], out[1], out[2]), ([exact[0]], exact[1], exact[2]), floors, strict=True)]
 
 
 @pytest.mark.parametrize("config", [(64, 128, 1, 8, 3), (128, 32, 1, 4, 3)], ids=["hidden-cov", "z-stats"])
@@ -167,7 +167,7 @@ def test_fused_error_within_branch_error(config, dtype, layout):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         fused_err = relative_errors(run(low_fused, xl, None, gl), exact)
         branch_err = relative_errors(run(low_branches, xl, None, gl), exact)
-    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err):
+    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err, strict=True):
         assert f <= 2 * b + 1e-6, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
 
 
@@ -263,7 +263,7 @@ def test_cuda_fused_matches_cpu_float64(monkeypatch, dtype):
     xg, gg = x.cuda().to(dtype), grad.cuda().to(dtype)
     fused_err = relative_errors(run(gpu_fused, xg, None, gg), exact)
     branch_err = relative_errors(run(gpu_branches, xg, None, gg), exact)
-    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err):
+    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err, strict=True):
         assert f <= 2 * b + 1e-5, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
 
 
@@ -306,8 +306,8 @@ def test_falconnet_model_trains_the_same_in_either_form():
         grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, target), list(model.parameters()))
         out.append((logits, grads))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-9, atol=1e-9)
-    for (name, _), ga, gb in zip(fused.named_parameters(), out[0][1], out[1][1]):
-        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    for (name, _), ga, gb in zip(fused.named_parameters(), out[0][1], out[1][1], strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -325,7 +325,7 @@ def test_batchnorm_without_running_stats_float64(mode):
     torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
     ga = torch.autograd.grad(ya, [xa] + params(fused), grad)
     gb = torch.autograd.grad(yb, [xb] + params(branches), grad)
-    for a, b in zip(ga, gb):
+    for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -360,7 +360,7 @@ def test_fused_on_the_triton_kernels(monkeypatch, config, layout):
     xl, gl = x.float().to(device), grad.float().to(device)
     fused_err = relative_errors(run(low_fused, xl, None, gl), exact)
     branch_err = relative_errors(run(low_branches, xl, None, gl), exact)
-    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err):
+    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err, strict=True):
         assert f <= 2 * b + 1e-6, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
     assert calls, "the Triton SF-Conv kernel did not run"
 
