@@ -83,6 +83,60 @@ def analyse(rows: list[dict]) -> dict:
     return {"copy_gbps": copy_gbps, "tables": tables, "geomeans": geomeans}
 
 
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def _per_shape(rows: list[dict], op: str, pass_: str, device: str = "cuda") -> dict:
+    """{(layout, shape): {impl: median seconds}} for one op and pass on one device."""
+    out = defaultdict(dict)
+    for r in rows:
+        if r["op"] == op and r["pass"] == pass_ and r.get("device") == device:
+            out[(r.get("layout"), r["shape"])][r["impl"]] = r["median_s"]
+    return out
+
+
+def _backward_times(rows: list[dict], op: str) -> dict:
+    """Backward-only estimates per shape and impl: the fwd+bwd median minus the forward median."""
+    fwd, both = _per_shape(rows, op, "fwd"), _per_shape(rows, op, "fwd+bwd")
+    return {key: {impl: t - fwd[key][impl] for impl, t in impls.items() if impl in fwd.get(key, {})}
+            for key, impls in both.items()}
+
+
+def backend_choices(rows: list[dict]) -> list[str]:
+    """What a GPU run says about falconnet_kernels' defaults: per op and pass the faster of the CUDA
+    C++ and Triton backends (geomean over the shapes; the backward from fwd+bwd minus fwd), the
+    SF-Conv shapes where the composed-weight GEMM beats the two-stage Triton kernel (entries for
+    triton_sf_gemm.COMPOSED), and RepSO's conv weight-gradient kernel (repso_train.WEIGHT_GRAD)."""
+    lines = []
+    for op in ("sf_conv", "dw_conv3x3"):
+        for name, table in (("forward", _per_shape(rows, op, "fwd")), ("backward", _backward_times(rows, op))):
+            pairs = [(t["falconnet-cuda"], t["falconnet-triton"]) for t in table.values()
+                     if t.get("falconnet-cuda", 0) > 0 and t.get("falconnet-triton", 0) > 0]
+            if pairs:
+                ratio = _geomean([c / t for c, t in pairs])  # > 1: Triton faster
+                best = "triton" if ratio > 1 else "cuda"
+                lines.append(f"_backend.CUDA_DEFAULT[({op!r}, {name!r})] = {best!r}   "
+                             f"# Triton {ratio:.2f}x the CUDA C++ speed, geomean of {len(pairs)} shapes")
+    composed = []
+    for name, table in (("forward", _per_shape(rows, "sf_conv", "fwd")), ("backward", _backward_times(rows, "sf_conv"))):
+        for (_, shape), t in sorted(table.items(), key=lambda kv: _shape_key(kv[0][1])):
+            gemm, two_stage = t.get("falconnet-triton-gemm"), t.get("falconnet-triton")
+            if gemm and two_stage and 0 < gemm < two_stage:
+                c_in, c_out = (int(v) for v in shape.split("@")[0].split("->"))
+                composed.append(f"({c_in}, {c_out}, {name!r})  # {two_stage / gemm:.2f}x the two-stage kernel")
+    if composed:
+        lines.append("triton_sf_gemm.COMPOSED: add " + "; ".join(composed))
+    parts = _per_shape(rows, "repso_node_part", "fwd+bwd pieces")
+    pairs = [(t["conv-wgrad"], t["conv-wgrad-triton"]) for t in parts.values()
+             if t.get("conv-wgrad") and t.get("conv-wgrad-triton")]
+    if pairs:
+        ratio = _geomean([c / t for c, t in pairs])
+        lines.append(f"repso_train.WEIGHT_GRAD = {'triton' if ratio > 1 else 'cudnn'!r}   "
+                     f"# Triton {ratio:.2f}x cuDNN's depthwise weight gradient, geomean of {len(pairs)} shapes")
+    return lines
+
+
 def render(analysis: dict, machine: dict) -> str:
     env = machine.get("falconnet", {})
     lines = [
@@ -165,6 +219,9 @@ def run(args) -> int:
         return 1
     analysis = analyse(rows)
     text = render(analysis, machine)
+    choices = backend_choices(rows)
+    if choices:  # a GPU run: what it says about the backend defaults
+        text += "\n\n## backend choices this run supports\n\n" + "\n".join(choices)
     print(text)
     if args.markdown:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.markdown)))

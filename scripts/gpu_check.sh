@@ -101,6 +101,8 @@ $PY -m falconnet.cli bench "${jsons[@]}" --markdown "$OUT/bench_gpu.md" --png "$
 # first (the whole tables are in bench_gpu.md), then the RepSO rows (the pieces have no geomean)
 grep -E "^## |^geomean|^plain copy|^device" "$OUT/bench_table.log"
 grep -E "^\| [0-9]+@[0-9]+ \| (one-conv[a-z-]*|seven-branch|moments|fold[a-z-]*|conv[a-z-]*|grad-x) \|" "$OUT/bench_table.log" | head -60
+# what the run says about falconnet_kernels' defaults (falconnet bench's last section)
+sed -n '/^## backend choices/,$p' "$OUT/bench_table.log"
 stamp "done"
 # The device tool returns at most 8 files: keep the JSONs, the tables and the chart, pack the logs.
 tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log env.txt 2>/dev/null) && (cd "$OUT" && rm -f *.log env.txt)

@@ -75,3 +75,41 @@ def test_cli_errors_name_the_file(tmp_path):
                           (empty, "hold no falconnet benchmark rows")):
         out = subprocess.run([sys.executable, "-m", "falconnet.cli", "bench", str(path)], capture_output=True, text=True)
         assert out.returncode != 0 and message in out.stderr and str(path) in out.stderr
+
+
+def test_backend_choices_from_a_gpu_run(tmp_path):
+    """The defaults a GPU run supports: per op and pass the faster backend (geomean; backward =
+    fwd+bwd - fwd), the SF-Conv shapes where the composed GEMM wins (forward and backward apart),
+    and RepSO's weight-gradient kernel; nothing for ops the run did not time."""
+    rows = []
+    for shape, cuda, triton, gemm in (("32->128@56", 3e-3, 2e-3, 1e-3), ("128->32@56", 1e-3, 2e-3, 3e-3)):
+        rows += [_bench("sf_conv", "falconnet-cuda", shape, cuda), _bench("sf_conv", "falconnet-triton", shape, triton),
+                 _bench("sf_conv", "falconnet-triton-gemm", shape, gemm)]
+        # backward (fwd+bwd - fwd): cuda 4 ms, triton 2 ms, gemm 3 ms at the first shape; 1 / 5 / 4 at the second
+        b = {"32->128@56": (4e-3, 2e-3, 3e-3), "128->32@56": (1e-3, 5e-3, 4e-3)}[shape]
+        rows += [_bench("sf_conv", "falconnet-cuda", shape, cuda + b[0], pass_="fwd+bwd"),
+                 _bench("sf_conv", "falconnet-triton", shape, triton + b[1], pass_="fwd+bwd"),
+                 _bench("sf_conv", "falconnet-triton-gemm", shape, gemm + b[2], pass_="fwd+bwd")]
+    rows += [_bench("repso_node_part", "conv-wgrad", "128@56", 2e-3, pass_="fwd+bwd pieces"),
+             _bench("repso_node_part", "conv-wgrad-triton", "128@56", 1e-3, pass_="fwd+bwd pieces")]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"benchmarks": rows}))
+    loaded, _ = bench_report.load_rows(str(path))
+    choices = "\n".join(bench_report.backend_choices(loaded))
+    # forward: cuda/triton = 1.5 and 0.5 -> geomean 0.87 < 1: CUDA C++; backward: 2 and 0.2 -> 0.63: CUDA C++
+    assert "CUDA_DEFAULT[('sf_conv', 'forward')] = 'cuda'" in choices
+    assert "CUDA_DEFAULT[('sf_conv', 'backward')] = 'cuda'" in choices
+    assert "dw_conv3x3" not in choices
+    # the GEMM beats the two-stage kernel forward at 32->128 only, backward at 128->32 only
+    assert "(32, 128, 'forward')" in choices and "(128, 32, 'forward')" not in choices
+    assert "(128, 32, 'backward')" in choices and "(32, 128, 'backward')" not in choices
+    assert "repso_train.WEIGHT_GRAD = 'triton'" in choices
+    # and the command prints them after the tables
+    out = subprocess.run([sys.executable, "-m", "falconnet.cli", "bench", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "## backend choices this run supports" in out and "COMPOSED" in out
+
+
+def test_no_backend_choices_without_both_backends(results):
+    rows, _ = bench_report.load_rows(str(results))
+    assert bench_report.backend_choices(rows) == []
