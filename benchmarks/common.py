@@ -132,6 +132,8 @@ def falconnet_train_step(benchmark, device: str, batch: int, size: int, configur
     if device == "cuda":
         fn()
         info["peak_bytes"] = peak_cuda_bytes(fn)
+    # the activations autograd keeps for the backward (both devices): what the training forms change
+    info["saved_bytes"] = saved_bytes(lambda: model(x), x)
     run_benchmark(benchmark, fn, device, info, rounds=rounds)
 
 
