@@ -215,7 +215,7 @@ class _ChannelMoments(torch.autograd.Function):
         dims, count = (0, 2, 3), z.numel() // z.shape[1]
         zs = z if z.dtype in (torch.float32, torch.float64) else z.float()
         mean = zs.sum(dims) / count
-        var = ((zs * zs).sum(dims) / count - mean * mean).clamp_min(0)
+        var = (zs.square().sum(dims) / count - mean * mean).clamp_min(0)
         ctx.save_for_backward(z, mean)
         ctx.count = count
         return mean, var
