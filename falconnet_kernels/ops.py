@@ -262,13 +262,21 @@ def _(grad_shape, *args, out_shape=None, **kwargs) -> int:
 # The Python face: what the layers call.
 
 
+def _autocast_on(x: Tensor) -> bool:
+    return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the ops compute x in: autocast's where it is on (as nn.Conv2d does), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if _autocast_on(x) else x.dtype
+
+
 def _autocast(*tensors):
     """Under torch.autocast the ops compute in the autocast dtype, as nn.Conv2d does."""
-    x = tensors[0]
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        return tuple(None if t is None else t.to(dtype) for t in tensors)
-    return tensors
+    if not _autocast_on(tensors[0]):
+        return tensors
+    dtype = compute_dtype(tensors[0])
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def sf_conv(

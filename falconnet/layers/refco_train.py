@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import falconnet_kernels
-from falconnet_kernels.ops import SUPPORTED_DTYPES
+from falconnet_kernels.ops import SUPPORTED_DTYPES, compute_dtype
 from falconnet_kernels.repso_moments import stats_dtype
 
 from .activation import apply_activation, split_for_fusion
@@ -47,7 +47,7 @@ def fused_path_applies(x: Tensor, bns) -> bool:
     dtype it would compute in (x's, or autocast's) on x's device, no BatchNorm needs cross-process statistics (SyncBatchNorm under
     torch.distributed: the fold would use this process's batch only), and BatchNorm's own
     "more than 1 value per channel" error is left to the branch form to raise."""
-    if x.dtype not in SUPPORTED_DTYPES.get(x.device.type, ()) or _op_dtype(x) not in SUPPORTED_DTYPES[x.device.type]:
+    if x.dtype not in SUPPORTED_DTYPES.get(x.device.type, ()) or compute_dtype(x) not in SUPPORTED_DTYPES[x.device.type]:
         return False
     batch = [bn for bn in bns if bn is not None and _uses_batch_stats(bn)]
     if batch and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
@@ -72,7 +72,7 @@ class _GroupMoments(torch.autograd.Function):
             N, C, H, W = x.shape
             mean = x.sum((0, 2, 3), dtype=dtype) / (N * H * W)
             centred, channels_last, q = _centred_blocks(x, mean, k)
-            nb, B = centred.shape[0] // (1 if channels_last else N), k * q
+            nb, B = C // k // q, k * q
             if channels_last:  # (blocks, pixels, B)
                 gram = torch.bmm(centred.transpose(1, 2), centred)
             else:  # (images x blocks, B, H*W): one GEMM per image and block
@@ -231,14 +231,6 @@ class _ChannelMoments(torch.autograd.Function):
         return torch.addcmul(b.to(z.dtype).view(shape), z, a.to(z.dtype).view(shape))
 
 
-def _op_dtype(x: Tensor) -> torch.dtype:
-    """The dtype falconnet_kernels.sf_conv computes x in (it follows torch.autocast)."""
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 def refco_train_forward(
     x: Tensor,
     weight1: Tensor,
@@ -304,7 +296,7 @@ def refco_train_forward(
                     hidden_mean = (W1 * mean_x.view(G, 1, k)).sum(-1)  # (G, c_h)
                     shift = (w2_all * hidden_mean.t().unsqueeze(1)).sum(-1).reshape(-1)
                     # the shift as the op applies it: rounded to its dtype (autocast's, if on)
-                    shift = shift.to(_op_dtype(x)).to(dtype)
+                    shift = shift.to(compute_dtype(x)).to(dtype)
                 z = falconnet_kernels.sf_conv(x, W1.to(x.dtype), w2_all.to(x.dtype), (-shift).to(x.dtype))
                 mean_z, var_z = _ChannelMoments.apply(z)
                 mean_z = mean_z + shift
