@@ -144,6 +144,24 @@ def relative_errors(out, exact) -> list[float]:
             for o, e, floor in zip(([out[0]], out[1], out[2]), ([exact[0]], exact[1], exact[2]), floors, strict=True)]
 
 
+def assert_within_branch_error(config, x, grad, dtype, device="cpu", floor=1e-6, autocast=False):
+    """The fused form and the branch form of one RefCO, both in `dtype` on `device` (under
+    bfloat16 autocast if asked), against the float64 branch form: the fused form's relative
+    error in the output, every gradient and the running statistics is at most twice the branch
+    form's plus `floor` (both round every stage; neither is the reference)."""
+    reference = branch_twin(make_refco(*config, activation="relu6"))
+    low_branches = copy.deepcopy(reference).to(device=device, dtype=dtype)
+    low_fused = copy.deepcopy(low_branches)
+    low_fused.fused_training = True
+    exact = run(reference, x, None, grad)
+    xl, gl = x.to(device=device, dtype=dtype), grad.to(device=device, dtype=dtype)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        fused_err = relative_errors(run(low_fused, xl, None, gl), exact)
+        branch_err = relative_errors(run(low_branches, xl, None, gl), exact)
+    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err, strict=True):
+        assert f <= 2 * b + floor, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
+
+
 @pytest.mark.parametrize("config", [(64, 128, 1, 8, 3), (128, 32, 1, 4, 3)], ids=["hidden-cov", "z-stats"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast-bfloat16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -154,21 +172,10 @@ def test_fused_error_within_branch_error(config, dtype, layout):
     running statistics."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     autocast = dtype.startswith("autocast")
-    dtype = torch.float32 if autocast else getattr(torch, dtype)
     C_in, C_out = config[:2]
-    reference = branch_twin(make_refco(*config, activation="relu6"))
-    low_branches = copy.deepcopy(reference).to(dtype)
-    low_fused = copy.deepcopy(low_branches)
-    low_fused.fused_training = True
     x = (torch.randn(4, C_in, 9, 11, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
     grad = torch.randn(4, C_out, 9, 11, dtype=torch.float64)
-    exact = run(reference, x, None, grad)
-    xl, gl = x.to(dtype), grad.to(dtype)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        fused_err = relative_errors(run(low_fused, xl, None, gl), exact)
-        branch_err = relative_errors(run(low_branches, xl, None, gl), exact)
-    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err, strict=True):
-        assert f <= 2 * b + 1e-6, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
+    assert_within_branch_error(config, x, grad, torch.float32 if autocast else getattr(torch, dtype), autocast=autocast)
 
 
 @pytest.mark.parametrize("C,k", [(6, 3), (6, 2), (40, 4), (36, 18)])  # 1 block of 2-3 groups, 5 blocks of 2, k > 16
@@ -253,18 +260,9 @@ def test_cuda_fused_matches_cpu_float64(monkeypatch, dtype):
     within twice the GPU branch form's own error (true float32 convs: cuDNN's TF32 default
     would set the branch form's error, not the kernels')."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    reference = branch_twin(make_refco(128, 512, 1, 16, 3, activation="relu6"))
     x = torch.randn(8, 128, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(8, 512, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    gpu_branches = copy.deepcopy(reference).cuda().to(dtype)
-    gpu_fused = copy.deepcopy(gpu_branches)
-    gpu_fused.fused_training = True
-    exact = run(reference, x, None, grad)
-    xg, gg = x.cuda().to(dtype), grad.cuda().to(dtype)
-    fused_err = relative_errors(run(gpu_fused, xg, None, gg), exact)
-    branch_err = relative_errors(run(gpu_branches, xg, None, gg), exact)
-    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err, strict=True):
-        assert f <= 2 * b + 1e-5, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
+    assert_within_branch_error((128, 512, 1, 16, 3), x, grad, dtype, device="cuda", floor=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -350,18 +348,9 @@ def test_fused_on_the_triton_kernels(monkeypatch, config, layout):
     real = triton_sf_conv.sf_conv_forward
     monkeypatch.setattr(triton_sf_conv, "sf_conv_forward", lambda *a: calls.append(1) or real(*a))
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    reference = branch_twin(make_refco(*config, activation="relu6"))
-    low_branches = copy.deepcopy(reference).float().to(device)
-    low_fused = copy.deepcopy(low_branches)
-    low_fused.fused_training = True
     x = (torch.randn(2, config[0], 5, 6, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
     grad = torch.randn(2, config[1], 5, 6, dtype=torch.float64)
-    exact = run(reference, x, None, grad)
-    xl, gl = x.float().to(device), grad.float().to(device)
-    fused_err = relative_errors(run(low_fused, xl, None, gl), exact)
-    branch_err = relative_errors(run(low_branches, xl, None, gl), exact)
-    for what, f, b in zip(("output", "gradients", "running statistics"), fused_err, branch_err, strict=True):
-        assert f <= 2 * b + 1e-6, f"{what}: fused {f:.2e} vs branch form {b:.2e}"
+    assert_within_branch_error(config, x, grad, torch.float32, device=device)
     assert calls, "the Triton SF-Conv kernel did not run"
 
 
