@@ -1,5 +1,5 @@
 """RefCO training forward+backward (3 branches, r = 1, FalconNet's setting): the fused form
-(falconnet/layers/refco_train.py: two SF-Conv calls, every BatchNorm folded from its statistics)
+(falconnet/layers/refco_train.py: one or two SF-Conv calls, every BatchNorm folded from its statistics)
 vs the branch form (grouped convs, BatchNorms over M x the channels, branch sums, shuffle copy),
 with the dense 1x1 conv + BatchNorm that RefCO replaces beside them, at the 8 point-wise shapes of
 SPEC section 6. channels_last; GPU: bfloat16, batch 128; CPU: float32, batch 16, 2 threads.

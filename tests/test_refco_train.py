@@ -1,4 +1,4 @@
-"""RefCO's fused training form (falconnet/layers/refco_train.py: two SF-Conv calls with every
+"""RefCO's fused training form (falconnet/layers/refco_train.py: one or two SF-Conv calls with every
 BatchNorm folded from its statistics) against the branch form it replaces (fused_training=False):
 outputs, every gradient, running statistics, in float64 to ~1e-10 and in float32 / bfloat16
 within the branch form's own error against float64."""

@@ -3,7 +3,7 @@
 Training: M parallel 1st-stage SF-Conv branches (each with its own BN over the C_in/r hidden
 channels) summed into H, then M parallel 2nd-stage branches (each with its own BN over C_out)
 summed into y. Inference: one SFConv2d with bias (`reparameterize()`). By default the training
-form runs as two fused SF-Conv calls with every BatchNorm folded from its batch statistics,
+form runs as one or two fused SF-Conv calls with every BatchNorm folded from its batch statistics,
 exactly (refco_train.py); `fused_training=False` runs the branches below.
 
 All M branches of a stage run as ONE grouped 1x1 conv: branch b's weights sit side by side in
@@ -49,7 +49,7 @@ class RefCO(nn.Module):
             raise ValueError(f"RefCO branches must be >= 1, got {branches}")
         if not isinstance(fused_training, bool):
             raise ValueError(f"fused_training must be True or False, got {fused_training!r}")
-        # True: the undeployed forward as two fused SF-Conv calls with the BatchNorms folded from
+        # True: the undeployed forward as one or two fused SF-Conv calls with the BatchNorms folded from
         # their statistics, exact (refco_train.py), wherever refco_train.fused_path_applies;
         # False: the branch form, the reference it is tested against.
         self.fused_training = fused_training
