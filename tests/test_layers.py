@@ -367,3 +367,88 @@ def test_add_residual_keeps_the_out_of_place_rules():
     y = torch.ones(2, 3)
     out = add_residual(y, torch.ones(2, 3))
     assert out.data_ptr() == y.data_ptr() and torch.equal(out, torch.full((2, 3), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_bn_training_node_equals_batchnorm_then_activation(dtype, channels_last):
+    """Training on the CPU, ConvBN's BatchNorm and relu / relu6 run as one node (_BatchNormAct):
+    the same kernels as nn.BatchNorm2d then F.relu6 (the mask from the output instead of the
+    input selects the same elements), so outputs, every gradient, the running statistics and
+    num_batches_tracked are bitwise equal, for affine / non-affine, tracked / untracked and
+    momentum None (cumulative average) BatchNorms."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from falconnet.layers.conv_bn import ConvBN
+
+    torch.manual_seed(0)
+    acts = {"relu6": F.relu6, "relu": F.relu, "none": lambda t: t}
+    bns = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False)]
+    for activation, fn in acts.items():
+        for kw in bns:
+            layer = ConvBN(5, 7, 3, activation=activation).to(dtype).train()
+            layer.bn = torch.nn.BatchNorm2d(7, **kw).to(dtype)
+            twin = copy.deepcopy(layer)
+            # values on both sides of 0 and 6, and exact zeros (relu's boundary)
+            x = (torch.randn(3, 5, 6, 7) * 4).to(dtype)
+            x[0, :, 0, 0] = 0
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            for _step in range(2):  # twice: num_batches_tracked and the cumulative average move
+                y = layer(x)
+                assert type(y.grad_fn).__name__ == "_BatchNormActBackward"
+                ref = fn(twin.bn(twin.conv(x)))
+                assert torch.equal(y, ref), (activation, kw)
+                assert y.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
+                    memory_format=torch.channels_last)
+                g = torch.randn_like(y)
+                grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
+                refs = torch.autograd.grad(ref, [x, *twin.parameters()], g)
+                assert all(torch.equal(a, b) for a, b in zip(grads, refs, strict=True)), (activation, kw)
+                assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), twin.buffers(), strict=True)), (activation, kw)
+
+
+def test_conv_bn_training_node_keeps_less_and_steps_aside():
+    """The node keeps x and the output, not the pre-activation tensor (HEAD's in-place relu6 under
+    autograd saved a clone of it); it steps aside for SyncBatchNorm, eval-mode BatchNorm, no grad,
+    CPU autocast and one value per channel (nn.BatchNorm2d's own error)."""
+    import torch.nn.functional as F
+
+    from falconnet.layers.conv_bn import ConvBN
+
+    def saved_storages(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+        return seen
+
+    torch.manual_seed(0)
+    layer = ConvBN(8, 16, 1, activation="relu6").train()
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    act_bytes = 2 * 16 * 6 * 6 * 4
+    node = saved_storages(lambda: layer(x))
+    unfused = saved_storages(lambda: F.relu6(layer.bn(layer.conv(x))))
+    # x, conv output, output (+ the small conv weight and batch statistics) vs one activation more
+    assert sum(v >= act_bytes for v in unfused.values()) - sum(v >= act_bytes for v in node.values()) == 1
+
+    layer.bn = torch.nn.SyncBatchNorm(16)
+    assert type(layer(x).grad_fn).__name__ != "_BatchNormActBackward"
+    layer = ConvBN(8, 16, 1, activation="relu6").train()
+    layer.bn.eval()
+    assert type(layer(x).grad_fn).__name__ == "HardtanhBackward0"
+    layer.bn.train()
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(layer(x).grad_fn).__name__ != "_BatchNormActBackward"
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 8, 1, 1))

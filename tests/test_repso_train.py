@@ -467,6 +467,86 @@ def test_low_precision_cpu_fast_path_within_pytorchs_own_error(dtype, channels_l
     assert max_err(b_fu, b_ref) <= 3 * max_err(b_pt, b_ref) + 4 * ulp * scale(b_ref)
 
 
+ACTS = {"relu6": F.relu6, "relu": F.relu}
+
+
+def activation_paths():
+    """(name, path, the grad_fn class the output must have): the activation inside the CPU node,
+    after the custom-op path (one_node=False), after the fused dw_conv3x3 op, after the branch sum
+    (RepSO with one_conv_training=False)."""
+    return [
+        ("cpu-node", lambda m, t, a: fused_act(m, t, a), "_OneConvTrainCPUBackward"),
+        ("op-path", lambda m, t, a: fused_act(m, t, a, one_node=False), None),
+        ("dw-op", lambda m, t, a: fused_act(m, t, a, conv="falconnet"), None),
+    ]
+
+
+def fused_act(module, x, activation, conv="auto", one_node=True):
+    return repso_train_forward(
+        x, [b.conv.weight for b in module.branches], [b.bn for b in module.branches], module.identity_bn, conv=conv,
+        one_node=one_node, activation=activation,
+    )
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "small"])
+def test_float64_activation_inside_the_node(activation, layout):
+    """relu / relu6 applied to the one conv's output: inside the CPU node (in place, the backward's
+    mask from the output), after the op paths. Each equals act(branch sum) to ~1e-10, outputs on
+    both sides of 0 and 6 (fast path at 16 channels channels_last; NCHW through its copy; 3
+    channels on the per-channel kernels)."""
+    C = 3 if layout == "small" else 16
+    module = make_repso(C, "T")
+    x = torch.randn(3, C, 7, 6, dtype=torch.float64) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    act = ACTS[activation]
+    y0, g0, b0 = run(lambda m, t: act(branch_sum(m, t)), copy.deepcopy(module), x, grad_y)
+    assert (y0 == 0).any() and ((y0 > 0) & (y0 < 6)).any()
+    assert activation == "relu" or (y0 == 6).any()
+    for name, path, node in activation_paths():
+        y = path(copy.deepcopy(module), x.clone().requires_grad_(), activation)
+        if node is not None:
+            assert type(y.grad_fn).__name__ == node, name
+        y1, g1, b1 = run(lambda m, t, path=path: path(m, t, activation), copy.deepcopy(module), x, grad_y)
+        assert max_err([y1] + g1, [y0] + g0) <= 1e-10 * max(1.0, scale([y0] + g0)), name
+        assert max_err(b1, b0) <= 1e-12 * max(1.0, scale(b0)), name
+    # the layer: RepSO(activation=...) runs it inside the node by default, after the branches with
+    # one_conv_training=False; the same values and gradients
+    layer = make_repso(C, "T")
+    layer.activation = activation
+    ref = copy.deepcopy(layer)
+    ref.one_conv_training = False
+    y2, g2, b2 = run(lambda m, t: m(t), layer, x, grad_y)
+    y3, g3, b3 = run(lambda m, t: m(t), ref, x, grad_y)
+    assert max_err([y2] + g2 + b2, [y3] + g3 + b3) <= 1e-10 * max(1.0, scale([y3] + g3))
+
+
+def test_activation_inside_the_node_keeps_no_pre_activation_tensor():
+    """With the activation inside the node the autograd graph keeps x and the output (shared with
+    the next layer), not the conv's pre-activation output as well."""
+    module = make_repso(16, "T").float()
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    act_bytes = x.numel() * 4
+
+    def big_storages(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+        return sum(v >= act_bytes for v in seen.values())
+
+    inside = big_storages(lambda: fused_act(copy.deepcopy(module), x, "relu6"))
+    after = big_storages(lambda: F.relu6(fused(copy.deepcopy(module), x)))
+    assert (inside, after) == (2, 3)
+
+
 def test_layer_default_picks_the_path_by_kernel_size():
     """RepSO(one_conv_training="auto"), the default: the one conv for 3x3 rows, the branch sum for
     rows with 5x5 / 7x7 branches (slower as one conv); True / False force either; anything else
@@ -710,6 +790,26 @@ def test_triton_node_random_configurations(monkeypatch, seed):
     y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
     y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
     assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0)), (row, C, N, H, W, layout)
+    assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_triton_node_activation_inside(monkeypatch, activation):
+    """The Triton one-node path with relu / relu6 applied inside it (float32; the GPU, or the
+    interpreter without one) against act(branch sum), outputs on both sides of 0 and 6."""
+    use_triton(monkeypatch)
+    module = make_repso(6, "T").float().to(TRITON_DEVICE)
+    x = (torch.randn(2, 6, 7, 5) * 3 + 1).to(TRITON_DEVICE).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    act = ACTS[activation]
+    y = fused_act(copy.deepcopy(module), x.clone().requires_grad_(), activation)
+    assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
+    y0, g0, b0 = run(lambda m, t: act(branch_sum(m, t)), copy.deepcopy(module), x, grad_y)
+    assert (y0 == 0).any() and ((y0 > 0) & (y0 < 6)).any()
+    y1, g1, b1 = run(lambda m, t: fused_act(m, t, activation), copy.deepcopy(module), x, grad_y)
+    # float32 on both sides (test_triton_interpreter_float32_end_to_end's bars)
+    assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
 
 

@@ -32,7 +32,11 @@ def is_fused(name: str) -> bool:
 def apply_activation(x: torch.Tensor, name: str, inplace: bool = False) -> torch.Tensor:
     """act(x); inplace=True lets relu / relu6 overwrite x (for a tensor the caller just created,
     such as a conv's output: it saves the allocation and the first touch of a fresh output, which
-    on a CPU cost more than the clamp itself at 56x56 maps; their backward needs only the result)."""
+    on a CPU cost more than the clamp itself at 56x56 maps). Only where autograd does not record
+    it: under autograd an in-place relu6 saves a clone of its input (torch 2.14: relu6_ ->
+    hardtanh_ -> clone), one more pass and one more saved activation than out of place (BN +
+    ReLU6 fwd+bwd at 16x128x56x56 on the CPU: 8.5 vs 7.8 ms)."""
+    inplace = inplace and not (torch.is_grad_enabled() and x.requires_grad)
     if name == "none":
         return x
     if name == "relu":
@@ -42,6 +46,30 @@ def apply_activation(x: torch.Tensor, name: str, inplace: bool = False) -> torch
     if name in _UNFUSED:  # out of place: their backward needs the input
         return _UNFUSED[name](x)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def activation_(y: torch.Tensor, name: str) -> torch.Tensor:
+    """A fused activation ("none", "relu", "relu6") applied in place, for the autograd nodes that
+    apply it to their own fresh output (grad mode is off inside them); returns y."""
+    if name == "relu":
+        y.clamp_(min=0)
+    elif name == "relu6":
+        y.clamp_(0, 6)
+    elif name != "none":
+        raise ValueError(f"activation_ applies only {FUSED_ACTIVATIONS}, got {name!r}")
+    return y
+
+
+def activation_backward(grad: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+    """The gradient through a fused activation from its OUTPUT: relu passes it where out > 0,
+    relu6 where 0 < out < 6; both are exactly where the input was in that range, so this equals
+    the backward autograd derives from the input (F.relu / F.relu6: the same masks, the same
+    kernels), and a node keeps only the output it shares with the next layer."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, out, 0)
+    if name == "relu6":
+        return torch.ops.aten.hardtanh_backward(grad, out, 0.0, 6.0)
+    return grad
 
 
 def add_residual(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,8 @@ with one conv, from the same modules):
   self.branches     nn.ModuleList; branch i is nn.Sequential(conv=nn.Conv2d(C, C, (kh, kw),
                     stride, padding=(kh//2, kw//2), groups=C, bias=False), bn=nn.BatchNorm2d(C))
   self.identity_bn  nn.BatchNorm2d(C) or None
-  self._train_forward(x) = sum_i branches[i](x) + identity_bn(x)   (before the activation)
+  self._train_forward(x) = sum_i branches[i](x) + identity_bn(x)   (before the activation;
+                    _train_forward(x, activation) applies it, inside the one-conv node where it can)
 """
 from __future__ import annotations
 
@@ -135,28 +136,29 @@ class RepSO(nn.Module):
     def is_identity(self) -> bool:
         return len(self.branches) == 0 and self.identity_bn is None and self.reparam_conv is None
 
-    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _train_forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         one_conv = self.one_conv_training
         if one_conv == "auto":
             one_conv = self.kernel_size == (3, 3)
         bns = [b.bn for b in self.branches] + ([self.identity_bn] if self.identity_bn is not None else [])
         if one_conv and self.stride == 1 and len(self.branches) > 0 and not any(needs_sync(bn) for bn in bns):
             return repso_train_forward(
-                x, [b.conv.weight for b in self.branches], [b.bn for b in self.branches], self.identity_bn
+                x, [b.conv.weight for b in self.branches], [b.bn for b in self.branches], self.identity_bn,
+                activation=activation,
             )
         out = x if self.is_identity else 0
         for branch in self.branches:
             out = out + branch(x)
         if self.identity_bn is not None:
             out = out + self.identity_bn(x)
-        return out
+        return apply_activation(out, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"RepSO expects x of shape (N, {self.channels}, H, W), got {tuple(x.shape)}")
         conv = self.reparam_conv
         if conv is None:
-            return apply_activation(self._train_forward(x), self.activation)
+            return self._train_forward(x, self.activation)
         if conv.kernel_size == (3, 3):
             fused, after = split_for_fusion(self.activation)
             return apply_activation(dw_conv3x3(x, conv.weight, conv.bias, self.stride, fused), after)

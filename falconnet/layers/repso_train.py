@@ -28,6 +28,8 @@ from falconnet_kernels.repso_moments import (
     triton_train_path_available,
 )
 
+from .activation import activation_, activation_backward, apply_activation, split_for_fusion
+
 
 def _window_size(weights: Sequence[Tensor]) -> int:
     K = 1
@@ -203,7 +205,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
     through the kernels' fake implementations (falconnet_kernels/repso_moments.py)."""
 
     @staticmethod
-    def forward(ctx, x, kernels, gamma, beta, eps, K):
+    def forward(ctx, x, kernels, gamma, beta, eps, K, activation):
         cpp = getattr(torch.ops, CPP_NAMESPACE)
         C = x.shape[1]
         # The C++ kernels' fast path is channels_last (K = 3, C a multiple of 16); other layouts
@@ -215,17 +217,19 @@ class _OneConvTrainCPU(torch.autograd.Function):
         mean, cov = cpp.repso_moments_forward(x, K)
         folded, bias, bmean, bvar = cpp.repso_fold_forward(mean, cov, kernels, gamma, beta, eps)
         weight = folded.view(C, 1, K, K).to(x.dtype)
-        y = F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C)
-        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight)
-        ctx.K = K
+        y = activation_(F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C), activation)
+        y = y.contiguous() if ctx.nchw else y
+        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None)
+        ctx.K, ctx.activation = K, activation
         ctx.mark_non_differentiable(bmean, bvar)
-        return (y.contiguous() if ctx.nchw else y), bmean, bvar
+        return y, bmean, bvar
 
     @staticmethod
     @once_differentiable  # the kernels have no double backward: create_graph=True raises, not zeros
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
-        x, mean, cov, kernels, gamma, eps, weight = ctx.saved_tensors
+        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors
         K, C = ctx.K, x.shape[1]
+        grad_y = activation_backward(grad_y, y, ctx.activation)
         # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
         grad_y = grad_y.to(x.dtype)
         cpp = getattr(torch.ops, CPP_NAMESPACE)
@@ -239,7 +243,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
             grad_x = cpp.repso_train_backward_x(g_mean, g_cov, x, mean, grad_y, weight) if need_x else None
             if grad_x is not None and ctx.nchw:
                 grad_x = grad_x.contiguous()
-            return grad_x, g_k, g_gamma, g_beta, None, None
+            return grad_x, g_k, g_gamma, g_beta, None, None, None
         grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last)
             else grad_y.contiguous(),
@@ -250,7 +254,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
         if need_x:
             grad_x = cpp.repso_moments_backward(g_mean, g_cov, x, mean, K)
             grad_x += grad_x_conv
-        return grad_x, g_k, g_gamma, g_beta, None, None
+        return grad_x, g_k, g_gamma, g_beta, None, None, None
 
 
 # Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "cudnn"
@@ -271,7 +275,7 @@ class _OneConvTrainTriton(torch.autograd.Function):
     under TRITON_INTERPRET=1 (the tests)."""
 
     @staticmethod
-    def forward(ctx, x, kernels, gamma, beta, eps, K):
+    def forward(ctx, x, kernels, gamma, beta, eps, K, activation):
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
         N, C, H, W = x.shape
@@ -279,9 +283,9 @@ class _OneConvTrainTriton(torch.autograd.Function):
         mean, cov, weight, bias, bmean, bvar = triton_repso_fold.fold_forward(
             sums, prods, shift, N * H * W, kernels, gamma, beta, eps, K, x.dtype)
         weight = weight.view(C, 1, K, K)
-        y = F.conv2d(x, weight, bias, padding=K // 2, groups=C)
-        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight)
-        ctx.K = K
+        y = activation_(F.conv2d(x, weight, bias, padding=K // 2, groups=C), activation)
+        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None)
+        ctx.K, ctx.activation = K, activation
         ctx.mark_non_differentiable(bmean, bvar)
         return y, bmean, bvar
 
@@ -290,10 +294,11 @@ class _OneConvTrainTriton(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
-        x, mean, cov, kernels, gamma, eps, weight = ctx.saved_tensors
+        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors
         K, C = ctx.K, x.shape[1]
         need_x = ctx.needs_input_grad[0]
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        grad_y = activation_backward(grad_y, y, ctx.activation)
         # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
         # the conv's weight and bias gradients only: its input gradient is computed inside the
@@ -310,7 +315,7 @@ class _OneConvTrainTriton(torch.autograd.Function):
         grad_x = None
         if need_x:
             grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, conv=(grad_y, weight))
-        return grad_x, g_k, g_gamma, g_beta, None, None
+        return grad_x, g_k, g_gamma, g_beta, None, None, None
 
 
 def _use_one_node(x: Tensor, conv: str) -> bool:
@@ -408,9 +413,10 @@ def repso_train_forward(
     identity_bn: Optional[nn.BatchNorm2d] = None,
     conv: str = "auto",
     one_node: bool = True,
+    activation: str = "none",
 ) -> Tensor:
-    """sum_b bns[b](conv2d(x, weights[b], padding=(kh//2, kw//2), groups=C)) + identity_bn(x), exactly,
-    with one conv; BatchNorms in training mode use batch statistics and update their running
+    """activation(sum_b bns[b](conv2d(x, weights[b], padding=(kh//2, kw//2), groups=C)) + identity_bn(x)),
+    exactly, with one conv; BatchNorms in training mode use batch statistics and update their running
     statistics (and num_batches_tracked) in place, as nn.BatchNorm2d does. Stride 1.
 
     conv picks the one conv: "falconnet" (falconnet_kernels.dw_conv3x3, K = 3 only), "torch"
@@ -420,6 +426,10 @@ def repso_train_forward(
     as one autograd node where the kernels allow (_OneConvTrainCPU with the C++ kernels,
     _OneConvTrainTriton with Triton); False takes the custom ops (repso_moments, the fold, the
     conv) one by one, as torch.compile does (benchmarks compare the two).
+
+    activation ("none" or any of falconnet.layers.activation.ACTIVATIONS): the one-node paths apply
+    relu / relu6 in place to the conv's output and take the backward's mask from it (the pre-
+    activation tensor is not kept); the other paths apply it after the conv.
     """
     if conv not in ("auto", "falconnet", "torch"):
         raise ValueError(f"conv must be 'auto', 'falconnet' or 'torch', got {conv!r}")
@@ -449,9 +459,10 @@ def repso_train_forward(
     if node is not None:
         # the training case: moments, fold and conv in one autograd node
         kernels, gamma, beta, eps = _fold_inputs(weights, all_bns, identity_bn is not None, K, dtype, x.device)
-        y, mean, var = node.apply(x, kernels, gamma, beta, eps, K)
+        fused, after = split_for_fusion(activation)
+        y, mean, var = node.apply(x, kernels, gamma, beta, eps, K, fused)
         _update_running_batched(all_bns, mean, var, count)
-        return y
+        return apply_activation(y, after)
     if any(batch):
         mean_s, cov_s = repso_moments(x, K)  # (C, K*K), (C, K*K, K*K)
 
@@ -472,5 +483,6 @@ def repso_train_forward(
     if _use_fused_dw_conv(x, K, conv):
         import falconnet_kernels
 
-        return falconnet_kernels.dw_conv3x3(x, weight, bias)
-    return F.conv2d(x, weight, bias, padding=K // 2, groups=C)
+        fused, after = split_for_fusion(activation)
+        return apply_activation(falconnet_kernels.dw_conv3x3(x, weight, bias, activation=fused), after)
+    return apply_activation(F.conv2d(x, weight, bias, padding=K // 2, groups=C), activation)
