@@ -85,7 +85,8 @@ def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = 
 
 
 def saved_bytes(forward, x: torch.Tensor) -> int:
-    """Distinct storages saved for backward by one forward, plus its output, in bytes."""
+    """Distinct storages saved for backward by one forward, plus its output (once, if it is saved
+    too), in bytes."""
     storages: dict[int, int] = {}
 
     def pack(t):
@@ -97,7 +98,8 @@ def saved_bytes(forward, x: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = forward()
     storages.pop(x.untyped_storage().data_ptr(), None)  # the input exists either way
-    return sum(storages.values()) + y.untyped_storage().nbytes()
+    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def peak_cuda_bytes(step) -> int:
