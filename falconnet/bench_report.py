@@ -21,6 +21,8 @@ BASELINE = {
     "falconnet_train_step": "seven-branch",
     "refco_train": "refco-branches",
     "falconnet_train_step_refco": "refco-branches",
+    "bn_act_train": "bn-then-relu6",
+    "repso_act_train": "node-then-relu6",
 }
 
 
