@@ -36,8 +36,8 @@ def run(args) -> int:
 
 
 def training_paths(info: dict) -> dict:
-    """How RepSO and RefCO train by default, and on which kernels (docs/repso_training.md,
-    docs/refco_training.md)."""
+    """How RepSO, RefCO and ConvBN train by default, and on which kernels (docs/repso_training.md,
+    docs/refco_training.md, falconnet/layers/conv_bn.py)."""
     import torch
 
     from falconnet_kernels.repso_moments import cpp_train_path_available
@@ -47,7 +47,12 @@ def training_paths(info: dict) -> dict:
     if info["gpu"] is not None:
         repso += ", on the GPU by the Triton one-node path" if info["triton"] else ", on the GPU by PyTorch ops"
     refco = "exact fused form: BatchNorms folded from their statistics, one or two SF-Conv calls (sf_conv above)"
-    return {"RepSO": repso, "RefCO": refco}
+    from falconnet_kernels import _backend
+
+    bn = "C++ kernels" if _backend.select("bn_act", torch.device("cpu")) == "cpp" else "torch's native_batch_norm"
+    convbn = (f"BatchNorm + activation as one node on the CPU ({bn} for float32/float64 channels_last; "
+              "nn.BatchNorm2d then the activation elsewhere)")
+    return {"RepSO": repso, "RefCO": refco, "ConvBN": convbn}
 
 
 _MALLOC_STATES = {

@@ -369,46 +369,94 @@ def test_add_residual_keeps_the_out_of_place_rules():
     assert out.data_ptr() == y.data_ptr() and torch.equal(out, torch.full((2, 3), 2.0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_bn_training_node_equals_batchnorm_then_activation(dtype, channels_last):
-    """Training on the CPU, ConvBN's BatchNorm and relu / relu6 run as one node (_BatchNormAct):
-    the same kernels as nn.BatchNorm2d then F.relu6 (the mask from the output instead of the
-    input selects the same elements), so outputs, every gradient, the running statistics and
-    num_batches_tracked are bitwise equal, for affine / non-affine, tracked / untracked and
-    momentum None (cumulative average) BatchNorms."""
-    import copy
+BN_VARIANTS = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False)]
 
-    import torch.nn.functional as F
+
+def conv_bn_pair(activation: str, kw: dict, dtype, twin_dtype=None):
+    """A training ConvBN with the BatchNorm variant kw, and a deep copy (in twin_dtype) to run the
+    definition on: nn.BatchNorm2d then the activation."""
+    import copy
 
     from falconnet.layers.conv_bn import ConvBN
 
+    layer = ConvBN(5, 7, 3, activation=activation).to(dtype).train()
+    layer.bn = torch.nn.BatchNorm2d(7, **kw).to(dtype)
+    if layer.bn.affine:
+        with torch.no_grad():
+            layer.bn.weight.uniform_(0.5, 1.5)
+            layer.bn.bias.normal_()
+    return layer, copy.deepcopy(layer).to(twin_dtype or dtype)
+
+
+def conv_bn_input(dtype, channels_last: bool) -> torch.Tensor:
+    """Values on both sides of 0 and 6 after the BatchNorm, a mean far from zero, exact zeros."""
+    x = (torch.randn(3, 5, 6, 7) * 4 + 3).to(dtype)
+    x[0, :, 0, 0] = 0
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+
+
+def conv_bn_step(layer, x, g, definition: bool):
+    import torch.nn.functional as F
+
+    fn = {"relu6": F.relu6, "relu": F.relu, "none": lambda t: t}[layer.activation]
+    y = fn(layer.bn(layer.conv(x))) if definition else layer(x)
+    assert definition or type(y.grad_fn).__name__ == "_BatchNormActBackward"
+    return [y, *torch.autograd.grad(y, [x, *layer.parameters()], g.to(y.dtype))], list(layer.buffers())
+
+
+@pytest.mark.parametrize("case", ["nchw-float32", "nchw-float64", "bfloat16", "channels_last-backend-torch"])
+def test_conv_bn_training_node_native_path_is_bitwise_batchnorm_then_activation(monkeypatch, case):
+    """Inputs the C++ kernels do not take (NCHW, bfloat16; or FALCONNET_BACKEND=torch) run the node
+    on torch's native_batch_norm: the kernels nn.BatchNorm2d + F.relu6 run (the mask from the
+    output selects the same elements as from the input), so outputs, every gradient, the running
+    statistics and num_batches_tracked are bitwise equal, for affine / non-affine, tracked /
+    untracked and momentum None (cumulative average) BatchNorms, over two steps."""
+    if case == "channels_last-backend-torch":
+        monkeypatch.setenv("FALCONNET_BACKEND", "torch")
+    dtype = {"nchw-float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
     torch.manual_seed(0)
-    acts = {"relu6": F.relu6, "relu": F.relu, "none": lambda t: t}
-    bns = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False)]
-    for activation, fn in acts.items():
-        for kw in bns:
-            layer = ConvBN(5, 7, 3, activation=activation).to(dtype).train()
-            layer.bn = torch.nn.BatchNorm2d(7, **kw).to(dtype)
-            twin = copy.deepcopy(layer)
-            # values on both sides of 0 and 6, and exact zeros (relu's boundary)
-            x = (torch.randn(3, 5, 6, 7) * 4).to(dtype)
-            x[0, :, 0, 0] = 0
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_()
-            for _step in range(2):  # twice: num_batches_tracked and the cumulative average move
-                y = layer(x)
-                assert type(y.grad_fn).__name__ == "_BatchNormActBackward"
-                ref = fn(twin.bn(twin.conv(x)))
-                assert torch.equal(y, ref), (activation, kw)
-                assert y.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
-                    memory_format=torch.channels_last)
-                g = torch.randn_like(y)
-                grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
-                refs = torch.autograd.grad(ref, [x, *twin.parameters()], g)
-                assert all(torch.equal(a, b) for a, b in zip(grads, refs, strict=True)), (activation, kw)
-                assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), twin.buffers(), strict=True)), (activation, kw)
+    for activation in ("relu6", "relu", "none"):
+        for kw in BN_VARIANTS:
+            for channels_last in ([False, True] if case == "bfloat16" else [case.startswith("channels_last")]):
+                layer, twin = conv_bn_pair(activation, kw, dtype)
+                x = conv_bn_input(dtype, channels_last)
+                for _step in range(2):
+                    g = torch.randn(x.shape[0], 7, *x.shape[2:])
+                    ours, ours_buf = conv_bn_step(layer, x, g, definition=False)
+                    ref, ref_buf = conv_bn_step(twin, x, g, definition=True)
+                    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True)), (activation, kw)
+                    assert all(torch.equal(a, b) for a, b in zip(ours_buf, ref_buf, strict=True)), (activation, kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv_bn_training_node_cpp_kernels(dtype):
+    """float32/float64 channels_last input runs the node on csrc/cpu/bn_act.cpp: against the
+    definition in float64 (nn.BatchNorm2d then the activation), float64 to ~1e-12, float32 within
+    3x the error of PyTorch's own float32 BatchNorm + activation plus a few ulp, outputs, every
+    gradient and the running statistics, over two steps of every BatchNorm variant."""
+    from falconnet.layers.conv_bn import _cpp_kernels
+
+    torch.manual_seed(0)
+    assert _cpp_kernels(conv_bn_input(dtype, channels_last=True)), "csrc/cpu/bn_act.cpp is not built"
+    ulp = torch.finfo(dtype).eps
+    for activation in ("relu6", "relu", "none"):
+        for kw in BN_VARIANTS:
+            layer, ref64 = conv_bn_pair(activation, kw, dtype, torch.float64)
+            torch_twin = conv_bn_pair(activation, kw, dtype)[1]
+            torch_twin.load_state_dict(layer.state_dict())
+            x = conv_bn_input(dtype, channels_last=True)
+            for _step in range(2):
+                g = torch.randn(x.shape[0], 7, *x.shape[2:])
+                ours, ours_buf = conv_bn_step(layer, x, g, definition=False)
+                ref, ref_buf = conv_bn_step(ref64, x.detach().double().requires_grad_(), g, definition=True)
+                theirs, theirs_buf = conv_bn_step(torch_twin, x, g, definition=True)
+                for a, b, t in zip(ours + ours_buf, ref + ref_buf, theirs + theirs_buf, strict=True):
+                    size = max(1.0, b.abs().max().item())
+                    err, err_torch = (a.double() - b).abs().max().item(), (t.double() - b).abs().max().item()
+                    if dtype == torch.float64:
+                        assert err <= 1e-12 * size, (activation, kw, err)
+                    else:
+                        assert err <= 3 * err_torch + 8 * ulp * size, (activation, kw, err, err_torch)
 
 
 def test_conv_bn_training_node_keeps_less_and_steps_aside():

@@ -361,7 +361,7 @@ def test_falconnet_info_names_the_training_forms(capsys):
     import json
 
     training = json.loads(capsys.readouterr().out)["training"]
-    assert set(training) == {"RepSO", "RefCO"}
+    assert set(training) == {"RepSO", "RefCO", "ConvBN"}
     assert "one conv" in training["RepSO"] and "fused" in training["RefCO"]
     assert cli.main(["info"]) == 0
     assert "training forms" in capsys.readouterr().out

@@ -4,10 +4,11 @@
 ConvBN then runs on the fused dw_conv3x3 op with its activation in the epilogue.
 
 Training on the CPU, BatchNorm (batch statistics) and relu / relu6 run as one autograd node
-(_BatchNormAct): the activation is applied in place to the BatchNorm's fresh output and its
-gradient mask is taken from that output, so the pre-activation tensor is neither kept for the
-backward nor written twice. The same kernels as nn.BatchNorm2d + F.relu6 (native_batch_norm and
-its backward, hardtanh_backward), hence the same values and gradients.
+(_BatchNormAct): on the C++ kernels of csrc/cpu/bn_act.cpp for float32/float64 channels_last
+input (3 passes over the activation forward and 5 backward, the activation's mask recomputed),
+else on torch's native_batch_norm with the activation in place on its fresh output and the mask
+from that output (bitwise what nn.BatchNorm2d + F.relu6 give). Either way the pre-activation
+tensor is not kept for the backward.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from falconnet_kernels import dw_conv3x3
+from falconnet_kernels import _backend, dw_conv3x3
 
 from .activation import (
     DEFAULT_ACTIVATION,
@@ -31,27 +32,58 @@ from .activation import (
 from .fold import fold_conv_bn
 
 
+def _cpp_kernels(x: torch.Tensor) -> bool:
+    """The C++ kernels of csrc/cpu/bn_act.cpp take float32/float64 channels_last x (the layout
+    training runs in); other inputs take torch's native_batch_norm inside the same node."""
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and _backend.select("bn_act", x.device) == "cpp"
+    )
+
+
 class _BatchNormAct(torch.autograd.Function):
-    """act(batch_norm(x)) with batch statistics, one node: saves x, the output (which the next
-    layer keeps anyway) and the batch statistics; running statistics are updated in place by
-    native_batch_norm, as F.batch_norm does."""
+    """act(batch_norm(x)) with batch statistics as one node, running statistics updated in place.
+
+    On the C++ kernels (csrc/cpu/bn_act.cpp): 3 activation-sized passes forward, 5 backward (the
+    mask recomputed from x, not read), against 5 and 8 for native_batch_norm + clamp + their
+    backward; it saves x and the batch statistics. Otherwise torch's native_batch_norm, the
+    activation in place on its output and, backward, the mask from that output (the kernels
+    nn.BatchNorm2d + F.relu6 run, bitwise the same results); it saves x and the output (which the
+    next layer keeps anyway)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, activation):
+        ctx.eps, ctx.activation = eps, activation
+        ctx.cpp = _cpp_kernels(x)
+        if ctx.cpp:
+            y, mean, invstd = torch.ops.falconnet_C.bn_act_forward(x, weight, bias, eps, activation)
+            if running_mean is not None:
+                count = x.numel() // x.shape[1]
+                var = (invstd.pow(-2) - eps) * (count / (count - 1))  # unbiased, as nn.BatchNorm2d keeps
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+            ctx.save_for_backward(x, weight, bias, mean, invstd)
+            return y
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps)
         activation_(y, activation)
         ctx.save_for_backward(x, y, weight, save_mean, save_invstd)
-        ctx.eps, ctx.activation = eps, activation
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        need = ctx.needs_input_grad
+        if ctx.cpp:
+            x, weight, bias, mean, invstd = ctx.saved_tensors
+            grad_x, grad_w, grad_b = torch.ops.falconnet_C.bn_act_backward(
+                grad, x, weight, bias, mean, invstd, ctx.activation, need[0])
+            return grad_x, grad_w, grad_b, None, None, None, None, None
         x, y, weight, save_mean, save_invstd = ctx.saved_tensors
         grad = activation_backward(grad, y, ctx.activation)
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, save_mean, save_invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+            grad, x, weight, None, None, save_mean, save_invstd, True, ctx.eps, list(need[:3]))
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
