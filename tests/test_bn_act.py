@@ -69,7 +69,7 @@ def test_bn_act_matches_batchnorm_then_activation(dtype, C, activation, affine):
     xd = x.double()
     assert torch.allclose(mean, xd.mean((0, 2, 3)), rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
     if dtype == torch.float64:
-        assert all(e <= 1e-12 * s for e, s in zip(errors, sizes)), errors
+        assert all(e <= 1e-12 * s for e, s in zip(errors, sizes, strict=True)), errors
     else:
         theirs = pytorch_error(x, weight, bias, activation, grad, ref)
         ulp = torch.finfo(dtype).eps
