@@ -156,7 +156,9 @@ def test_moments_match_reference(monkeypatch, backend, K, shape):
 
 # The C++ channels_last fast path (K = 3, C a multiple of 16: vectorized across channels, images
 # grouped per plane set): odd sizes, 1-wide maps, a batch of 1, several channel blocks.
-@pytest.mark.parametrize("shape", [(2, 16, 7, 5), (3, 32, 1, 2), (1, 16, 4, 9), (16, 48, 7, 7), (2, 16, 1, 1)], ids=str)
+# (3, 32, 15, 14): 210 positions an image, where the backward walks images in the outer loop
+@pytest.mark.parametrize("shape", [(2, 16, 7, 5), (3, 32, 1, 2), (1, 16, 4, 9), (16, 48, 7, 7), (2, 16, 1, 1),
+                                   (3, 32, 15, 14)], ids=str)
 def test_moments_channels_last_fast_path(monkeypatch, shape):
     use_backend(monkeypatch, "cpp")
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
@@ -182,7 +184,9 @@ def test_moments_channels_last_fast_path(monkeypatch, shape):
 # _OneConvTrainCPU): the conv's weight and bias gradients, and grad_x = moments backward + the conv's
 # input gradient in one pass. Against float64 (aten's conv backward and the moments reference);
 # float32 and bf16 within 3x PyTorch's own conv backward error at that dtype, plus 4 output ulps.
-@pytest.mark.parametrize("shape", [(2, 16, 7, 5), (3, 32, 1, 2), (1, 16, 4, 9), (4, 48, 7, 7), (2, 16, 12, 19)], ids=str)
+# (2, 16, 12, 19) and (3, 48, 14, 15): >= 196 positions an image, the grad_x kernel's image-major order
+@pytest.mark.parametrize("shape", [(2, 16, 7, 5), (3, 32, 1, 2), (1, 16, 4, 9), (4, 48, 7, 7), (2, 16, 12, 19),
+                                   (3, 48, 14, 15)], ids=str)
 def test_cl3_conv_weight_grad_and_fused_grad_x(shape):
     C = shape[1]
     cpp = torch.ops.falconnet_C
