@@ -464,20 +464,9 @@ def test_conv_bn_training_node_keeps_less_and_steps_aside():
     autograd saved a clone of it); it steps aside for SyncBatchNorm, eval-mode BatchNorm, no grad,
     CPU autocast and one value per channel (nn.BatchNorm2d's own error)."""
     import torch.nn.functional as F
+    from saved_storages import saved_storages
 
     from falconnet.layers.conv_bn import ConvBN
-
-    def saved_storages(fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-        seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
-        return seen
 
     torch.manual_seed(0)
     layer = ConvBN(8, 16, 1, activation="relu6").train()

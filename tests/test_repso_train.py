@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from saved_storages import saved_storages
 from torch.utils.flop_counter import FlopCounterMode
 
 from falconnet.layers.repso import TABLE3_CONFIGS, RepSO
@@ -535,16 +536,7 @@ def test_activation_inside_the_node_keeps_no_pre_activation_tensor():
     act_bytes = x.numel() * 4
 
     def big_storages(fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-        seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
-        return sum(v >= act_bytes for v in seen.values())
+        return sum(v >= act_bytes for v in saved_storages(fn).values())
 
     inside = big_storages(lambda: fused_act(copy.deepcopy(module), x, "relu6"))
     after = big_storages(lambda: F.relu6(fused(copy.deepcopy(module), x)))
