@@ -89,10 +89,11 @@ class _BatchNormAct(torch.autograd.Function):
 
 def _use_bn_act_node(bn: nn.BatchNorm2d, x: torch.Tensor, activation: str) -> bool:
     """The fused node: a plain nn.BatchNorm2d (not SyncBatchNorm) in training mode, a fused
-    activation, autograd recording, on the CPU (measured there: BN + ReLU6 fwd+bwd 7.3 vs 7.8 ms
-    out of place at 16x128x56x56; on a GPU F.batch_norm takes cuDNN's kernels, which this node
-    would not), not under CPU autocast (whose dtype rules F.batch_norm keeps) or torch.compile
-    (which fuses BN and the clamp itself)."""
+    activation, autograd recording, on the CPU (measured there, batch 16 at the hidden shapes:
+    1.6-2x BN then F.relu6 on the C++ kernels, 1.1-1.3x on native_batch_norm;
+    benchmarks/results/2026-11-26-cpu-5; on a GPU F.batch_norm takes cuDNN's kernels, which this
+    node would not), not under CPU autocast (whose dtype rules F.batch_norm keeps) or
+    torch.compile (which fuses BN and the clamp itself)."""
     return (
         type(bn) is nn.BatchNorm2d
         and bn.training
