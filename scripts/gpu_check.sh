@@ -83,7 +83,8 @@ for group in ${BENCH_GROUPS:-copy_and_sf_fwd repso sf_fwdbwd dw models}; do
     copy_and_sf_fwd) files="benchmarks/test_bench_copy.py benchmarks/test_bench_sf_conv.py"; k="copy or (fwd and not fwdbwd)";;
     dw) files=benchmarks/test_bench_dw_conv3x3.py; k="dw";;
     sf_fwdbwd) files=benchmarks/test_bench_sf_conv.py; k="fwdbwd";;
-    models) files="benchmarks/test_bench_models.py benchmarks/test_bench_refco_train.py"; k="model or refco";;
+    models) files="benchmarks/test_bench_models.py benchmarks/test_bench_refco_train.py benchmarks/test_bench_train_act.py"
+            k="model or refco or act_train";;
     repso) files=benchmarks/test_bench_repso_train.py; k="repso or train";;
   esac
   t=$(stage_time ${BENCH_TIMEOUT:-150}); (( t < 30 )) && { stamp "budget spent: skipping benchmarks $group"; continue; }
