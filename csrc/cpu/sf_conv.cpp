@@ -102,6 +102,11 @@
 //   and the memory time fully hidden; neither the prefetch experiments above nor any variant
 //   tried here gave either. (At 1 thread oneDNN takes 80-99 ns a pixel for N <= 8 and 43 at
 //   N = 16, another algorithm; the fused op 35-39 and 55.)
+//   2026-11-26 12:03-12:11 UTC (session 5): pytest-benchmark with --malloc-tuning (the falconnet
+//   commands' allocator setting), three runs: 1.20x / 1.07x / 1.10x dense (fused 1.04-1.15 ms,
+//   dense 1.17-1.32; every other shape >= 1.38x); a plain loop of back-to-back calls (median of
+//   30, rounds alternated) gave 0.96x in the same hour. The demand-load pass (a) retried there:
+//   1.116 vs 1.102 ms, no gain. Not met reliably; the figures depend on how the rounds are timed.
 // * 64 -> 256 @ 28 (k = c_h = 16, G = 4, m = 16; lanes over output channels, no output
 //   transpose): interleaved with dense the fused op took 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
 //   pytest-benchmark's back-to-back rounds gave 0.74-0.84 vs 0.86-0.90 ms (1.04-1.21x). Same
