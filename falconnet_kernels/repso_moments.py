@@ -158,6 +158,13 @@ def _register_cpp_fakes() -> None:
     def _(grad_mean, grad_cov, x, mean, grad_y, weight):
         return torch.empty_like(x, memory_format=torch.channels_last)
 
+    @fake("dw_conv3x3_forward")  # the node's conv for channels_last x (the op's own layout rule)
+    def _(x, weight, bias, stride, activation):
+        N, C, H, W = x.shape
+        y = x.new_empty((N, C, (H - 1) // stride + 1, (W - 1) // stride + 1))
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
 
 if _cpp_has("repso_moments_forward") and _cpp_has("repso_fold_forward"):
     _register_cpp_fakes()
@@ -427,6 +434,11 @@ def _register_cpp_flop_formulas() -> None:
     def _(grad_y_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
         N, C, H, W = x_shape
         return 2 * N * C * H * W * 9 + N * C * H * W  # the 9 taps' products and the bias sum
+
+    @formula("dw_conv3x3_forward")  # the one conv of the CPU node (counted as aten's conv counts it)
+    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        N, C, Ho, Wo = out_shape
+        return 2 * 9 * N * C * Ho * Wo
 
 
 _register_cpp_flop_formulas()

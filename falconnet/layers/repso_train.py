@@ -199,13 +199,14 @@ def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
 
 class _OneConvTrainCPU(torch.autograd.Function):
     """moments -> fold -> conv and their backward in one autograd node, calling the C++ kernels
-    directly: the same math as the custom-op path (repso_moments, repso_fold, F.conv2d), without
+    directly (the conv: the extension's dw_conv3x3 forward for channels_last x when own_conv,
+    else F.conv2d): the same math as the custom-op path (repso_moments, repso_fold, F.conv2d), without
     two custom ops' Python autograd wrappers and dispatch (~65 us each per step), the conv's own
     node, and the separate accumulation of grad_x's two parts. CPU only; torch.compile traces it
     through the kernels' fake implementations (falconnet_kernels/repso_moments.py)."""
 
     @staticmethod
-    def forward(ctx, x, kernels, gamma, beta, eps, K, activation):
+    def forward(ctx, x, kernels, gamma, beta, eps, K, activation, own_conv):
         cpp = getattr(torch.ops, CPP_NAMESPACE)
         C = x.shape[1]
         # The C++ kernels' fast path is channels_last (K = 3, C a multiple of 16); other layouts
@@ -217,7 +218,14 @@ class _OneConvTrainCPU(torch.autograd.Function):
         mean, cov = cpp.repso_moments_forward(x, K)
         folded, bias, bmean, bvar = cpp.repso_fold_forward(mean, cov, kernels, gamma, beta, eps)
         weight = folded.view(C, 1, K, K).to(x.dtype)
-        y = activation_(F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C), activation)
+        # (under autocast F.conv2d, which runs in the autocast dtype as the branch form's convs do)
+        if own_conv and K == 3 and x.is_contiguous(memory_format=torch.channels_last) \
+                and not torch.is_autocast_enabled("cpu"):
+            # the extension's conv with the activation in its store: 1.0-1.1x oneDNN's conv + clamp
+            # a layer fwd+bwd (batch 16, the hidden shapes), 1.015x a 224 px FalconNet step
+            y = cpp.dw_conv3x3_forward(x, weight, bias.to(x.dtype), 1, activation)
+        else:
+            y = activation_(F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C), activation)
         y = y.contiguous() if ctx.nchw else y
         ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None)
         ctx.K, ctx.activation = K, activation
@@ -243,7 +251,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
             grad_x = cpp.repso_train_backward_x(g_mean, g_cov, x, mean, grad_y, weight) if need_x else None
             if grad_x is not None and ctx.nchw:
                 grad_x = grad_x.contiguous()
-            return grad_x, g_k, g_gamma, g_beta, None, None, None
+            return grad_x, g_k, g_gamma, g_beta, None, None, None, None
         grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last)
             else grad_y.contiguous(),
@@ -254,7 +262,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
         if need_x:
             grad_x = cpp.repso_moments_backward(g_mean, g_cov, x, mean, K)
             grad_x += grad_x_conv
-        return grad_x, g_k, g_gamma, g_beta, None, None, None
+        return grad_x, g_k, g_gamma, g_beta, None, None, None, None
 
 
 # Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "cudnn"
@@ -275,7 +283,8 @@ class _OneConvTrainTriton(torch.autograd.Function):
     under TRITON_INTERPRET=1 (the tests)."""
 
     @staticmethod
-    def forward(ctx, x, kernels, gamma, beta, eps, K, activation):
+    def forward(ctx, x, kernels, gamma, beta, eps, K, activation, own_conv):
+        # own_conv: the CPU node's choice of conv; here the conv is always cuDNN's (F.conv2d)
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
         N, C, H, W = x.shape
@@ -315,7 +324,7 @@ class _OneConvTrainTriton(torch.autograd.Function):
         grad_x = None
         if need_x:
             grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, conv=(grad_y, weight))
-        return grad_x, g_k, g_gamma, g_beta, None, None, None
+        return grad_x, g_k, g_gamma, g_beta, None, None, None, None
 
 
 def _use_one_node(x: Tensor, conv: str) -> bool:
@@ -397,9 +406,10 @@ def _use_fused_dw_conv(x: Tensor, K: int, conv: str) -> bool:
     "auto" picks F.conv2d on both devices, by forward+backward measurements at the hidden shapes:
     on an H200 cuDNN's beat the Triton op 1.1-1.6x and the CUDA C++ op 2.4-11x
     (benchmarks/results/2026-11-26-h200/bench_gpu.md, "dw_conv3x3 fwd+bwd"). On the CPU the
-    one-node path (_OneConvTrainCPU) runs oneDNN's forward and the project's own backward
-    kernels whatever this says; elsewhere on the CPU oneDNN's conv measured 1.1-7.6x faster than
-    the extension's op before its channels_last backward was rewritten (docs/repso_training.md).
+    one-node path (_OneConvTrainCPU) runs its own kernels instead: the extension's forward for
+    channels_last x with "auto" (oneDNN's with "torch") and its own backward kernels; elsewhere on
+    the CPU oneDNN's conv measured 1.1-7.6x faster than the extension's op before its
+    channels_last backward was rewritten (docs/repso_training.md).
     """
     if K != 3 or conv == "torch":
         return False
@@ -460,7 +470,7 @@ def repso_train_forward(
         # the training case: moments, fold and conv in one autograd node
         kernels, gamma, beta, eps = _fold_inputs(weights, all_bns, identity_bn is not None, K, dtype, x.device)
         fused, after = split_for_fusion(activation)
-        y, mean, var = node.apply(x, kernels, gamma, beta, eps, K, fused)
+        y, mean, var = node.apply(x, kernels, gamma, beta, eps, K, fused, conv == "auto")
         _update_running_batched(all_bns, mean, var, count)
         return apply_activation(y, after)
     if any(batch):
