@@ -150,10 +150,18 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
     with torch.no_grad():
         running_means = [bns[b].running_mean for b in with_stats]
         running_vars = [bns[b].running_var for b in with_stats]
-        # rows of the (B, C) transposes (views)
-        means_t, vars_t = mean.t(), (var * (count / (count - 1))).t()
-        new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means)]
-        new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars)]
+        # rows of the (B, C) transposes (views; unbind: one dispatch for all rows, where indexing
+        # and converting row by row made ~4 per BatchNorm, which show at small maps)
+        rdtype = running_means[0].dtype
+        if all(r.dtype == rdtype for r in running_means + running_vars):
+            means_t = mean.t().to(rdtype).unbind(0)
+            vars_t = (var * (count / (count - 1))).t().to(rdtype).unbind(0)
+            new_means = [means_t[b] for b in with_stats]
+            new_vars = [vars_t[b] for b in with_stats]
+        else:
+            means_t, vars_t = mean.t(), (var * (count / (count - 1))).t()
+            new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means)]
+            new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars)]
         if len(set(factors)) == 1:  # the usual case: one momentum; running += factor (new - running)
             torch._foreach_lerp_(running_means, new_means, factors[0])
             torch._foreach_lerp_(running_vars, new_vars, factors[0])
