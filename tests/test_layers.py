@@ -489,3 +489,42 @@ def test_conv_bn_training_node_keeps_less_and_steps_aside():
         assert type(layer(x).grad_fn).__name__ != "_BatchNormActBackward"
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 8, 1, 1))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_bn_training_node_double_backward(channels_last):
+    """A backward with create_graph=True through the training node (C++ kernels for channels_last,
+    native_batch_norm otherwise) gives gradients that differentiate again exactly as through
+    nn.BatchNorm2d + F.relu6 (ConvBN(fused_training=False)): a gradient penalty's gradient for
+    the conv weight and the BatchNorm's parameters, float64."""
+    import copy
+
+    from falconnet.layers.conv_bn import ConvBN
+
+    torch.manual_seed(0)
+    fused = ConvBN(4, 16, 1, activation="relu6").double().train()
+    with torch.no_grad():
+        fused.bn.weight.uniform_(0.5, 2.0)
+        fused.bn.bias.normal_()
+    plain = copy.deepcopy(fused)
+    plain.fused_training = False
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def penalty(layer):
+        y = layer(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return y, torch.autograd.grad(g.square().sum(), list(layer.parameters()))
+
+    y_fused, second_fused = penalty(fused)
+    y_plain, second_plain = penalty(plain)
+    assert type(y_fused.grad_fn).__name__ == "_BatchNormActBackward"
+    assert type(y_plain.grad_fn).__name__ == "HardtanhBackward0"
+    torch.testing.assert_close(y_fused, y_plain, rtol=0, atol=1e-12)
+    for a, b in zip(second_fused, second_plain, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="fused_training must be True or False"):
+        ConvBN(4, 8, fused_training="yes")

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from falconnet_kernels import _backend, dw_conv3x3
 
@@ -68,23 +69,40 @@ class _BatchNormAct(torch.autograd.Function):
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps)
         activation_(y, activation)
-        ctx.save_for_backward(x, y, weight, save_mean, save_invstd)
+        ctx.save_for_backward(x, weight, bias, y, save_mean, save_invstd)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return (*_BatchNormAct._differentiable_grads(ctx, grad), None, None, None, None, None)
         if ctx.cpp:
             x, weight, bias, mean, invstd = ctx.saved_tensors
             grad_x, grad_w, grad_b = torch.ops.falconnet_C.bn_act_backward(
                 grad, x, weight, bias, mean, invstd, ctx.activation, need[0])
             return grad_x, grad_w, grad_b, None, None, None, None, None
-        x, y, weight, save_mean, save_invstd = ctx.saved_tensors
+        x, weight, bias, y, save_mean, save_invstd = ctx.saved_tensors
         grad = activation_backward(grad, y, ctx.activation)
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, save_mean, save_invstd, True, ctx.eps, list(need[:3]))
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+    @staticmethod
+    def _differentiable_grads(ctx, grad):
+        """The first-order gradients by autograd through F.batch_norm (batch statistics) and the
+        activation, recomputed from the saved x, weight and bias: slower, but differentiable, so a
+        double backward (gradient penalties, Hessian products) gets every term; the fused kernels'
+        results would be constants to it (a silently partial second derivative)."""
+        x, weight, bias = ctx.saved_tensors[:3]
+        wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            y = apply_activation(F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps), ctx.activation)
+            found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True)
+        out = [None, None, None]
+        for (i, _), g in zip(wanted, found, strict=True):
+            out[i] = g
+        return out
 
 
 def _use_bn_act_node(bn: nn.BatchNorm2d, x: torch.Tensor, activation: str) -> bool:
@@ -124,6 +142,9 @@ class ConvBN(nn.Module):
     """conv(kernel_size, stride, groups) -> BN -> activation [-> + residual].
 
     ``activation`` is "none" for a linear layer (projections, the stem's last DW conv).
+    ``fused_training`` (default True): in training, BatchNorm + activation as one autograd node
+    where _use_bn_act_node allows (a backward with create_graph=True recomputes through
+    F.batch_norm, so double backward stays exact); False runs nn.BatchNorm2d then the activation.
     """
 
     def __init__(
@@ -135,8 +156,12 @@ class ConvBN(nn.Module):
         groups: int = 1,
         activation: str = DEFAULT_ACTIVATION,
         bn: bool = True,
+        fused_training: bool = True,
     ):
         super().__init__()
+        if not isinstance(fused_training, bool):
+            raise ValueError(f"fused_training must be True or False, got {fused_training!r}")
+        self.fused_training = fused_training
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         self.activation = check_activation(activation)
         self.conv = nn.Conv2d(
@@ -160,7 +185,7 @@ class ConvBN(nn.Module):
             y = apply_activation(dw_conv3x3(x, self.conv.weight, self.conv.bias, self.conv.stride[0], fused), after)
         else:
             y = self.conv(x)
-            if self.bn is not None and self.bn.training:
+            if self.bn is not None and self.bn.training and self.fused_training:
                 y = batch_norm_act(self.bn, y, self.activation)
             else:
                 if self.bn is not None:

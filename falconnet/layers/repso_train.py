@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from falconnet_kernels.repso_moments import (
     CPP_NAMESPACE,
@@ -24,6 +23,7 @@ from falconnet_kernels.repso_moments import (
     fold_cpp_available,
     repso_fold,
     repso_moments,
+    repso_moments_ref,
     stats_dtype,
     triton_train_path_available,
 )
@@ -160,8 +160,8 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
             new_vars = [vars_t[b] for b in with_stats]
         else:
             means_t, vars_t = mean.t(), (var * (count / (count - 1))).t()
-            new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means)]
-            new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars)]
+            new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means, strict=True)]
+            new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars, strict=True)]
         if len(set(factors)) == 1:  # the usual case: one momentum; running += factor (new - running)
             torch._foreach_lerp_(running_means, new_means, factors[0])
             torch._foreach_lerp_(running_vars, new_vars, factors[0])
@@ -205,6 +205,34 @@ def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
     return kernels, gamma, beta, eps
 
 
+def _differentiable_grads(ctx, grad_y: Tensor) -> tuple:
+    """A one-conv node's gradients (x, kernels, gamma, beta) by autograd through the same math in
+    PyTorch ops (the moments reference, the fold as tensor ops, F.conv2d, the activation),
+    recomputed from the saved inputs: what a backward with create_graph=True must return so that a
+    double backward (gradient penalties, Hessian products) gets every term. The kernels' results
+    would be constants to it: a silently partial second derivative."""
+    x, _, _, kernels, gamma, eps, *_ = ctx.saved_tensors[:8]
+    x, beta = ctx.saved_tensors[8:]
+    K, C = ctx.K, x.shape[1]
+    wanted = [(i, t) for i, t in enumerate((x, kernels, gamma, beta)) if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        mean_s, cov_s = repso_moments_ref(x, K)
+        k = kernels.to(mean_s.dtype)
+        prod = torch.bmm(k, torch.cat([cov_s, mean_s.unsqueeze(-1)], -1))  # (C, B, K*K + 1)
+        mean = prod[..., K * K]
+        var = (prod[..., :K * K] * k).sum(-1).clamp_min(0)
+        scale = gamma.to(mean.dtype) * torch.rsqrt(var + eps.to(device=mean.device, dtype=mean.dtype))
+        shift = beta.to(mean.dtype) - mean * scale
+        folded = (scale.unsqueeze(-1) * k).sum(1).view(C, 1, K, K).to(x.dtype)
+        y = F.conv2d(x, folded, shift.sum(1).to(x.dtype), padding=K // 2, groups=C)
+        y = apply_activation(y, ctx.activation)
+        found = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True)
+    out = [None] * 4
+    for (i, _), g in zip(wanted, found, strict=True):
+        out[i] = g
+    return (*out, None, None, None, None)
+
+
 class _OneConvTrainCPU(torch.autograd.Function):
     """moments -> fold -> conv and their backward in one autograd node, calling the C++ kernels
     directly (the conv: the extension's dw_conv3x3 forward for channels_last x when own_conv,
@@ -216,7 +244,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernels, gamma, beta, eps, K, activation, own_conv):
         cpp = getattr(torch.ops, CPP_NAMESPACE)
-        C = x.shape[1]
+        C, x_in = x.shape[1], x
         # The C++ kernels' fast path is channels_last (K = 3, C a multiple of 16); other layouts
         # take a channels_last copy there (and hand y and grad_x back in their own layout): two
         # copies each way cost a fraction of the per-channel kernels' time
@@ -235,15 +263,18 @@ class _OneConvTrainCPU(torch.autograd.Function):
         else:
             y = activation_(F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C), activation)
         y = y.contiguous() if ctx.nchw else y
-        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None)
+        # (x_in and beta: for a backward with create_graph=True, _differentiable_grads)
+        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None,
+                              x_in, beta)
         ctx.K, ctx.activation = K, activation
         ctx.mark_non_differentiable(bmean, bvar)
         return y, bmean, bvar
 
     @staticmethod
-    @once_differentiable  # the kernels have no double backward: create_graph=True raises, not zeros
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
-        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _differentiable_grads(ctx, grad_y)
+        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors[:8]
         K, C = ctx.K, x.shape[1]
         grad_y = activation_backward(grad_y, y, ctx.activation)
         # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
@@ -301,17 +332,19 @@ class _OneConvTrainTriton(torch.autograd.Function):
             sums, prods, shift, N * H * W, kernels, gamma, beta, eps, K, x.dtype)
         weight = weight.view(C, 1, K, K)
         y = activation_(F.conv2d(x, weight, bias, padding=K // 2, groups=C), activation)
-        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None)
+        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None,
+                              x, beta)
         ctx.K, ctx.activation = K, activation
         ctx.mark_non_differentiable(bmean, bvar)
         return y, bmean, bvar
 
     @staticmethod
-    @once_differentiable  # the kernels have no double backward: create_graph=True raises, not zeros
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
-        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _differentiable_grads(ctx, grad_y)
+        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors[:8]
         K, C = ctx.K, x.shape[1]
         need_x = ctx.needs_input_grad[0]
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
