@@ -164,8 +164,26 @@ def _sf_setup(ctx, inputs, output):
     ctx.has_residual = residual is not None
 
 
+def _differentiable_grads(ctx, grad_y, inputs, forward):
+    """The op's gradients for the tensors in inputs (None where not needed) by autograd through
+    its pure-PyTorch reference, for a backward with create_graph=True: the kernels' results would
+    be constants to a second backward (its error says so for sf_conv_backward; this makes double
+    backward, e.g. a gradient penalty through SFConv2d, exact)."""
+    wanted = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        found = torch.autograd.grad(forward(*inputs), [t for _, t in wanted], grad_y, create_graph=True)
+    out = [None] * len(inputs)
+    for (i, _), g in zip(wanted, found, strict=True):
+        out[i] = g
+    return out
+
+
 def _sf_backward(ctx, grad_y):
     x, w1, w2, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        gx, gw1, gw2, gb = _differentiable_grads(
+            ctx, grad_y, (x, w1, w2, bias), lambda *t: ref.sf_conv_ref(*t, None, ctx.activation))
+        return gx, gw1, gw2, gb, grad_y if ctx.has_residual else None, None
     gx, gw1, gw2, gb = torch.ops.falconnet.sf_conv_backward(grad_y, x, w1, w2, bias, ctx.activation)
     return gx, gw1, gw2, gb if ctx.has_bias else None, grad_y if ctx.has_residual else None, None
 
@@ -236,6 +254,10 @@ def _dw_setup(ctx, inputs, output):
 
 def _dw_backward(ctx, grad_y):
     x, weight, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        gx, gw, gb = _differentiable_grads(
+            ctx, grad_y, (x, weight, bias), lambda *t: ref.dw_conv3x3_ref(*t, ctx.stride, ctx.activation))
+        return gx, gw, gb, None, None
     gx, gw, gb = torch.ops.falconnet.dw_conv3x3_backward(grad_y, x, weight, bias, ctx.stride, ctx.activation)
     return gx, gw, gb if ctx.has_bias else None, None, None
 

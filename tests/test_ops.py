@@ -493,3 +493,44 @@ def test_dw_conv3x3_bad_input(change, match):
     if _backend.cpp_available("dw_conv3x3"):
         with pytest.raises(RuntimeError, match=match):
             torch.ops.falconnet_C.dw_conv3x3_forward(*args.values())
+
+
+@pytest.mark.parametrize("op", ["sf_conv", "dw_conv3x3"])
+def test_double_backward_matches_reference(op):
+    """A backward with create_graph=True recomputes the op's gradients through its PyTorch
+    reference, so a second backward (here the gradient of a gradient penalty for every weight)
+    equals the reference's, float64; the kernels alone would have no formula for it."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 16, 5, 7, dtype=torch.float64) * 2).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    if op == "sf_conv":
+        w1 = torch.randn(4, 8, 4, dtype=torch.float64, requires_grad=True)
+        w2 = torch.randn(8, 4, 4, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(32, dtype=torch.float64, requires_grad=True)
+        res = torch.randn(2, 32, 5, 7, dtype=torch.float64, requires_grad=True)
+        params = [w1, w2, bias, res]
+
+        def run(fn):
+            return fn(x, w1, w2, bias, res, "relu6")
+
+        ours, theirs = fk.sf_conv, ref.sf_conv_ref
+    else:
+        w = torch.randn(16, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(16, dtype=torch.float64, requires_grad=True)
+        params = [w, bias]
+
+        def run(fn):
+            return fn(x, w, bias, 2, "relu")
+
+        ours, theirs = fk.dw_conv3x3, ref.dw_conv3x3_ref
+
+    def second(fn):
+        (g,) = torch.autograd.grad(run(fn).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), params, allow_unused=True)
+
+    for a, b in zip(second(ours), second(theirs), strict=True):
+        if b is None:  # the residual: no second-order term
+            assert a is None or a.abs().max() == 0
+            continue
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

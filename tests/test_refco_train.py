@@ -365,3 +365,22 @@ def test_falconnet_info_names_the_training_forms(capsys):
     assert "one conv" in training["RepSO"] and "fused" in training["RefCO"]
     assert cli.main(["info"]) == 0
     assert "training forms" in capsys.readouterr().out
+
+
+def test_double_backward_says_to_use_the_branch_form():
+    """The fused form's statistics nodes have no double backward: a backward with create_graph=True
+    raises an error naming the remedy; RefCO(fused_training=False) then gives a gradient penalty's
+    gradient (its convs and the SF-Conv op recompute through PyTorch ops), nonzero and finite."""
+    from falconnet.layers.refco import RefCO
+
+    torch.manual_seed(0)
+    layer = RefCO(16, 32, branches=3, r=1, k=4, activation="relu6").double().train()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"fused_training=False"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    layer.fused_training = False
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    second = torch.autograd.grad(g.square().sum(), list(layer.parameters()), allow_unused=True)
+    used = [s for s in second if s is not None]
+    assert used and all(torch.isfinite(s).all() for s in used) and max(s.abs().max() for s in used) > 0

@@ -55,6 +55,17 @@ def fused_path_applies(x: Tensor, bns) -> bool:
     return not any(needs_sync(bn) for bn in batch)
 
 
+def _no_double_backward() -> None:
+    """The statistics nodes' backward is written for one differentiation (in-place and out=
+    kernels): with create_graph=True say so, rather than fail inside it or return gradients a
+    second backward would treat as constants."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "RefCO's fused training form has no double backward (a backward with create_graph=True); "
+            "build the layer with RefCO(..., fused_training=False) for gradient penalties or Hessian products"
+        )
+
+
 def _batch_major(t: Tensor) -> Tensor:
     """t, or a contiguous copy when its batch dimension is not the outermost in memory: torch's
     CPU bmm then falls back to a select and a clone per batch entry (measured 50-190 us a call at
@@ -116,6 +127,7 @@ class _GroupMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mean, grad_cov):
+        _no_double_backward()
         x, mean = ctx.saved_tensors
         N, C, H, W = x.shape
         k, count = ctx.k, N * H * W
@@ -208,6 +220,7 @@ class _HiddenCovariance(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_cov):
+        _no_double_backward()
         x, mean, w1 = ctx.saved_tensors
         N, C, H, W = x.shape
         G, c_h, k = w1.shape
@@ -254,6 +267,7 @@ class _ChannelMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var):
+        _no_double_backward()
         z, mean = ctx.saved_tensors
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
