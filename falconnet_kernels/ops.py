@@ -164,11 +164,13 @@ def _sf_setup(ctx, inputs, output):
     ctx.has_residual = residual is not None
 
 
-def _differentiable_grads(ctx, grad_y, inputs, forward):
-    """The op's gradients for the tensors in inputs (None where not needed) by autograd through
-    its pure-PyTorch reference, for a backward with create_graph=True: the kernels' results would
-    be constants to a second backward (its error says so for sf_conv_backward; this makes double
-    backward, e.g. a gradient penalty through SFConv2d, exact)."""
+def differentiable_grads(ctx, grad_y, inputs, forward) -> list:
+    """For a backward run with create_graph=True (double backward: gradient penalties, Hessian
+    products): the gradients of forward(*inputs) for the tensors in inputs that ctx needs (None
+    for the others), by autograd through forward, a pure-PyTorch form of the same function, so a
+    second backward gets every term. A fused kernel's results would be constants to it: a
+    silently partial second derivative. Used by the ops here and the training nodes of
+    falconnet/layers (ConvBN's BatchNorm + activation, RepSO's one conv)."""
     wanted = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
         found = torch.autograd.grad(forward(*inputs), [t for _, t in wanted], grad_y, create_graph=True)
@@ -181,7 +183,7 @@ def _differentiable_grads(ctx, grad_y, inputs, forward):
 def _sf_backward(ctx, grad_y):
     x, w1, w2, bias = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True
-        gx, gw1, gw2, gb = _differentiable_grads(
+        gx, gw1, gw2, gb = differentiable_grads(
             ctx, grad_y, (x, w1, w2, bias), lambda *t: ref.sf_conv_ref(*t, None, ctx.activation))
         return gx, gw1, gw2, gb, grad_y if ctx.has_residual else None, None
     gx, gw1, gw2, gb = torch.ops.falconnet.sf_conv_backward(grad_y, x, w1, w2, bias, ctx.activation)
@@ -255,7 +257,7 @@ def _dw_setup(ctx, inputs, output):
 def _dw_backward(ctx, grad_y):
     x, weight, bias = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True
-        gx, gw, gb = _differentiable_grads(
+        gx, gw, gb = differentiable_grads(
             ctx, grad_y, (x, weight, bias), lambda *t: ref.dw_conv3x3_ref(*t, ctx.stride, ctx.activation))
         return gx, gw, gb, None, None
     gx, gw, gb = torch.ops.falconnet.dw_conv3x3_backward(grad_y, x, weight, bias, ctx.stride, ctx.activation)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from falconnet_kernels import _backend, dw_conv3x3
+from falconnet_kernels.ops import differentiable_grads
 
 from .activation import (
     DEFAULT_ACTIVATION,
@@ -51,7 +52,8 @@ class _BatchNormAct(torch.autograd.Function):
     backward; it saves x and the batch statistics. Otherwise torch's native_batch_norm, the
     activation in place on its output and, backward, the mask from that output (the kernels
     nn.BatchNorm2d + F.relu6 run, bitwise the same results); it saves x and the output (which the
-    next layer keeps anyway)."""
+    next layer keeps anyway). A backward with create_graph=True recomputes through F.batch_norm
+    (falconnet_kernels.ops.differentiable_grads), so double backward is exact."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, activation):
@@ -76,7 +78,10 @@ class _BatchNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            return (*_BatchNormAct._differentiable_grads(ctx, grad), None, None, None, None, None)
+            x, weight, bias = ctx.saved_tensors[:3]
+            grads = differentiable_grads(ctx, grad, (x, weight, bias), lambda x, w, b: apply_activation(
+                F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps), ctx.activation))
+            return (*grads, None, None, None, None, None)
         if ctx.cpp:
             x, weight, bias, mean, invstd = ctx.saved_tensors
             grad_x, grad_w, grad_b = torch.ops.falconnet_C.bn_act_backward(
@@ -87,22 +92,6 @@ class _BatchNormAct(torch.autograd.Function):
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, save_mean, save_invstd, True, ctx.eps, list(need[:3]))
         return grad_x, grad_w, grad_b, None, None, None, None, None
-
-    @staticmethod
-    def _differentiable_grads(ctx, grad):
-        """The first-order gradients by autograd through F.batch_norm (batch statistics) and the
-        activation, recomputed from the saved x, weight and bias: slower, but differentiable, so a
-        double backward (gradient penalties, Hessian products) gets every term; the fused kernels'
-        results would be constants to it (a silently partial second derivative)."""
-        x, weight, bias = ctx.saved_tensors[:3]
-        wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if ctx.needs_input_grad[i]]
-        with torch.enable_grad():
-            y = apply_activation(F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps), ctx.activation)
-            found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True)
-        out = [None, None, None]
-        for (i, _), g in zip(wanted, found, strict=True):
-            out[i] = g
-        return out
 
 
 def _use_bn_act_node(bn: nn.BatchNorm2d, x: torch.Tensor, activation: str) -> bool:

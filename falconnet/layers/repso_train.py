@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from falconnet_kernels.ops import differentiable_grads
 from falconnet_kernels.repso_moments import (
     CPP_NAMESPACE,
     cpp_train_path_available,
@@ -206,16 +207,14 @@ def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
 
 
 def _differentiable_grads(ctx, grad_y: Tensor) -> tuple:
-    """A one-conv node's gradients (x, kernels, gamma, beta) by autograd through the same math in
-    PyTorch ops (the moments reference, the fold as tensor ops, F.conv2d, the activation),
-    recomputed from the saved inputs: what a backward with create_graph=True must return so that a
-    double backward (gradient penalties, Hessian products) gets every term. The kernels' results
-    would be constants to it: a silently partial second derivative."""
-    x, _, _, kernels, gamma, eps, *_ = ctx.saved_tensors[:8]
+    """A one-conv node's gradients (x, kernels, gamma, beta) for a backward with create_graph=True
+    (falconnet_kernels.ops.differentiable_grads), through the same math in PyTorch ops: the
+    moments reference, the fold as tensor ops, F.conv2d, the activation."""
+    kernels, gamma, eps = ctx.saved_tensors[3], ctx.saved_tensors[4], ctx.saved_tensors[5]
     x, beta = ctx.saved_tensors[8:]
     K, C = ctx.K, x.shape[1]
-    wanted = [(i, t) for i, t in enumerate((x, kernels, gamma, beta)) if ctx.needs_input_grad[i]]
-    with torch.enable_grad():
+
+    def forward(x, kernels, gamma, beta):
         mean_s, cov_s = repso_moments_ref(x, K)
         k = kernels.to(mean_s.dtype)
         prod = torch.bmm(k, torch.cat([cov_s, mean_s.unsqueeze(-1)], -1))  # (C, B, K*K + 1)
@@ -224,13 +223,10 @@ def _differentiable_grads(ctx, grad_y: Tensor) -> tuple:
         scale = gamma.to(mean.dtype) * torch.rsqrt(var + eps.to(device=mean.device, dtype=mean.dtype))
         shift = beta.to(mean.dtype) - mean * scale
         folded = (scale.unsqueeze(-1) * k).sum(1).view(C, 1, K, K).to(x.dtype)
-        y = F.conv2d(x, folded, shift.sum(1).to(x.dtype), padding=K // 2, groups=C)
-        y = apply_activation(y, ctx.activation)
-        found = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True)
-    out = [None] * 4
-    for (i, _), g in zip(wanted, found, strict=True):
-        out[i] = g
-    return (*out, None, None, None, None)
+        return apply_activation(F.conv2d(x, folded, shift.sum(1).to(x.dtype), padding=K // 2, groups=C),
+                                ctx.activation)
+
+    return (*differentiable_grads(ctx, grad_y, (x, kernels, gamma, beta), forward), None, None, None, None)
 
 
 class _OneConvTrainCPU(torch.autograd.Function):
