@@ -32,6 +32,7 @@ from .activation import (
     split_for_fusion,
 )
 from .fold import fold_conv_bn
+from .repso_train import bn_step_factor, update_running_stats
 
 
 def _cpp_kernels(x: torch.Tensor) -> bool:
@@ -61,11 +62,8 @@ class _BatchNormAct(torch.autograd.Function):
         ctx.cpp = _cpp_kernels(x)
         if ctx.cpp:
             y, mean, invstd = torch.ops.falconnet_C.bn_act_forward(x, weight, bias, eps, activation)
-            if running_mean is not None:
-                count = x.numel() // x.shape[1]
-                var = (invstd.pow(-2) - eps) * (count / (count - 1))  # unbiased, as nn.BatchNorm2d keeps
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+            update_running_stats(running_mean, running_var, mean, invstd.pow(-2) - eps, x.numel() // x.shape[1],
+                                 momentum)
             ctx.save_for_backward(x, weight, bias, mean, invstd)
             return y
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
@@ -119,12 +117,8 @@ def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, activation: str) -> torc
     allows (running statistics and num_batches_tracked updated as nn.BatchNorm2d updates them)."""
     if not _use_bn_act_node(bn, x, activation):
         return apply_activation(bn(x), activation, inplace=True)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, activation)
+    factor = bn_step_factor(bn)
+    return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, activation)
 
 
 class ConvBN(nn.Module):

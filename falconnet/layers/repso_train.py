@@ -65,21 +65,34 @@ def needs_sync(bn: nn.Module) -> bool:
     )
 
 
+def bn_step_factor(bn: nn.BatchNorm2d) -> float:
+    """Count one training step as nn.BatchNorm2d does (num_batches_tracked += 1 when tracked) and
+    return the running-statistics factor: the momentum, or 1 / steps for momentum None."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return factor
+
+
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor, var: Tensor,
+                         count: int, factor: float) -> None:
+    """running <- (1 - factor) running + factor batch, with the biased batch variance var made
+    unbiased over count values, as nn.BatchNorm2d keeps it; nothing without running statistics."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+
+
 def _bn_update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
     """The running-statistics update nn.BatchNorm2d makes in a training forward."""
     if not (bn.training and bn.track_running_stats):
         return
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(bn.num_batches_tracked)
-    if bn.running_mean is None:
-        return
-    with torch.no_grad():
-        unbiased = var * (count / (count - 1))
-        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+    update_running_stats(bn.running_mean, bn.running_var, mean, var, count, bn_step_factor(bn))
 
 
 def _branch_moments(kernel: Tensor, mean_s: Tensor, cov_s: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,18 +164,10 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
     with torch.no_grad():
         running_means = [bns[b].running_mean for b in with_stats]
         running_vars = [bns[b].running_var for b in with_stats]
-        # rows of the (B, C) transposes (views; unbind: one dispatch for all rows, where indexing
-        # and converting row by row made ~4 per BatchNorm, which show at small maps)
-        rdtype = running_means[0].dtype
-        if all(r.dtype == rdtype for r in running_means + running_vars):
-            means_t = mean.t().to(rdtype).unbind(0)
-            vars_t = (var * (count / (count - 1))).t().to(rdtype).unbind(0)
-            new_means = [means_t[b] for b in with_stats]
-            new_vars = [vars_t[b] for b in with_stats]
-        else:
-            means_t, vars_t = mean.t(), (var * (count / (count - 1))).t()
-            new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means, strict=True)]
-            new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars, strict=True)]
+        # rows of the (B, C) transposes (views)
+        means_t, vars_t = mean.t().unbind(0), (var * (count / (count - 1))).t().unbind(0)
+        new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means, strict=True)]
+        new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars, strict=True)]
         if len(set(factors)) == 1:  # the usual case: one momentum; running += factor (new - running)
             torch._foreach_lerp_(running_means, new_means, factors[0])
             torch._foreach_lerp_(running_vars, new_vars, factors[0])
@@ -216,15 +221,13 @@ def _differentiable_grads(ctx, grad_y: Tensor) -> tuple:
 
     def forward(x, kernels, gamma, beta):
         mean_s, cov_s = repso_moments_ref(x, K)
-        k = kernels.to(mean_s.dtype)
-        prod = torch.bmm(k, torch.cat([cov_s, mean_s.unsqueeze(-1)], -1))  # (C, B, K*K + 1)
-        mean = prod[..., K * K]
-        var = (prod[..., :K * K] * k).sum(-1).clamp_min(0)
-        scale = gamma.to(mean.dtype) * torch.rsqrt(var + eps.to(device=mean.device, dtype=mean.dtype))
-        shift = beta.to(mean.dtype) - mean * scale
-        folded = (scale.unsqueeze(-1) * k).sum(1).view(C, 1, K, K).to(x.dtype)
-        return apply_activation(F.conv2d(x, folded, shift.sum(1).to(x.dtype), padding=K // 2, groups=C),
-                                ctx.activation)
+        dt = mean_s.dtype
+        k = kernels.to(dt)
+        mean, var = _batched_branch_stats(k, mean_s, cov_s)
+        folded, bias = _batched_fold(k, mean, var, gamma.to(dt), beta.to(dt), eps.to(device=x.device, dtype=dt))
+        return apply_activation(
+            F.conv2d(x, folded.view(C, 1, K, K).to(x.dtype), bias.to(x.dtype), padding=K // 2, groups=C),
+            ctx.activation)
 
     return (*differentiable_grads(ctx, grad_y, (x, kernels, gamma, beta), forward), None, None, None, None)
 
@@ -402,19 +405,28 @@ def _fold_batch_stats(
         _update_running_batched(bns, mean.detach(), var.detach(), count)
         return folded, bias
     kernels = _embedded_kernels(weights, with_identity, K, dtype, mean_s.device)
-    # k.mean and cov k in one batched product: (C, B, K*K) @ (C, K*K, K*K + 1)
-    prod = torch.bmm(kernels, torch.cat([cov_s, mean_s.unsqueeze(-1)], -1))
-    mean = prod[..., KK]  # (C, B)
-    var = (prod[..., :KK] * kernels).sum(-1).clamp_min(0)  # clamp: see _branch_moments
+    mean, var = _batched_branch_stats(kernels, mean_s, cov_s)
     _update_running_batched(bns, mean.detach(), var.detach(), count)
     gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
     beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
     eps = [bn.eps for bn in bns]
     eps = eps[0] if len(set(eps)) == 1 else torch.tensor(eps, dtype=dtype, device=mean_s.device)
+    return _batched_fold(kernels, mean, var, gamma, beta, eps)
+
+
+def _batched_branch_stats(kernels: Tensor, mean_s: Tensor, cov_s: Tensor) -> tuple[Tensor, Tensor]:
+    """Every branch's batch mean and biased variance (C, B) from the (C, B, K*K) embedded kernels:
+    k.mean and cov k in one batched product, (C, B, K*K) @ (C, K*K, K*K + 1)."""
+    KK = mean_s.shape[1]
+    prod = torch.bmm(kernels, torch.cat([cov_s, mean_s.unsqueeze(-1)], -1))
+    return prod[..., KK], (prod[..., :KK] * kernels).sum(-1).clamp_min(0)  # clamp: see _branch_moments
+
+
+def _batched_fold(kernels: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps) -> tuple[Tensor, Tensor]:
+    """The folded (C, K*K) kernel and (C,) bias of the batch-statistics BatchNorms (C, B)."""
     scale = gamma * torch.rsqrt(var + eps)
     shift = beta - mean * scale
-    folded = torch.bmm(scale.unsqueeze(1), kernels).view(C, KK)
-    return folded, shift.sum(1)
+    return torch.bmm(scale.unsqueeze(1), kernels).view(kernels.shape[0], -1), shift.sum(1)
 
 
 
