@@ -74,16 +74,18 @@ void reduce_pixels(int64_t P, int64_t C, std::vector<double>& total0, std::vecto
 template <typename A>
 struct Affine {
   std::vector<A> scale, shift, mean;
+  std::vector<double> scale_d;  // gamma * invstd before rounding (the backward's constants start from it)
 };
 
 template <typename A>
 Affine<A> affine_of(const double* mean, const double* invstd, const at::Tensor& weight, const at::Tensor& bias,
                     int64_t C) {
-  Affine<A> f{std::vector<A>(C), std::vector<A>(C), std::vector<A>(C)};
+  Affine<A> f{std::vector<A>(C), std::vector<A>(C), std::vector<A>(C), std::vector<double>(C)};
   const at::Tensor w = weight.defined() ? weight.to(at::kDouble).contiguous() : weight;
   const at::Tensor b = bias.defined() ? bias.to(at::kDouble).contiguous() : bias;
   for (int64_t c = 0; c < C; ++c) {
     const double s = invstd[c] * (w.defined() ? w.const_data_ptr<double>()[c] : 1.0);
+    f.scale_d[c] = s;
     f.scale[c] = static_cast<A>(s);
     f.shift[c] = static_cast<A>((b.defined() ? b.const_data_ptr<double>()[c] : 0.0) - mean[c] * s);
     f.mean[c] = static_cast<A>(mean[c]);
@@ -244,13 +246,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(const at::Tensor&
     if (!need_x) return;
     // pass 2: grad_x = k (g' - a - (x - mean) b), k = gamma invstd, a = sum g' / M,
     // b = invstd^2 sum g'(x - mean) / M; as k g' + u x + v
-    const at::Tensor wd = w.defined() ? w.to(at::kDouble).contiguous() : w;
-    std::vector<A> k(C), u(C), v(C);
+    const std::vector<A>& k = f.scale;  // gamma * invstd
+    std::vector<A> u(C), v(C);
     for (int64_t c = 0; c < C; ++c) {
-      const double kc = r[c] * (wd.defined() ? wd.const_data_ptr<double>()[c] : 1.0);
+      const double kc = f.scale_d[c];
       const double a = sum_g[c] / static_cast<double>(P);
       const double bb = r[c] * r[c] * sum_gd[c] / static_cast<double>(P);
-      k[c] = static_cast<A>(kc);
       u[c] = static_cast<A>(-kc * bb);
       v[c] = static_cast<A>(kc * (bb * m[c] - a));
     }
