@@ -93,7 +93,11 @@ class _BatchMatmul(torch.autograd.Function):
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
-    if torch.compiler.is_compiling():  # the compiler picks its own layouts
+    # _BatchMatmul only for the CPU's slow path, and not under autocast: its backward runs
+    # outside autocast (always on a GPU, whose backward runs on autograd's device thread), where
+    # a bfloat16 grad meets float32 operands; torch.bmm's autograd casts for itself. The compiler
+    # picks its own layouts.
+    if not a.is_cpu or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return torch.bmm(a, b)
     return _BatchMatmul.apply(a, b)
 
