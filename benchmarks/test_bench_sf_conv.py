@@ -3,11 +3,15 @@
 Implementations, side by side in one run: the fused op on each built backend ("falconnet-cpp",
 "falconnet-cuda", "falconnet-triton"), the dense nn.Conv2d 1x1 (cuDNN / oneDNN: "dense"), and
 SF-Conv in plain PyTorch as grouped conv + channel shuffle + grouped conv ("sf-torch"); on a GPU
-also the composed-weight GEMM candidate ("falconnet-triton-gemm", falconnet_kernels/triton_sf_gemm.py),
-called directly.
+also the Triton backend's two forms, each forced for every shape and pass: the composed-weight
+GEMM ("falconnet-triton-gemm", falconnet_kernels/triton_sf_gemm.py) and the two-stage kernel
+("falconnet-triton-two-stage", triton_sf_conv.py). "falconnet-triton" is the op as routed
+(triton_sf_gemm.COMPOSED).
 GPU: bfloat16, channels_last, batch 128. CPU: float32, batch 16, channels_last and NCHW.
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -52,10 +56,8 @@ def _case(device, impl, shape, layout, train):
         params, forward = (x, wd), (lambda: F.conv2d(x, wd))
         macs = P * C_in * C_out
     elif impl == "falconnet-triton-gemm":
-        from falconnet_kernels import triton_sf_gemm
-
         params = (x, w1, w2)
-        forward = lambda: triton_sf_gemm.SFConvGemm.apply(x, w1, w2, None, None, "none")  # noqa: E731
+        forward = lambda: falconnet_kernels.sf_conv(x, w1, w2)  # noqa: E731
         macs = P * C_in * C_out  # the composed weight's dense product (+ C_in*C_out to compose it)
     else:
         params = (x, w1, w2)
@@ -83,8 +85,33 @@ def _case(device, impl, shape, layout, train):
         "shape": f"{C_in}->{C_out}@{H}", "sf_config": {"G": G, "c_h": c_h, "k": k, "m": w2.shape[1]},
         "bytes_min": bytes_min, "flops": flops,
     }
-    backend = impl.split("-")[1] if impl.startswith("falconnet-") and impl not in ("falconnet-cpp", "falconnet-triton-gemm") else None
+    backend = impl.split("-")[1] if impl.startswith("falconnet-") and impl != "falconnet-cpp" else None
+    if impl in ROUTES:
+        inner = fn
+
+        def fn():
+            with _routes(ROUTES[impl]):
+                return inner()
+
     return fn, info, backend
+
+
+# the Triton backend's form forced for every shape and both passes (the routing happens at call
+# time, inside the timed function, so forward and backward both follow it)
+ROUTES = {"falconnet-triton-gemm": {("*", "*", "forward"), ("*", "*", "backward")},
+          "falconnet-triton-two-stage": set()}
+
+
+@contextlib.contextmanager
+def _routes(routes):
+    from falconnet_kernels import triton_sf_gemm
+
+    saved = triton_sf_gemm.COMPOSED
+    triton_sf_gemm.COMPOSED = routes
+    try:
+        yield
+    finally:
+        triton_sf_gemm.COMPOSED = saved
 
 
 @pytest.mark.benchmark(group="sf_conv", timer=cuda_sync_timer)
@@ -92,12 +119,11 @@ def _case(device, impl, shape, layout, train):
 @pytest.mark.parametrize("shape", PW_SHAPES, ids=[f"{a}-{b}@{h}" for a, b, h in PW_SHAPES])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("impl", ["dense", "sf-torch", "falconnet-cpp", "falconnet-cuda", "falconnet-triton",
-                                  "falconnet-triton-gemm"])
+                                  "falconnet-triton-gemm", "falconnet-triton-two-stage"])
 def test_sf_conv(benchmark, device, impl, shape, layout, train):
-    if impl == "falconnet-triton-gemm":
-        # the composed-weight GEMM candidate (falconnet_kernels/triton_sf_gemm.py)
+    if impl in ROUTES:
         if device != "cuda" or "falconnet-triton" not in impls(device) or layout not in LAYOUTS[device]:
-            pytest.skip("the GEMM candidate is a GPU kernel")
+            pytest.skip("the Triton backend's forms are timed apart on a GPU only")
     elif impl not in impls(device) or layout not in LAYOUTS[device]:
         pytest.skip(f"{impl} / {layout} is not benchmarked on {device}")
     fn, info, backend = _case(device, impl, shape, layout, train)

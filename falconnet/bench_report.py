@@ -120,15 +120,20 @@ def backend_choices(rows: list[dict]) -> list[str]:
                 best = "triton" if ratio > 1 else "cuda"
                 lines.append(f"_backend.CUDA_DEFAULT[({op!r}, {name!r})] = {best!r}   "
                              f"# Triton {ratio:.2f}x the CUDA C++ speed, geomean of {len(pairs)} shapes")
-    composed = []
+    faster, slower = [], []  # (C_in, C_out, pass) where the composed GEMM beats / trails the two-stage kernel
     for name, table in (("forward", _per_shape(rows, "sf_conv", "fwd")), ("backward", _backward_times(rows, "sf_conv"))):
         for (_, shape), t in sorted(table.items(), key=lambda kv: _shape_key(kv[0][1])):
-            gemm, two_stage = t.get("falconnet-triton-gemm"), t.get("falconnet-triton")
-            if gemm and two_stage and 0 < gemm < two_stage:
+            # runs before the GEMM form was routed timed the two-stage kernel as "falconnet-triton"
+            gemm, two_stage = t.get("falconnet-triton-gemm"), t.get("falconnet-triton-two-stage",
+                                                                    t.get("falconnet-triton"))
+            if gemm and two_stage and gemm > 0 and two_stage > 0:
                 c_in, c_out = (int(v) for v in shape.split("@")[0].split("->"))
-                composed.append(f"({c_in}, {c_out}, {name!r})  # {two_stage / gemm:.2f}x the two-stage kernel")
-    if composed:
-        lines.append("triton_sf_gemm.COMPOSED: add " + "; ".join(composed))
+                entry = f"({c_in}, {c_out}, {name!r})  # {two_stage / gemm:.2f}x the two-stage kernel"
+                (faster if gemm < two_stage else slower).append(entry)
+    if faster or slower:
+        lines.append(f"triton_sf_gemm.COMPOSED: the composed GEMM is faster at {len(faster)} of "
+                     f"{len(faster) + len(slower)} (shape, pass) pairs"
+                     + ("; the two-stage kernel at: " + "; ".join(slower) if slower else ""))
     parts = _per_shape(rows, "repso_node_part", "fwd+bwd pieces")
     pairs = [(t["conv-wgrad"], t["conv-wgrad-triton"]) for t in parts.values()
              if t.get("conv-wgrad") and t.get("conv-wgrad-triton")]

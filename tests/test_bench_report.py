@@ -100,10 +100,19 @@ def test_backend_choices_from_a_gpu_run(tmp_path):
     assert "CUDA_DEFAULT[('sf_conv', 'forward')] = 'cuda'" in choices
     assert "CUDA_DEFAULT[('sf_conv', 'backward')] = 'cuda'" in choices
     assert "dw_conv3x3" not in choices
-    # the GEMM beats the two-stage kernel forward at 32->128 only, backward at 128->32 only
-    assert "(32, 128, 'forward')" in choices and "(128, 32, 'forward')" not in choices
-    assert "(128, 32, 'backward')" in choices and "(32, 128, 'backward')" not in choices
+    # the GEMM beats the two-stage kernel (a run before the routing: "falconnet-triton") forward at
+    # 32->128 only, backward at 128->32 only: the two-stage kernel's pairs are listed
+    composed = next(line for line in choices.splitlines() if "COMPOSED" in line)
+    assert "faster at 2 of 4" in composed
+    assert "(128, 32, 'forward')" in composed and "(32, 128, 'backward')" in composed
+    assert "(32, 128, 'forward')" not in composed and "(128, 32, 'backward')" not in composed
     assert "repso_train.WEIGHT_GRAD = 'triton'" in choices
+    # a later run names the two-stage kernel apart: it, not the routed op, is the comparison
+    later = rows + [_bench("sf_conv", "falconnet-triton-two-stage", "128->32@56", 1e-3)]
+    path.write_text(json.dumps({"benchmarks": later}))
+    composed = next(line for line in bench_report.backend_choices(bench_report.load_rows(str(path))[0])
+                    if "COMPOSED" in line)
+    assert "(128, 32, 'forward')  # 0.33x" in composed
     # and the command prints them after the tables
     out = subprocess.run([sys.executable, "-m", "falconnet.cli", "bench", str(path)], capture_output=True, text=True,
                          check=True).stdout
