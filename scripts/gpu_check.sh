@@ -59,11 +59,15 @@ workers=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   t=$(stage_time ${TEST_TIMEOUT:-200})
   stamp "tests: CUDA and Triton on the GPU (up to ${t}s)"
-  FALCONNET_TRITON_AUTOTUNE=0 timeout $t $PY -m pytest -v -rf --durations=10 $per_test_timeout $workers \
+  # SIGINT at the limit: pytest then still prints its summary; each failure's reason is also
+  # written as it happens to failures.log (tests/conftest.py), which a kill cannot lose
+  FALCONNET_TEST_FAILURES="$OUT/failures.log" FALCONNET_TRITON_AUTOTUNE=0 timeout -s INT -k 15 $t \
+    $PY -m pytest -v -rf --durations=10 $per_test_timeout $workers \
     -p no:cacheprovider $test_files -m "cuda or triton" > "$OUT/tests.log" 2>&1
   echo "exit code: $?" >> "$OUT/tests.log"
   grep -E "^(FAILED|ERROR)|crashed while running|Fatal Python error" "$OUT/tests.log" | head -40
   grep -E "^=+ .*(passed|failed|error)|no tests ran|^exit code" "$OUT/tests.log" | tail -3
+  [ -s "$OUT/failures.log" ] && { echo "--- failures.log (first 60 lines)"; head -60 "$OUT/failures.log"; }
 fi
 if [ -n "$train_pid" ]; then
   t=$(stage_time ${TRAIN_WAIT:-90})
@@ -97,10 +101,20 @@ for group in ${BENCH_GROUPS:-copy_and_sf_fwd repso sf_fwdbwd dw models}; do
   esac
   t=$(stage_time ${BENCH_TIMEOUT:-150}); (( t < 30 )) && { stamp "budget spent: skipping benchmarks $group"; continue; }
   stamp "benchmarks: $group (up to ${t}s)"
-  timeout $t $PY -m pytest -q -p no:cacheprovider $files --bench-device cuda -k "$k" \
+  # per case at most 90 s (pytest-timeout: one hang costs one case, not the group); SIGINT at the
+  # group's limit, so pytest-benchmark still writes the JSON of the cases that ran
+  stream=/tmp/gpu_check_stream_$group.jsonl; rm -f "$stream"
+  FALCONNET_BENCH_STREAM="$stream" timeout -s INT -k 15 $t $PY -m pytest -q -p no:cacheprovider $files \
+    --bench-device cuda -k "$k" \
+    $($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90") \
     --benchmark-json="$OUT/bench_$group.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
     >> "$OUT/bench.log" 2>&1
   echo "benchmarks $group exit code: $?" >> "$OUT/bench.log"
+  # cut off: pytest-benchmark wrote no JSON; rebuild one from the cases streamed as they finished
+  if [ ! -s "$OUT/bench_$group.json" ] && [ -s "$stream" ]; then
+    $PY -c "import json, sys; rows = [json.loads(l) for l in open(sys.argv[1])]; json.dump({'benchmarks': rows, 'machine_info': {'note': 'rebuilt from the streamed cases of a run cut off by its time limit'}}, open(sys.argv[2], 'w'))" \
+      "$stream" "$OUT/bench_$group.json" && echo "benchmarks $group: JSON rebuilt from $(wc -l < "$stream") streamed cases" >> "$OUT/bench.log"
+  fi
   [ -s "$OUT/bench_$group.json" ] && jsons+=("$OUT/bench_$group.json")
 done
 grep -E "exit code|Error|error" "$OUT/bench.log" | tail -20

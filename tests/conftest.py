@@ -22,6 +22,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_FAILURE_LOG: str | None = None
+
+
+def pytest_configure(config):
+    # xdist's controller receives every worker's reports too: only the process that ran a test writes
+    global _FAILURE_LOG
+    controller = not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+    _FAILURE_LOG = None if controller else os.environ.get("FALCONNET_TEST_FAILURES")
+
+
+def pytest_runtest_logreport(report):
+    """With FALCONNET_TEST_FAILURES set (scripts/gpu_check.sh sets it), each failure's report is
+    appended to that file as it happens: a run cut off by its time limit (or a worker that dies)
+    never reaches pytest's summary, and the GPU run of 2026-11-26 lost three failures' reasons so."""
+    if _FAILURE_LOG and report.failed:
+        with open(_FAILURE_LOG, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
