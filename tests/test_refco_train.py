@@ -351,11 +351,13 @@ def test_batchnorm_without_running_stats_float64(mode):
 @pytest.mark.triton
 @pytest.mark.parametrize("config", [(32, 64, 1, 8, 3), (64, 16, 1, 4, 3)], ids=["hidden-cov", "z-stats"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_fused_on_the_triton_kernels(monkeypatch, config, layout):
+@pytest.mark.parametrize("form", ["gemm", "two-stage"])
+def test_fused_on_the_triton_kernels(monkeypatch, config, layout, form):
     """The fused form with the SF-Conv op on its Triton backend (the GPU default; on CPU tensors in
-    the interpreter without a GPU), float32 with true-float32 convs, against the float64 branch
-    form: within twice the float32 branch form's own error (plus 1e-6)."""
-    from falconnet_kernels import _backend
+    the interpreter without a GPU) in either of its forms (the composed GEMM, the default, or the
+    two-stage kernel), float32 with true-float32 convs, against the float64 branch form: within
+    twice the float32 branch form's own error (plus 1e-6)."""
+    from falconnet_kernels import _backend, triton_sf_gemm
 
     monkeypatch.setenv("FALCONNET_BACKEND", "triton")
     monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")  # on a GPU: one tile, not every config compiled
@@ -366,13 +368,15 @@ def test_fused_on_the_triton_kernels(monkeypatch, config, layout):
     calls = []
     from falconnet_kernels import triton_sf_conv
 
-    real = triton_sf_conv.sf_conv_forward
-    monkeypatch.setattr(triton_sf_conv, "sf_conv_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(triton_sf_gemm, "COMPOSED", triton_sf_gemm.COMPOSED if form == "gemm" else set())
+    module = triton_sf_gemm if form == "gemm" else triton_sf_conv
+    real = module.sf_conv_forward
+    monkeypatch.setattr(module, "sf_conv_forward", lambda *a: calls.append(1) or real(*a))
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(2, config[0], 5, 6, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
     grad = torch.randn(2, config[1], 5, 6, dtype=torch.float64)
     assert_within_branch_error(config, x, grad, torch.float32, device=device)
-    assert calls, "the Triton SF-Conv kernel did not run"
+    assert calls, f"the Triton SF-Conv kernel ({form}) did not run"
 
 
 def test_falconnet_info_names_the_training_forms(capsys):

@@ -101,16 +101,24 @@ inline at::MemoryFormat memory_format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// The device named in an error without c10::Device's operator<< (the checks below crashed with
+// SIGSEGV on an H100, torch 2.11, when a CPU tensor was passed, while the dtype and shape errors
+// beside them raised cleanly; the printing of the Device is the one difference, unconfirmed).
+inline const char* device_type_name(const at::Tensor& t) {
+  return t.is_cuda() ? "cuda" : t.is_cpu() ? "cpu" : t.is_meta() ? "meta" : "a non-CUDA device";
+}
+
 // Boundary checks: every tensor on x's CUDA device with x's dtype; errors name the argument.
 inline void check_input(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device (", x.device(), "), got ", t.device());
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", device_type_name(t));
+  TORCH_CHECK(t.get_device() == x.get_device(), name, " must be on x's device (cuda:", static_cast<int>(x.get_device()),
+              "), got cuda:", static_cast<int>(t.get_device()));
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype (", x.scalar_type(), "), got ",
               t.scalar_type());
 }
 
 inline void check_x(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", x.device());
+  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", device_type_name(x));
   TORCH_CHECK(x.dim() == 4, name, " must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
