@@ -15,10 +15,12 @@ import torch
 OPS = ("sf_conv", "dw_conv3x3")
 FORCEABLE = ("cuda", "triton", "torch")
 
-# The faster backend per op and pass on CUDA devices, as measured side by side on an H200
-# (bf16, channels_last, batch 128; benchmarks/results/2026-11-26-h200/bench_gpu.md):
-#   sf_conv forward geomean vs cuDNN 1x1: triton 0.57x, cuda 0.39x; fwd+bwd: triton 0.33x, cuda 0.28x
-#   dw_conv3x3 forward vs cuDNN depthwise: cuda 1.56x, triton 1.18x; fwd+bwd: triton 0.75x, cuda 0.19x
+# The faster backend per op and pass on CUDA devices, as measured side by side on an H100
+# (bf16, channels_last, batch 128; benchmarks/results/2026-11-26-h100/NOTES.md):
+#   sf_conv forward geomean vs cuDNN 1x1: triton 0.79x (its composed-GEMM form, triton_sf_gemm;
+#   two-stage kernel 0.59x), cuda 0.43x; fwd+bwd: triton 0.66x (two-stage 0.39x), cuda 0.37x
+#   dw_conv3x3 forward vs cuDNN depthwise: cuda 1.28x, triton 1.31x (a tie; on the H200 at
+#   1ebf1b9 cuda 1.56x, triton 1.18x); fwd+bwd: triton 0.88x, cuda 0.20x
 CUDA_DEFAULT = {
     ("sf_conv", "forward"): "triton",
     ("sf_conv", "backward"): "triton",
