@@ -92,10 +92,13 @@ def buffers(module: RepSO) -> list[torch.Tensor]:
     return [buf for name, buf in module.named_buffers()]
 
 
-def run(fn, module: RepSO, x: torch.Tensor, grad_y: torch.Tensor):
-    """(output, grads for x and every parameter, buffers after the step) of fn."""
+def run(fn, module: RepSO, x: torch.Tensor, grad_y: torch.Tensor, autocast: bool = False):
+    """(output, grads for x and every parameter, buffers after the step) of fn; with autocast the
+    forward under bfloat16 autocast and the backward outside it, as training runs (on a GPU the
+    backward runs on autograd's device thread, where autocast is never on)."""
     x = x.detach().clone().requires_grad_(True)
-    y = fn(module, x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        y = fn(module, x)
     grads = torch.autograd.grad(y, [x] + parameters(module), grad_y.to(y.dtype))
     return y.detach(), list(grads), [b.clone() for b in buffers(module)]
 
@@ -561,16 +564,16 @@ def test_layer_default_picks_the_path_by_kernel_size():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_cpu_autocast_bfloat16(channels_last):
-    """torch.autocast("cpu", bfloat16) around the one-node CPU path: the conv runs in bf16, the
-    backward in x's dtype; output and gradients within bf16 rounding of the float32 path."""
+    """torch.autocast("cpu", bfloat16) around the one-node CPU path's forward (the backward
+    outside it): the conv runs in bf16, the backward in x's dtype; output and gradients within
+    bf16 rounding of the float32 path."""
     module = make_repso(16, "T", dtype=torch.float32)
     x = torch.randn(4, 16, 9, 7) * 2 + 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn_like(x)
     y32, g32, _ = run(fused, copy.deepcopy(module), x, grad_y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16, g16, _ = run(fused, copy.deepcopy(module), x, grad_y)
+    y16, g16, _ = run(fused, copy.deepcopy(module), x, grad_y, autocast=True)
     assert y16.dtype == torch.bfloat16
     # a few bf16 ulps (2^-8) of the largest value: the conv's inputs and output rounded to bf16
     assert max_err([y16], [y32]) <= 4 * 2**-8 * scale([y32])
@@ -787,6 +790,27 @@ def test_triton_node_random_configurations(monkeypatch, seed):
     y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
     assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0)), (row, C, N, H, W, layout)
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+@pytest.mark.triton
+def test_triton_node_autocast_backward_outside(monkeypatch):
+    """The Triton one-node path (the GPU's training form) with its forward under bfloat16
+    autocast and the backward outside it, as a training loop runs: float32 gradients for float32
+    parameters, within bf16 rounding of the float32 step (the H100 run's training failed so in
+    RefCO; this checks RepSO's node the same way, in the interpreter without a GPU)."""
+    use_triton(monkeypatch)
+    module = make_repso(16, "T").float().to(TRITON_DEVICE)
+    x = (torch.randn(4, 16, 9, 7) * 2 + 1).to(TRITON_DEVICE).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = fused(copy.deepcopy(module), x.detach().requires_grad_())
+    assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
+    y32, g32, _ = run(fused, copy.deepcopy(module), x, grad_y)
+    y16, g16, _ = run(fused, copy.deepcopy(module), x, grad_y, autocast=True)
+    assert y16.dtype == torch.bfloat16
+    assert max_err([y16], [y32]) <= 4 * 2**-8 * scale([y32])
+    for a, b in zip(g16, g32, strict=True):
+        assert a.dtype == b.dtype and max_err([a], [b]) <= 4 * 2**-8 * max(1.0, scale([b]))
 
 
 @pytest.mark.triton
