@@ -109,13 +109,22 @@ def select(op: str, device: torch.device, pass_: str = "forward") -> str:
     return "torch"
 
 
+def _described(op: str, backend: str, pass_: str) -> str:
+    """backend, naming the Triton SF-Conv form that FalconNet's shapes take (triton_sf_gemm.COMPOSED)."""
+    if op == "sf_conv" and backend == "triton":
+        from . import triton_sf_gemm
+
+        return "triton (composed GEMM)" if triton_sf_gemm.routed(256, 1024, pass_) else "triton (two-stage)"
+    return backend
+
+
 def info() -> dict:
     """What is built and what runs: the data behind `falconnet info` and kernels_info()."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     active = {op: {"cpu": select(op, torch.device("cpu"))} for op in OPS}
     if gpu is not None:
         for op in OPS:
-            fwd, bwd = (select(op, torch.device("cuda"), p) for p in ("forward", "backward"))
+            fwd, bwd = (_described(op, select(op, torch.device("cuda"), p), p) for p in ("forward", "backward"))
             active[op]["cuda"] = fwd if fwd == bwd else f"{fwd} (forward), {bwd} (backward)"
     return {
         "extension_built": extension_built(),
