@@ -87,10 +87,11 @@ fi
 stamp "benchmarks"
 # One pytest run per group, each with its own JSON, so a stage cut off by its timeout loses only itself.
 jsons=()
-# Order = what the open issues need first if the budget runs out: SF-Conv forward (with the GEMM
-# candidate), RepSO training (the one-node path vs the op path), then the rest. BENCH_TIMEOUT caps
+# Order = what the open issues need first if the budget runs out: RepSO training (issue 5; never
+# measured on a GPU since the one-node path: the 2026-11-26 H100 run lost it), the whole models,
+# then SF-Conv (with the copy roofline) and dw_conv3x3, measured on that H100. BENCH_TIMEOUT caps
 # each group.
-for group in ${BENCH_GROUPS:-copy_and_sf_fwd repso sf_fwdbwd dw models}; do
+for group in ${BENCH_GROUPS:-repso models copy_and_sf_fwd sf_fwdbwd dw}; do
   case $group in
     copy_and_sf_fwd) files="benchmarks/test_bench_copy.py benchmarks/test_bench_sf_conv.py"; k="copy or (fwd and not fwdbwd)";;
     dw) files=benchmarks/test_bench_dw_conv3x3.py; k="dw";;
