@@ -4,7 +4,8 @@
 # bench_gpu.png and logs.tgz (env, build, tests, benchmark logs) - 8 files, the device tool's limit.
 # Commit them under benchmarks/results/<date>-<gpu>/ with a NOTES.md.
 #   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: no benchmarks)
-#   SKIP_TESTS=1 skips the tests; TRAIN_CHECKS=1 adds issue 4's GPU training runs, alongside them.
+#   SKIP_TESTS=1 skips the tests; TRAIN_CHECKS=1 adds issue 4's GPU training runs, alongside them;
+#   PROFILE=1 adds an Nsight Compute profile of the slowest kernels (scripts/gpu_profile.py).
 #   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s);
 #   BUDGET (default 540 s) caps the whole script: a stage gets at most what is left of it, and
 #   stages are skipped once it is spent, so the logs and JSONs written so far always come back
@@ -78,6 +79,24 @@ if [ -n "$train_pid" ]; then
   for f in "$OUT"/train_*.log; do
     head -1 "$f"; grep -E "exit code|best val|deployed model|onnx|Error|error" "$f" | tail -6
   done
+fi
+
+# PROFILE=1: Nsight Compute on the kernels furthest from the roofline (scripts/gpu_profile.py):
+# speed of light, memory workload, occupancy, launch stats, warp stalls, into ncu.txt (~1-2 min)
+if [ "${PROFILE:-0}" = "1" ]; then
+  t=$(stage_time ${PROFILE_TIMEOUT:-150})
+  NCU=${NCU:-$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+  if (( t >= 30 )) && [ -n "$NCU" ]; then
+    stamp "ncu profile with $NCU (up to ${t}s)"
+    timeout -s INT -k 15 $t "$NCU" --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats \
+      $PY scripts/gpu_profile.py ${PROFILE_K:+-k "$PROFILE_K"} > "$OUT/ncu.log" 2>&1
+    echo "exit code: $?" >> "$OUT/ncu.log"
+    grep -E "^\[gpu_profile\]|^  [A-Za-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|exit code" \
+      "$OUT/ncu.log" | head -120
+  else
+    stamp "ncu profile skipped (no ncu found, or under 30 s left)"
+  fi
 fi
 
 if [ "${1:-}" = "--quick" ]; then
