@@ -103,3 +103,62 @@ def test_package_exports():
     for name in ("create_model", "list_models", "reparameterize_model", "layers", "LightNet", "kernels_info"):
         assert hasattr(falconnet, name)
     assert set(falconnet.kernels_info()["active"]) == {"sf_conv", "dw_conv3x3"}
+
+
+@pytest.mark.triton
+def test_gpu_training_path(monkeypatch):
+    """A FalconNet training step on the GPU's paths: every op on its Triton backend (the composed
+    GEMM SF-Conv, the dw stencils), RepSO's Triton one-node path, nn.BatchNorm2d (no CPU BN node).
+    On a GPU for real; without one, on CPU tensors in the Triton interpreter (a small FalconNet:
+    ~40 s a step there). float32: the gradients (all at once) within 4x the CPU path's own
+    float32 error of the float64 step (+1e-6); measured 8.0e-4 against 6.3e-4 (small-batch
+    BatchNorms amplify float32 rounding ~1000x), where a wrong gradient anywhere gives ~1. Under bfloat16 autocast with the backward outside it, as training
+    runs (where the H100 run of 2026-11-26 failed in RefCO): finite float32 gradients."""
+    import copy
+
+    from falconnet.layers import conv_bn
+    from falconnet_kernels import _backend
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = registry.create_model("falconnet", num_classes=10, depths=(1, 1, 1, 1), widths=(16, 32, 64, 64),
+                                  head_width=64).train()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    target = torch.tensor([1, 4])
+
+    def step(m, x, autocast=False):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(m(x), target.to(x.device))
+        return [g.detach() for g in torch.autograd.grad(loss, list(m.parameters()))]
+
+    exact = step(copy.deepcopy(model).double(), x.double())
+    cpu32 = step(copy.deepcopy(model), x)  # the CPU's own paths (C++ kernels, BN node)
+
+    monkeypatch.setenv("FALCONNET_BACKEND", "triton")
+    if not gpu:  # CPU tensors take the C++ kernels and the CPU nodes: route them as a GPU would
+        monkeypatch.setattr(_backend, "select", lambda op, dev, pass_="forward": "triton")
+        monkeypatch.setattr(conv_bn, "_use_bn_act_node", lambda *a, **k: False)
+    from falconnet.layers import repso_train
+
+    used = []
+    real = repso_train._OneConvTrainTriton.apply
+    monkeypatch.setattr(repso_train._OneConvTrainTriton, "apply", staticmethod(lambda *a: used.append(1) or real(*a)))
+    gpu_model = copy.deepcopy(model).to(device, memory_format=torch.channels_last)
+    gpu32 = step(copy.deepcopy(gpu_model), x.to(device))
+    assert used, "RepSO's Triton one-node path did not run"
+
+    def rel(a, b):
+        # over all gradients at once: some are 0 in exact arithmetic (a BatchNorm's beta feeding
+        # another BatchNorm), where a per-tensor relative error means nothing
+        a = torch.cat([u.to("cpu", torch.float64).flatten() for u in a])
+        b = torch.cat([v.flatten() for v in b])
+        return ((a - b).norm() / b.norm()).item()
+
+    cpu_err, gpu_err = rel(cpu32, exact), rel(gpu32, exact)
+    assert gpu_err <= 4 * cpu_err + 1e-6, f"GPU path {gpu_err:.2e} vs the CPU path's {cpu_err:.2e}"
+
+    grads = step(copy.deepcopy(gpu_model), x.to(device), autocast=True)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
