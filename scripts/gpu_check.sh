@@ -54,7 +54,7 @@ fi
 # run died so) is replaced, its test reported as "crashed while running", the rest still run.
 # FALCONNET_TRITON_AUTOTUNE=0: each Triton kernel runs its first fitting tile configuration (the
 # tests check the arithmetic; timing every configuration would take the whole budget).
-test_files="tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py tests/test_refco_train.py"
+test_files="tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_repso_train.py tests/test_refco_train.py tests/test_models.py"
 per_test_timeout=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=100")
 workers=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
