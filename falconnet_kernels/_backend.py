@@ -114,7 +114,9 @@ def _described(op: str, backend: str, pass_: str) -> str:
     if op == "sf_conv" and backend == "triton":
         from . import triton_sf_gemm
 
-        return "triton (composed GEMM)" if triton_sf_gemm.routed(256, 1024, pass_) else "triton (two-stage)"
+        if triton_sf_gemm.routed(256, 1024, pass_, torch.bfloat16):
+            return "triton (composed GEMM for 16-bit x, two-stage for float32)"
+        return "triton (two-stage)"
     return backend
 
 

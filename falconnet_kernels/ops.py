@@ -101,7 +101,7 @@ def _run(op: str, pass_: str, x: Tensor, *args):
 
             w2 = args[2] if pass_ == "forward" else args[3]  # (c_h, m, G); see the callers below
             C_in, C_out = x.shape[1], w2.shape[0] * w2.shape[1]
-            if triton_sf_gemm.routed(C_in, C_out, pass_):
+            if triton_sf_gemm.routed(C_in, C_out, pass_, x.dtype):
                 module = triton_sf_gemm  # the composed-weight GEMM form where it was measured faster
         else:
             from . import triton_dw_conv3x3 as module

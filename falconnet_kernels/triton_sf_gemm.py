@@ -28,8 +28,9 @@ Measured (H100, bf16, channels_last, batch 128, CUDA graphs; benchmarks/results/
 forward 1.13-1.63x the two-stage kernel at all 8 FalconNet shapes (0.79x cuDNN's dense 1x1
 geomean: 1.06x at 32->128@56, 0.98x at 128->32@56, 0.68-0.74x at the 7x7 and 14x14 maps),
 backward 1.30-2.67x (fwd+bwd 0.66x cuDNN geomean). So falconnet::sf_conv's Triton backend takes
-this form for both passes (COMPOSED) up to C_in*C_out = 1024*256 MACs a pixel, the largest
-measured; wider pairs approach the H100's compute ridge and stay on the two-stage kernel.
+this form for both passes (COMPOSED) for 16-bit x up to C_in*C_out = 1024*256 MACs a pixel, the
+largest measured; wider pairs approach the H100's compute ridge, and float32 x (IEEE products on
+CUDA cores) stays on the two-stage kernel.
 """
 from __future__ import annotations
 
@@ -54,11 +55,15 @@ COMPOSED: set = {("*", "*", "forward"), ("*", "*", "backward")}
 # the largest C_in*C_out measured (1024->256): beyond it the composed product's MACs a pixel
 # near the compute ridge, where the exact-FLOP two-stage kernel may win again (unmeasured)
 COMPOSED_MAX_MACS = 1024 * 256
+# the dtypes measured (bf16; fp16 takes the same tensor-core path). float32 stays on the two-stage
+# kernel: there the composed product's C_in*C_out MACs a pixel run as IEEE float32 on CUDA cores
+# (16x the two-stage kernel's at 1024->256), unmeasured
+COMPOSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def routed(C_in: int, C_out: int, pass_: str) -> bool:
-    """Whether the Triton backend's sf_conv `pass_` ('forward' or 'backward') runs here."""
-    return C_in * C_out <= COMPOSED_MAX_MACS and any(
+def routed(C_in: int, C_out: int, pass_: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the Triton backend's sf_conv `pass_` ('forward' or 'backward') runs here for x of dtype."""
+    return dtype in COMPOSED_DTYPES and C_in * C_out <= COMPOSED_MAX_MACS and any(
         (a in ("*", C_in)) and (b in ("*", C_out)) and p == pass_ for a, b, p in COMPOSED)
 
 

@@ -108,7 +108,7 @@ def test_package_exports():
 @pytest.mark.triton
 def test_gpu_training_path(monkeypatch):
     """A FalconNet training step on the GPU's paths: every op on its Triton backend (the composed
-    GEMM SF-Conv, the dw stencils), RepSO's Triton one-node path, nn.BatchNorm2d (no CPU BN node).
+    GEMM SF-Conv, routed for float32 too; the dw stencils), RepSO's Triton one-node path, nn.BatchNorm2d (no CPU BN node).
     On a GPU for real; without one, on CPU tensors in the Triton interpreter (a small FalconNet:
     ~40 s a step there). float32: the gradients (all at once) within 4x the CPU path's own
     float32 error of the float64 step (+1e-6); measured 8.0e-4 against 6.3e-4 (small-batch
@@ -117,7 +117,7 @@ def test_gpu_training_path(monkeypatch):
     import copy
 
     from falconnet.layers import conv_bn
-    from falconnet_kernels import _backend
+    from falconnet_kernels import _backend, triton_sf_gemm
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -138,6 +138,8 @@ def test_gpu_training_path(monkeypatch):
     cpu32 = step(copy.deepcopy(model), x)  # the CPU's own paths (C++ kernels, BN node)
 
     monkeypatch.setenv("FALCONNET_BACKEND", "triton")
+    # the composed GEMM for float32 too (by default 16-bit only): the float32 step checks its numerics
+    monkeypatch.setattr(triton_sf_gemm, "COMPOSED_DTYPES", (torch.float32, torch.bfloat16, torch.float16))
     if not gpu:  # CPU tensors take the C++ kernels and the CPU nodes: route them as a GPU would
         monkeypatch.setattr(_backend, "select", lambda op, dev, pass_="forward": "triton")
         monkeypatch.setattr(conv_bn, "_use_bn_act_node", lambda *a, **k: False)

@@ -354,8 +354,8 @@ def test_batchnorm_without_running_stats_float64(mode):
 @pytest.mark.parametrize("form", ["gemm", "two-stage"])
 def test_fused_on_the_triton_kernels(monkeypatch, config, layout, form):
     """The fused form with the SF-Conv op on its Triton backend (the GPU default; on CPU tensors in
-    the interpreter without a GPU) in either of its forms (the composed GEMM, the default, or the
-    two-stage kernel), float32 with true-float32 convs, against the float64 branch form: within
+    the interpreter without a GPU) in either of its forms (the composed GEMM, the default for
+    16-bit x, routed here for float32; or the two-stage kernel), float32 with true-float32 convs, against the float64 branch form: within
     twice the float32 branch form's own error (plus 1e-6)."""
     from falconnet_kernels import _backend, triton_sf_gemm
 
@@ -369,6 +369,7 @@ def test_fused_on_the_triton_kernels(monkeypatch, config, layout, form):
     from falconnet_kernels import triton_sf_conv
 
     monkeypatch.setattr(triton_sf_gemm, "COMPOSED", triton_sf_gemm.COMPOSED if form == "gemm" else set())
+    monkeypatch.setattr(triton_sf_gemm, "COMPOSED_DTYPES", (torch.float32,))  # float32: the default's 16-bit route
     module = triton_sf_gemm if form == "gemm" else triton_sf_conv
     real = module.sf_conv_forward
     monkeypatch.setattr(module, "sf_conv_forward", lambda *a: calls.append(1) or real(*a))

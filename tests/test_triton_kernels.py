@@ -294,6 +294,11 @@ def test_sf_conv_op_routes_to_the_gemm_form(monkeypatch, routes):
     import falconnet_kernels
     from falconnet_kernels import _backend, triton_sf_gemm
 
+    # float32 stays on the two-stage kernel by default (COMPOSED_DTYPES); float32 is what the
+    # interpreter checks to FP32_TOL, so it is routed here
+    assert not triton_sf_gemm.routed(32, 128, "forward", torch.float32)
+    assert triton_sf_gemm.routed(32, 128, "forward", torch.bfloat16)
+    monkeypatch.setattr(triton_sf_gemm, "COMPOSED_DTYPES", (torch.float32,))
     monkeypatch.setattr(triton_sf_gemm, "COMPOSED", routes)
     monkeypatch.setattr(_backend, "select", lambda op, device, pass_="forward": "triton")
     calls = []
@@ -310,7 +315,7 @@ def test_sf_conv_op_routes_to_the_gemm_form(monkeypatch, routes):
     g64 = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), "relu")
     for got, want in zip(grads, g64):
         assert rel_err(got, want) < FP32_TOL
-    assert not triton_sf_gemm.routed(128, 32, "forward") or len(routes) == 2
+    assert not triton_sf_gemm.routed(128, 32, "forward", torch.float32) or len(routes) == 2
     # the outputs' metadata match the fake kernels (what torch.compile relies on)
     torch.library.opcheck(torch.ops.falconnet.sf_conv, (x, w1, w2, b, res, "relu"),
                           test_utils=("test_schema", "test_faketensor"))
