@@ -6,8 +6,6 @@ device before it reads the clock (cuda_sync_timer), so each round covers finishe
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import torch
@@ -33,21 +31,11 @@ def cuda_sync_timer() -> float:
     return time.perf_counter()
 
 
-@contextlib.contextmanager
 def forced_backend(name: str | None):
-    """Set FALCONNET_BACKEND for the duration (the ops read it at every call)."""
-    old = os.environ.get("FALCONNET_BACKEND")
-    if name is None:
-        os.environ.pop("FALCONNET_BACKEND", None)
-    else:
-        os.environ["FALCONNET_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FALCONNET_BACKEND", None)
-        else:
-            os.environ["FALCONNET_BACKEND"] = old
+    """FALCONNET_BACKEND set to name for the duration (falconnet_kernels._backend.forcing)."""
+    from falconnet_kernels import _backend
+
+    return _backend.forcing(name)
 
 
 def graphed(fn, warmup: int = 3):

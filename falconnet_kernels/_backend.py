@@ -6,6 +6,7 @@ falling back to whichever is available. FALCONNET_BACKEND=cuda|triton|torch forc
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -66,6 +67,24 @@ def triton_version() -> str | None:
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return None
     return triton.__version__
+
+
+@contextlib.contextmanager
+def forcing(name: str | None):
+    """FALCONNET_BACKEND set to name (unset for None) for the duration; the ops read it at every
+    call. The benchmarks and scripts/gpu_profile.py time each backend with it."""
+    old = os.environ.get("FALCONNET_BACKEND")
+    if name is None:
+        os.environ.pop("FALCONNET_BACKEND", None)
+    else:
+        os.environ["FALCONNET_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FALCONNET_BACKEND", None)
+        else:
+            os.environ["FALCONNET_BACKEND"] = old
 
 
 def forced_backend() -> str | None:

@@ -17,28 +17,10 @@ SPEC section 6 shapes, as the benchmarks.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
-
-
-@contextlib.contextmanager
-def backend(name: str | None):
-    old = os.environ.get("FALCONNET_BACKEND")
-    if name is None:
-        os.environ.pop("FALCONNET_BACKEND", None)
-    else:
-        os.environ["FALCONNET_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FALCONNET_BACKEND", None)
-        else:
-            os.environ["FALCONNET_BACKEND"] = old
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +70,9 @@ def cases(device: str = "cuda", dtype=torch.bfloat16, N: int = 128) -> list[tupl
 
 
 def _forced(name, fn, *args):
-    with backend(name):
+    from falconnet_kernels import _backend
+
+    with _backend.forcing(name):
         return fn(*args)
 
 
