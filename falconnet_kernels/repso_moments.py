@@ -160,10 +160,11 @@ def _register_cpp_fakes() -> None:
 
     @fake("dw_conv3x3_forward")  # the node's conv for channels_last x (the op's own layout rule)
     def _(x, weight, bias, stride, activation):
+        from .ops import _out_format
+
         N, C, H, W = x.shape
-        y = x.new_empty((N, C, (H - 1) // stride + 1, (W - 1) // stride + 1))
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+        return x.new_empty((N, C, (H - 1) // stride + 1, (W - 1) // stride + 1)).contiguous(
+            memory_format=_out_format(x))
 
 
 if _cpp_has("repso_moments_forward") and _cpp_has("repso_fold_forward"):

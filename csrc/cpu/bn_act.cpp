@@ -116,16 +116,22 @@ void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, const 
   TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), name, " must be (", x.size(1), ",), got ", t->sizes());
 }
 
+// Both ops' argument checks; returns the parsed activation.
+Activation check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, c10::string_view activation, const char* op) {
+  check_input(x, op);
+  check_param(weight, x, "weight");
+  check_param(bias, x, "bias");
+  return parse_activation(std::string_view(activation.data(), activation.size()));
+}
+
 // -> (y, mean, invstd): mean and invstd in float64 (C,) (the saved statistics; the caller updates the
 // running statistics from them)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward(const at::Tensor& x,
                                                                const c10::optional<at::Tensor>& weight,
                                                                const c10::optional<at::Tensor>& bias, double eps,
                                                                c10::string_view activation) {
-  check_input(x, "bn_act_forward");
-  check_param(weight, x, "weight");
-  check_param(bias, x, "bias");
-  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
+  const Activation act = check_args(x, weight, bias, activation, "bn_act_forward");
   const int64_t C = x.size(1), P = x.numel() / C;
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   at::Tensor mean = at::empty({C}, x.options().dtype(at::kDouble));
@@ -188,16 +194,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(const at::Tensor&
                                                                 const c10::optional<at::Tensor>& bias,
                                                                 const at::Tensor& mean_in, const at::Tensor& invstd_in,
                                                                 c10::string_view activation, bool need_x) {
-  check_input(x, "bn_act_backward");
-  check_param(weight, x, "weight");
-  check_param(bias, x, "bias");
+  const Activation act = check_args(x, weight, bias, activation, "bn_act_backward");
   TORCH_CHECK(grad_y_in.sizes() == x.sizes() && grad_y_in.scalar_type() == x.scalar_type(),
               "bn_act_backward: grad_y must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
               grad_y_in.sizes(), " ", grad_y_in.scalar_type());
   const int64_t C = x.size(1), P = x.numel() / C;
   TORCH_CHECK(mean_in.numel() == C && invstd_in.numel() == C, "bn_act_backward: mean and invstd must have ", C,
               " values");
-  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor mean = mean_in.to(at::kDouble).contiguous(), invstd = invstd_in.to(at::kDouble).contiguous();
   const at::Tensor w = weight.has_value() && weight->defined() ? *weight : at::Tensor();

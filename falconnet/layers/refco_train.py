@@ -99,6 +99,8 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     # picks its own layouts.
     if not a.is_cpu or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return torch.bmm(a, b)
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return torch.bmm(_batch_major(a), _batch_major(b))  # inside the nodes here: no autograd node
     return _BatchMatmul.apply(a, b)
 
 
