@@ -101,9 +101,16 @@ inline at::MemoryFormat memory_format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// The device named in an error without c10::Device's operator<< (the checks below crashed with
-// SIGSEGV on an H100, torch 2.11, when a CPU tensor was passed, while the dtype and shape errors
-// beside them raised cleanly; the printing of the Device is the one difference, unconfirmed).
+// Errors name devices and shapes without c10's operator<< for Device and IntArrayRef: compiled by
+// nvcc against torch 2.11 (H100 runs of 2026-11-26), a TORCH_CHECK message that streamed either
+// crashed the process with SIGSEGV instead of raising (every crashing check printed one, every
+// check beside it that printed neither raised cleanly).
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
 inline const char* device_type_name(const at::Tensor& t) {
   return t.is_cuda() ? "cuda" : t.is_cpu() ? "cpu" : t.is_meta() ? "meta" : "a non-CUDA device";
 }
@@ -119,7 +126,7 @@ inline void check_input(const at::Tensor& t, const char* name, const at::Tensor&
 
 inline void check_x(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", device_type_name(x));
-  TORCH_CHECK(x.dim() == 4, name, " must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 4, name, " must be a 4-D (N, C, H, W) tensor, got shape ", shape_str(x.sizes()));
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
               " must be float32, float16 or bfloat16 on CUDA, got ", st);
