@@ -38,8 +38,8 @@ def forced_backend(name: str | None):
     return _backend.forcing(name)
 
 
-def graphed(fn, warmup: int = 3):
-    """Return a callable that replays a CUDA graph of fn() (warmed up on a side stream first)."""
+def graphed(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn() (warmed up on a side stream first): time its replay(), reset() it after."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -51,7 +51,7 @@ def graphed(fn, warmup: int = 3):
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
-    return graph.replay
+    return graph
 
 
 def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = None, rounds: int | None = None):
@@ -59,15 +59,22 @@ def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = 
     benchmark.extra_info.update(info)
     with forced_backend(backend):
         if device == "cuda":
+            graph = None
             try:
-                target = graphed(fn)
+                graph = graphed(fn)
                 benchmark.extra_info["cuda_graph"] = True
             except Exception as exc:  # noqa: BLE001 - fall back to plain launches, and say so
                 torch.cuda.synchronize()
                 benchmark.extra_info["cuda_graph"] = False
                 benchmark.extra_info["graph_error"] = str(exc)[:200]
-                target = fn
-            benchmark.pedantic(target, rounds=rounds or 200, warmup_rounds=10, iterations=1)
+            try:
+                benchmark.pedantic(graph.replay if graph else fn, rounds=rounds or 200, warmup_rounds=10, iterations=1)
+            finally:
+                if graph is not None:
+                    # the graph's private memory pool goes back now, not whenever pytest-benchmark
+                    # drops its reference to replay (pools of earlier cases filled an H100)
+                    torch.cuda.synchronize()
+                    graph.reset()
         else:
             benchmark.pedantic(fn, rounds=rounds or 10, warmup_rounds=2, iterations=1)
 
