@@ -219,6 +219,11 @@ def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int
     shift = torch.empty((C,), device=dev, dtype=torch.float32)
     # per channel: (cov + cov^T) and a product temporary in float64, the lag matrix and its gather
     block_c, warps = _launch_shape(KK_PAD, 2 * KK_PAD * KK_PAD + 2 * LAG_PAD * KK_PAD)
+    if K == 3 and C >= 512:
+        # one channel a program made C programs: 64 us at C = 1024 on an H100 (2026-11-26), about
+        # 4 waves of a few microseconds' dependent float64 steps. 4 channels on 8 warps: 218
+        # registers, no spills (sm_90, triton 3.6); a quarter of the programs (unmeasured)
+        block_c, warps = 4, 8
     _fold_bwd_kernel[(triton.cdiv(C, block_c),)](
         grad_weight.reshape(C, KK), grad_bias, mean, cov, kernels.contiguous(), gamma.contiguous(), eps,
         g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift,

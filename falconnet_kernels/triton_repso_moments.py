@@ -16,6 +16,10 @@ into a high and a low bf16 part (two tensor-core products, ~2^-16 relative error
 rounding). float32 input: the values are shifted by a per-channel sample (see the C++ kernel's
 note on cancellation) and the products run in full float32 (input_precision="ieee"); the
 backward does the same for float16 x, whose range cannot hold A (_split_lag).
+K = 3 (RepSO's default, every 3x3 row of Table 3) has its own pair of row-wise kernels on CUDA
+cores (_moments3_fwd_kernel, _moments3_bwd_kernel; the generic ones measured 3% of copy on an
+H100): the forward keeps the 9 sums and 45 pair products per lane in registers, the backward is a
+5x5 stencil of x with per-position-class float32 weights (whatever x's dtype: no hi/lo split).
 Only Triton 3.6 APIs are used.
 """
 from __future__ import annotations
@@ -200,6 +204,167 @@ def _moments_bwd_kernel(
     tl.store(out, g.to(gx_ptr.dtype.element_ty), mask=out_ok)
 
 
+# ---------------------------------------------------------------------------------------------
+# K = 3 (every 3x3 row of Table 3, RepSO's default): row-wise kernels on CUDA cores. The generic
+# kernels above gather a (channels x taps x positions) tile through 3-D index tensors and
+# contract it on tensor cores; on an H100 (2026-11-26, bf16, batch 128) the forward ran at
+# ~90 GB/s and the backward at ~100 GB/s, 3% of copy, most of RepSO's one-conv training step.
+# These walk image rows instead: a (BLOCK_W columns x BLOCK_C channels) tile per step, each tap a
+# plain 2-D load at a constant offset (L1 serves the overlaps), no index tensors beyond the tile's.
+
+_FWD3_TILES = [(8, 32, 4), (2, 128, 4), (8, 64, 8), (4, 64, 4)]  # (BLOCK_W, BLOCK_C, warps)
+_BWD3_TILES = [(8, 64, 4), (16, 32, 4), (2, 128, 4), (8, 128, 8)]
+
+
+def _configs_wc(tiles) -> list:
+    return [triton.Config({"BLOCK_W": w, "BLOCK_C": c}, num_warps=nw) for w, c, nw in tiles]
+
+
+def _first_unless_tuning(configs, named_args, **kwargs):
+    return configs if _autotune_enabled() else configs[:1]
+
+
+@triton.autotune(configs=_configs_wc(_FWD3_TILES), key=["C", "H", "W", "n_rows"],
+                 prune_configs_by={"early_config_prune": _first_unless_tuning})
+@triton.jit
+def _moments3_fwd_kernel(
+    x_ptr, shift_ptr, sum_ptr, prod_ptr,
+    C, H, W, n_rows, chunk,
+    sN, sC, sH, sW,
+    SHIFT: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per program: the 9 tap sums and the 45 tap-pair products over its rows (n, i) of the
+    flattened N*H, for BLOCK_C channels, accumulated per (column, channel) lane in float32 and
+    reduced over the columns once at the end (the 54 accumulators are a tuple: registers)."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if SHIFT:
+        a = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    sums = ()
+    for _ in tl.static_range(9):
+        sums = sums + (zero,)
+    prods = ()
+    for _ in tl.static_range(45):
+        prods = prods + (zero,)
+    r0 = pid_s * chunk
+    for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
+        n = r // H
+        i = r % H
+        base = x_ptr + n * sN + offs_c[None, :] * sC
+        for j0 in range(0, W, BLOCK_W):
+            j = j0 + tl.arange(0, BLOCK_W)
+            live = (j < W)[:, None] & c_ok[None, :]
+            u = ()
+            for q in tl.static_range(9):
+                ii = i + (q // 3 - 1)
+                jj = j + (q % 3 - 1)
+                inside = live & ((ii >= 0) & (ii < H)) & ((jj >= 0) & (jj < W))[:, None]
+                v = tl.load(base + ii * sH + jj[:, None] * sW, mask=inside, other=0.0).to(tl.float32)
+                if SHIFT:
+                    # x - a in the whole padded window (padding too), 0 off the tile
+                    v = tl.where(live, v - a[None, :], 0.0)
+                u = u + (v,)
+            new_sums = ()
+            for q in tl.static_range(9):
+                new_sums = new_sums + (sums[q] + u[q],)
+            new_prods = ()
+            for p in tl.static_range(9):
+                for q in tl.static_range(p, 9):
+                    new_prods = new_prods + (prods[p * 9 - p * (p - 1) // 2 + q - p] + u[p] * u[q],)
+            sums = new_sums
+            prods = new_prods
+    out = pid_s * C + offs_c
+    for q in tl.static_range(9):
+        tl.store(sum_ptr + out * KK_PAD + q, tl.sum(sums[q], axis=0), mask=c_ok)
+    for p in tl.static_range(9):
+        for q in tl.static_range(p, 9):
+            val = tl.sum(prods[p * 9 - p * (p - 1) // 2 + q - p], axis=0)
+            tl.store(prod_ptr + (out * KK_PAD + p) * KK_PAD + q, val, mask=c_ok)
+            if q != p:
+                tl.store(prod_ptr + (out * KK_PAD + q) * KK_PAD + p, val, mask=c_ok)
+
+
+@triton.jit
+def _grad_x3_tile(x_row, gy_row, w_ptr, tab, cst, tab_ok, a, i, j, H, W, C, offs_c, ok, sH, sW, yH, yW,
+                  HAS_CONV: tl.constexpr):
+    """grad_x at one row i, columns j ((BW,) or (2,)), BLOCK_C channels: the moments part
+    cst + sum over the 25 lags d of tab[d] (x(i + di, j + dj) - a), with tab and cst (pointers
+    to lag 0 of this tile's class table rows, already divided by M; (1, BC) for a whole tile of
+    one class, (len(j), BC) for the border columns; tab_ok their mask), plus the 3x3 conv's input gradient from the
+    9 taps of grad_y. float32."""
+    g = tl.load(cst, mask=tab_ok, other=0.0) + tl.zeros(ok.shape, dtype=tl.float32)
+    # lag rows in a loop, not unrolled: all 25 lags' loads in flight at once took all 255
+    # registers and spilled (sm_90, triton 3.6)
+    for di in range(-2, 3):
+        row_ok = (i + di >= 0) & (i + di < H)
+        for dj in tl.static_range(-2, 3):
+            jj = j + dj
+            m = ok & row_ok & ((jj >= 0) & (jj < W))[:, None]
+            v = tl.load(x_row + di * sH + jj[:, None] * sW, mask=m, other=0.0).to(tl.float32)
+            g += tl.load(tab + ((di + 2) * 5 + dj + 2) * C, mask=tab_ok, other=0.0) * (v - a[None, :])
+    if HAS_CONV:
+        # sum over taps (ta, tb) of w[ta, tb] grad_y(i + 1 - ta, j + 1 - tb), zero outside the map
+        for ta in range(0, 3):
+            row_ok = (i + 1 - ta >= 0) & (i + 1 - ta < H)
+            for tb in tl.static_range(3):
+                yj = j + (1 - tb)
+                m = ok & row_ok & ((yj >= 0) & (yj < W))[:, None]
+                gy = tl.load(gy_row + (1 - ta) * yH + yj[:, None] * yW, mask=m, other=0.0).to(tl.float32)
+                wt = tl.load(w_ptr + offs_c * 9 + ta * 3 + tb, mask=offs_c < C, other=0.0).to(tl.float32)
+                g += gy * wt[None, :]
+    return g
+
+
+@triton.autotune(configs=_configs_wc(_BWD3_TILES), key=["C", "H", "W", "n_rows", "HAS_CONV"],
+                 prune_configs_by={"early_config_prune": _first_unless_tuning})
+@triton.jit
+def _moments3_bwd_kernel(
+    x_ptr, gx_ptr, tab_ptr, cst_ptr, shift_ptr, gy_ptr, w_ptr,
+    C, H, W, n_rows, chunk,
+    sN, sC, sH, sW, gN, gC, gH, gW, yN, yC, yH, yW,
+    HAS_CONV: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_x of the moments (and of the conv, HAS_CONV) over a chunk of rows (n, i): a 5x5
+    stencil of x whose weights depend on which of the 9 shifts p have their output position
+    v - p in the map, i.e. on the position's class: (row: top, bottom, both, neither) x (column:
+    the same), 16 tables built on the host (_class_tables). Each row runs the tile loop with its
+    row class and the interior column class, storing columns 1..W-2, then columns 0 and W-1 as a
+    2-wide tile with their own classes."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    a = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    r0 = pid_r * chunk
+    for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
+        n = r // H
+        i = r % H
+        rc = tl.minimum(i, 1) * 2 + tl.minimum(H - 1 - i, 1)  # (has a row above, has a row below)
+        x_row = x_ptr + n * sN + i * sH + offs_c[None, :] * sC
+        gy_row = gy_ptr + n * yN + i * yH + offs_c[None, :] * yC
+        out_row = gx_ptr + n * gN + i * gH + offs_c[None, :] * gC
+        tab = tab_ptr + (rc * 4 + 3) * 25 * C + offs_c[None, :]
+        cst = cst_ptr + (rc * 4 + 3) * C + offs_c[None, :]
+        for j0 in range(0, W, BLOCK_W):
+            j = j0 + tl.arange(0, BLOCK_W)
+            ok = (j < W)[:, None] & c_ok[None, :]
+            g = _grad_x3_tile(x_row, gy_row, w_ptr, tab, cst, c_ok[None, :], a, i, j, H, W, C, offs_c, ok, sH, sW, yH, yW,
+                              HAS_CONV)
+            interior = ok & ((j >= 1) & (j < W - 1))[:, None]
+            tl.store(out_row + j[:, None] * gW, g.to(gx_ptr.dtype.element_ty), mask=interior)
+        jb = tl.where(tl.arange(0, 2) == 0, 0, W - 1)  # W = 1: column 0 twice, the same value
+        cc = tl.minimum(jb, 1) * 2 + tl.minimum(W - 1 - jb, 1)
+        tab_b = tab_ptr + ((rc * 4 + cc[:, None]) * 25) * C + offs_c[None, :]
+        cst_b = cst_ptr + (rc * 4 + cc[:, None]) * C + offs_c[None, :]
+        ok_b = (jb >= 0)[:, None] & c_ok[None, :]
+        g = _grad_x3_tile(x_row, gy_row, w_ptr, tab_b, cst_b, ok_b, a, i, jb, H, W, C, offs_c, ok_b, sH, sW, yH, yW,
+                          HAS_CONV)
+        tl.store(out_row + jb[:, None] * gW, g.to(gx_ptr.dtype.element_ty), mask=ok_b)
+
+
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -231,6 +396,19 @@ def forward_partials(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tenso
     n_pos = N * H * W
     _check(x)
     shift_values = x.dtype == torch.float32
+    if K == 3 and n_pos > 0:
+        n_rows = N * H
+        n_split = _row_programs(x, n_rows, 8)
+        chunk = triton.cdiv(n_rows, n_split)
+        n_split = triton.cdiv(n_rows, chunk)
+        shift = _shift(x) if shift_values else torch.zeros(C, device=x.device, dtype=torch.float32)
+        # zeros: the kernel writes the 9 x 9 block of the padded 16 x 16
+        sums = torch.zeros((n_split, C, KK_PAD), device=x.device, dtype=torch.float32)
+        prods = torch.zeros((n_split, C, KK_PAD, KK_PAD), device=x.device, dtype=torch.float32)
+        grid = lambda meta: (n_split, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _moments3_fwd_kernel[grid](x, shift, sums, prods, C, H, W, n_rows, chunk, *x.stride(),
+                                   SHIFT=shift_values, KK_PAD=KK_PAD)
+        return sums, prods, shift
     n_cblocks = triton.cdiv(C, 16)
     if x.is_cuda:
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -261,12 +439,13 @@ def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.
     return mean.float(), cov.float()
 
 
-def _split_lag(dtype: torch.dtype) -> bool:
+def _split_lag(dtype: torch.dtype, K: int) -> bool:
     """Whether the backward's lag matrix goes to the tensor cores as two parts of x's 16-bit type
     (bf16: float32's exponent range). float16 takes the float32 route instead: the matrix grows
     with the position count and with 1/std^3 of the branches and overflowed float16's 65504 (a
-    review measured 2.8e7 for a channel of std 0.01), and its low part underflowed."""
-    return dtype == torch.bfloat16
+    review measured 2.8e7 for a channel of std 0.01), and its low part underflowed. K = 3 never
+    splits: its kernel (_moments3_bwd_kernel) multiplies in float32 on CUDA cores."""
+    return dtype == torch.bfloat16 and K != 3
 
 
 def _lag_matrix(g_sym: torch.Tensor, K: int, lag_pad: int, kk_pad: int) -> torch.Tensor:
@@ -281,13 +460,48 @@ def _lag_matrix(g_sym: torch.Tensor, K: int, lag_pad: int, kk_pad: int) -> torch
     return A
 
 
+def _row_programs(x: torch.Tensor, n_rows: int, per_sm: int) -> int:
+    """How many row chunks the K = 3 kernels split N*H rows into: about per_sm programs an SM
+    over the channel blocks of 32 (4 on the CPU, where the interpreter runs them)."""
+    target = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    return max(1, min(n_rows, triton.cdiv(target, triton.cdiv(x.shape[1], 32))))
+
+
+_CLASS_VALID: dict = {}
+
+
+def _class_validity(device) -> torch.Tensor:
+    """(16, 9) float32: V[class, p] = 1 where shift p = (pi, pj) of the 3x3 window has its output
+    position v - p + 1 in the map, for a position v of that class. class = row * 4 + column, each
+    (has a neighbour before) * 2 + (has one after): pi is valid from 1 - after to 1 + before."""
+    key = str(device)
+    if key not in _CLASS_VALID:
+        cls = torch.arange(16)
+        rb, ra, cb, ca = cls // 8, cls // 4 % 2, cls // 2 % 2, cls % 2
+        p = torch.arange(9)
+        pi, pj = p // 3, p % 3
+        row = (pi[None, :] >= 1 - ra[:, None]) & (pi[None, :] <= 1 + rb[:, None])
+        col = (pj[None, :] >= 1 - ca[:, None]) & (pj[None, :] <= 1 + cb[:, None])
+        _CLASS_VALID[key] = (row & col).float().to(device)
+    return _CLASS_VALID[key]
+
+
+def _class_tables(A: torch.Tensor, cst: torch.Tensor, inv_M: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K = 3 backward kernel's weights: (16, 25, C) tab[class, d, c] = sum over the class's
+    valid shifts p of A[c, d, p] / M, and (16, C) cst[class, c] = sum of cst[c, p] / M, float32,
+    from the lag matrix A (C, >= 25, >= 9) and the constant cst (C, >= 9)."""
+    V = _class_validity(A.device)
+    tab = torch.einsum("kp,cdp->kdc", V, A[:, :25, :9].float()).mul_(inv_M).contiguous()
+    return tab, (V @ cst[:, :9].float().t()).mul_(inv_M).contiguous()
+
+
 def repso_moments_backward(
     grad_mean: torch.Tensor, grad_cov: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, K: int
 ) -> torch.Tensor:
     N, C, H, W = x.shape
     KK, KK_PAD, LAG_PAD = K * K, _pow2(K * K), _pow2((2 * K - 1) ** 2)
     _check(x)
-    split = _split_lag(x.dtype)
+    split = _split_lag(x.dtype, K)
     g_sym = (grad_cov + grad_cov.transpose(1, 2)).double()
     mean64 = mean.double()
     # the shift: the centre mean for float32 (centres the stencil's terms), none for 16-bit x
@@ -314,7 +528,6 @@ def backward_launch(x: torch.Tensor, a_hi: torch.Tensor, a_lo: torch.Tensor, cst
     N, C, H, W = x.shape
     KK_PAD, LAG_PAD = _pow2(K * K), _pow2((2 * K - 1) ** 2)
     n_pos = N * H * W
-    split = _split_lag(x.dtype)
     gx = torch.empty_like(x)
     if conv is not None:
         grad_y, weight = conv
@@ -324,6 +537,21 @@ def backward_launch(x: torch.Tensor, a_hi: torch.Tensor, a_lo: torch.Tensor, cst
         weight = weight.reshape(C, K * K).contiguous()
     else:
         grad_y, weight = gx, gx
+    if n_pos == 0:
+        return gx
+    if K == 3:
+        # the lag matrix in float32: as given, or its two 16-bit parts added
+        A = a_hi.float() if a_hi.dtype == torch.float32 else a_hi.float() + a_lo.float()
+        tab, cst_tab = _class_tables(A, cst, 1.0 / n_pos)
+        n_rows = N * H
+        chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 16))
+        grid = lambda meta: (triton.cdiv(n_rows, chunk), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _moments3_bwd_kernel[grid](
+            x, gx, tab, cst_tab, shift.float().contiguous(), grad_y, weight,
+            C, H, W, n_rows, chunk, *x.stride(), *gx.stride(), *grad_y.stride(), HAS_CONV=conv is not None,
+        )
+        return gx
+    split = _split_lag(x.dtype, K)
     grid = lambda meta: (triton.cdiv(n_pos, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _moments_bwd_kernel[grid](
         x, gx, a_hi.contiguous(), a_lo.contiguous(), cst.contiguous(), shift.contiguous(), grad_y, weight,

@@ -632,7 +632,8 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
     from falconnet_kernels import triton_repso_moments as tm
 
     monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")  # on a GPU: one tile, not every config compiled
-    C, B, KK, dev = 6, 5, K * K, TRITON_DEVICE
+    # C = 514 at K = 3: the fold backward's 4-channel programs (C >= 512), the last one partial
+    C, B, KK, dev = 514 if K == 3 else 6, 5, K * K, TRITON_DEVICE
     x = torch.randn(3, C, 7, 5) * 2 + 1
     sums, prods, shift = tm.forward_partials(x.to(dev), K)
     kernels = torch.randn(C, B, KK)
@@ -704,6 +705,52 @@ def test_triton_moments_backward_with_the_conv_input_gradient(monkeypatch, K, ch
         x.shape, weight.double(), grad_y.double(), padding=K // 2, groups=C)
     assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert (gx.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("shape", [(2, 70, 5, 9), (3, 33, 1, 1), (1, 65, 2, 17), (2, 40, 9, 2)], ids=str)
+def test_triton_k3_row_kernels(monkeypatch, shape, channels_last):
+    """The K = 3 row kernels (_moments3_fwd_kernel, _moments3_bwd_kernel) where rows split over
+    several programs, a row over several column tiles (W = 9, 17 against tiles of 8) and the
+    channels over several blocks (33-70 against 32 and 64), on 1- and 2-wide maps, in both
+    layouts: the moments and grad_x (with the conv's input gradient) against float64. float32 x
+    (and bf16 on a GPU): the moments within test_moments_match_reference's 4e-6 (float32 sums of
+    exact products); grad_x within 1e-5 of its largest value in float32 (float32 weights and
+    products), within bf16's rounding of the output (8e-3) in bf16."""
+    from falconnet_kernels import triton_repso_moments as tm
+
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    dtypes = [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+    for dtype in dtypes:
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        C, dev = shape[1], TRITON_DEVICE
+        sums, prods, shift = tm.forward_partials(x.to(dev), 3)
+        n = shape[0] * shape[2] * shape[3]
+        ew = sums.double().sum(0)[:, :9].cpu() / n
+        second = prods.double().sum(0)[:, :9, :9].cpu() / n
+        mean = ew + shift.double().cpu()[:, None]
+        cov = second - ew[:, :, None] * ew[:, None, :]
+        ref_mean, ref_cov = rm.repso_moments_ref(x.double(), 3)
+        assert (mean - ref_mean).abs().max() <= 4e-6 * ref_mean.abs().max()
+        assert (cov - ref_cov).abs().max() <= 4e-6 * ref_cov.abs().max()
+
+        g_mean, g_cov = torch.randn(C, 9, dtype=torch.float64), torch.randn(C, 9, 9, dtype=torch.float64)
+        grad_y, weight = torch.randn_like(x), torch.randn(C, 1, 3, 3).to(dtype)
+        g_sym = g_cov + g_cov.transpose(1, 2)
+        centre = ref_mean[:, 4]
+        cst = torch.zeros(C, 16)
+        cst[:, :9] = (g_mean - (g_sym @ (ref_mean - centre[:, None]).unsqueeze(-1)).squeeze(-1)).float()
+        A = tm._lag_matrix(g_sym, 3, 32, 16).float()
+        gx = tm.backward_launch(x.to(dev), A.to(dev), A.to(dev), cst.to(dev), centre.float().to(dev), 3,
+                                conv=(grad_y.to(dev), weight.to(dev))).cpu()
+        ref = rm.repso_moments_backward_ref(g_mean, g_cov, x.double(), ref_mean, 3) + torch.nn.grad.conv2d_input(
+            x.shape, weight.double(), grad_y.double(), padding=1, groups=C)
+        assert gx.dtype == dtype and gx.stride() == x.stride()
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        assert (gx.double() - ref).abs().max() <= tol * ref.abs().max(), dtype
 
 
 @pytest.mark.triton
