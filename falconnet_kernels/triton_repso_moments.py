@@ -212,8 +212,8 @@ def _moments_bwd_kernel(
 # These walk image rows instead: a (BLOCK_W columns x BLOCK_C channels) tile per step, each tap a
 # plain 2-D load at a constant offset (L1 serves the overlaps), no index tensors beyond the tile's.
 
-_FWD3_TILES = [(8, 32, 4), (2, 128, 4), (8, 64, 8), (4, 64, 4)]  # (BLOCK_W, BLOCK_C, warps)
-_BWD3_TILES = [(8, 64, 4), (16, 32, 4), (2, 128, 4), (8, 128, 8)]
+_FWD3_TILES = [(8, 128, 4), (4, 128, 4), (8, 64, 2), (4, 256, 8)]  # (output columns, channels, warps)
+_BWD3_TILES = [(8, 128, 4), (4, 128, 4), (8, 64, 2), (4, 256, 8)]  # (output columns, channels, warps)
 
 
 def _configs_wc(tiles) -> list:
@@ -228,111 +228,87 @@ def _first_unless_tuning(configs, named_args, **kwargs):
                  prune_configs_by={"early_config_prune": _first_unless_tuning})
 @triton.jit
 def _moments3_fwd_kernel(
-    x_ptr, shift_ptr, sum_ptr, prod_ptr,
+    x_ptr, shift_ptr, part_ptr,
     C, H, W, n_rows, chunk,
     sN, sC, sH, sW,
-    SHIFT: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per program: the 9 tap sums and the 45 tap-pair products over its rows (n, i) of the
-    flattened N*H, for BLOCK_C channels, accumulated per (column, channel) lane in float32 and
-    reduced over the columns once at the end (the 54 accumulators are a tuple: registers)."""
+    """Per program: the 9 tap sums and the 45 tap-pair products (p <= q) over its rows (n, i) of
+    the flattened N*H, for BLOCK_C channels, into part (n_split, 54, C), float32: 54 accumulators
+    a channel (tuples of (BLOCK_C,) vectors: registers), summed per row first and then over the
+    rows (float32 error grows with W + rows, not W * rows). BLOCK_W output columns a step: the
+    3 x (BLOCK_W + 2) values they read are loaded once as separate vectors, each serving the up
+    to 3 taps that touch it."""
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     if SHIFT:
         a = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    sums = ()
-    for _ in tl.static_range(9):
-        sums = sums + (zero,)
-    prods = ()
-    for _ in tl.static_range(45):
-        prods = prods + (zero,)
+    else:
+        a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = ()
+    for _ in tl.static_range(54):  # 9 sums, then the 45 products p <= q
+        acc = acc + (zero,)
     r0 = pid_s * chunk
     for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
         n = r // H
         i = r % H
-        base = x_ptr + n * sN + offs_c[None, :] * sC
+        x_c = x_ptr + n * sN + offs_c * sC
+        row = ()
+        for _ in tl.static_range(54):
+            row = row + (zero,)
         for j0 in range(0, W, BLOCK_W):
-            j = j0 + tl.arange(0, BLOCK_W)
-            live = (j < W)[:, None] & c_ok[None, :]
-            u = ()
-            for q in tl.static_range(9):
-                ii = i + (q // 3 - 1)
-                jj = j + (q % 3 - 1)
-                inside = live & ((ii >= 0) & (ii < H)) & ((jj >= 0) & (jj < W))[:, None]
-                v = tl.load(base + ii * sH + jj[:, None] * sW, mask=inside, other=0.0).to(tl.float32)
-                if SHIFT:
-                    # x - a in the whole padded window (padding too), 0 off the tile
-                    v = tl.where(live, v - a[None, :], 0.0)
-                u = u + (v,)
-            new_sums = ()
-            for q in tl.static_range(9):
-                new_sums = new_sums + (sums[q] + u[q],)
-            new_prods = ()
-            for p in tl.static_range(9):
-                for q in tl.static_range(p, 9):
-                    new_prods = new_prods + (prods[p * 9 - p * (p - 1) // 2 + q - p] + u[p] * u[q],)
-            sums = new_sums
-            prods = new_prods
-    out = pid_s * C + offs_c
-    for q in tl.static_range(9):
-        tl.store(sum_ptr + out * KK_PAD + q, tl.sum(sums[q], axis=0), mask=c_ok)
-    for p in tl.static_range(9):
-        for q in tl.static_range(p, 9):
-            val = tl.sum(prods[p * 9 - p * (p - 1) // 2 + q - p], axis=0)
-            tl.store(prod_ptr + (out * KK_PAD + p) * KK_PAD + q, val, mask=c_ok)
-            if q != p:
-                tl.store(prod_ptr + (out * KK_PAD + q) * KK_PAD + p, val, mask=c_ok)
-
-
-@triton.jit
-def _grad_x3_tile(x_row, gy_row, w_ptr, tab, cst, tab_ok, a, i, j, H, W, C, offs_c, ok, sH, sW, yH, yW,
-                  HAS_CONV: tl.constexpr):
-    """grad_x at one row i, columns j ((BW,) or (2,)), BLOCK_C channels: the moments part
-    cst + sum over the 25 lags d of tab[d] (x(i + di, j + dj) - a), with tab and cst (pointers
-    to lag 0 of this tile's class table rows, already divided by M; (1, BC) for a whole tile of
-    one class, (len(j), BC) for the border columns; tab_ok their mask), plus the 3x3 conv's input gradient from the
-    9 taps of grad_y. float32."""
-    g = tl.load(cst, mask=tab_ok, other=0.0) + tl.zeros(ok.shape, dtype=tl.float32)
-    # lag rows in a loop, not unrolled: all 25 lags' loads in flight at once took all 255
-    # registers and spilled (sm_90, triton 3.6)
-    for di in range(-2, 3):
-        row_ok = (i + di >= 0) & (i + di < H)
-        for dj in tl.static_range(-2, 3):
-            jj = j + dj
-            m = ok & row_ok & ((jj >= 0) & (jj < W))[:, None]
-            v = tl.load(x_row + di * sH + jj[:, None] * sW, mask=m, other=0.0).to(tl.float32)
-            g += tl.load(tab + ((di + 2) * 5 + dj + 2) * C, mask=tab_ok, other=0.0) * (v - a[None, :])
-    if HAS_CONV:
-        # sum over taps (ta, tb) of w[ta, tb] grad_y(i + 1 - ta, j + 1 - tb), zero outside the map
-        for ta in range(0, 3):
-            row_ok = (i + 1 - ta >= 0) & (i + 1 - ta < H)
-            for tb in tl.static_range(3):
-                yj = j + (1 - tb)
-                m = ok & row_ok & ((yj >= 0) & (yj < W))[:, None]
-                gy = tl.load(gy_row + (1 - ta) * yH + yj[:, None] * yW, mask=m, other=0.0).to(tl.float32)
-                wt = tl.load(w_ptr + offs_c * 9 + ta * 3 + tb, mask=offs_c < C, other=0.0).to(tl.float32)
-                g += gy * wt[None, :]
-    return g
+            # u = x - a in the padded window (padding: -a), as 3 rows of BLOCK_W + 2 columns
+            cols = ()
+            for ri in tl.static_range(3):
+                row_ok = c_ok & (i + ri - 1 >= 0) & (i + ri - 1 < H)
+                for k in tl.static_range(BLOCK_W + 2):
+                    jj = j0 + k - 1
+                    v = tl.load(x_c + (i + ri - 1) * sH + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
+                    cols = cols + (v.to(tl.float32) - a,)
+            for jo in tl.static_range(BLOCK_W):
+                live = c_ok & (j0 + jo < W)  # 0 off the tile
+                u = ()
+                for q in tl.static_range(9):
+                    u = u + (tl.where(live, cols[(q // 3) * (BLOCK_W + 2) + jo + q % 3], 0.0),)
+                new_row = ()
+                for q in tl.static_range(9):
+                    new_row = new_row + (row[q] + u[q],)
+                for p in tl.static_range(9):
+                    for q in tl.static_range(p, 9):
+                        new_row = new_row + (row[9 + p * 9 - p * (p - 1) // 2 + q - p] + u[p] * u[q],)
+                row = new_row
+        new_acc = ()
+        for t in tl.static_range(54):
+            new_acc = new_acc + (acc[t] + row[t],)
+        acc = new_acc
+    out = part_ptr + pid_s * 54 * C + offs_c
+    for t in tl.static_range(54):
+        tl.store(out + t * C, acc[t], mask=c_ok)
 
 
 @triton.autotune(configs=_configs_wc(_BWD3_TILES), key=["C", "H", "W", "n_rows", "HAS_CONV"],
                  prune_configs_by={"early_config_prune": _first_unless_tuning})
 @triton.jit
 def _moments3_bwd_kernel(
-    x_ptr, gx_ptr, tab_ptr, cst_ptr, shift_ptr, gy_ptr, w_ptr,
+    x_ptr, gx_ptr, tab_ptr, cst_ptr, bd_ptr, bc_ptr, shift_ptr, gy_ptr, w_ptr,
     C, H, W, n_rows, chunk,
     sN, sC, sH, sW, gN, gC, gH, gW, yN, yC, yH, yW,
     HAS_CONV: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_x of the moments (and of the conv, HAS_CONV) over a chunk of rows (n, i): a 5x5
-    stencil of x whose weights depend on which of the 9 shifts p have their output position
-    v - p in the map, i.e. on the position's class: (row: top, bottom, both, neither) x (column:
-    the same), 16 tables built on the host (_class_tables). Each row runs the tile loop with its
-    row class and the interior column class, storing columns 1..W-2, then columns 0 and W-1 as a
-    2-wide tile with their own classes."""
+    stencil of u = x - a whose float32 weights depend on which of the 9 shifts p have their output
+    position v - p in the map, i.e. on the position's class (_class_tables): tab (4, 25, C) and
+    cst (4, C) for each row class (has a row above, has one below) with both column neighbours,
+    and the change at the border columns: for column 0 (left), W - 1 (right) and a 1-wide map
+    (single), bd (4, 3, 5, C) weights for u at the border column itself in the 5 lag rows, and bc
+    (4, 3, C) constants (the other columns the change touches lie off the map, where u = -a).
+
+    BLOCK_W output columns are separate (BLOCK_C,) vectors (a tuple), so each column loaded for a
+    lag row serves the 5 column lags of the outputs beside it: BLOCK_W + 4 loads for 5 * BLOCK_W
+    products (a 2-D tile loaded once per lag took ~370 instructions an output on sm_90)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -342,27 +318,70 @@ def _moments3_bwd_kernel(
     for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
         n = r // H
         i = r % H
-        rc = tl.minimum(i, 1) * 2 + tl.minimum(H - 1 - i, 1)  # (has a row above, has a row below)
-        x_row = x_ptr + n * sN + i * sH + offs_c[None, :] * sC
-        gy_row = gy_ptr + n * yN + i * yH + offs_c[None, :] * yC
-        out_row = gx_ptr + n * gN + i * gH + offs_c[None, :] * gC
-        tab = tab_ptr + (rc * 4 + 3) * 25 * C + offs_c[None, :]
-        cst = cst_ptr + (rc * 4 + 3) * C + offs_c[None, :]
+        rc = tl.minimum(i, 1) * 2 + tl.minimum(H - 1 - i, 1)  # (has a row above, has one below)
+        x_c = x_ptr + n * sN + offs_c * sC
+        gy_c = gy_ptr + n * yN + offs_c * yC
+        out_c = gx_ptr + n * gN + i * gH + offs_c * gC
+        tab_c = tab_ptr + rc * 25 * C + offs_c
+        cst_c = tl.load(cst_ptr + rc * C + offs_c, mask=c_ok, other=0.0)
+        # the border columns' corrections for this row: left, right, single
+        bc_c = bc_ptr + rc * 3 * C + offs_c
+        bd_c = bd_ptr + rc * 15 * C + offs_c
+        corr_l = tl.load(bc_c, mask=c_ok, other=0.0)
+        corr_r = tl.load(bc_c + C, mask=c_ok, other=0.0)
+        corr_s = tl.load(bc_c + 2 * C, mask=c_ok, other=0.0)
+        for e in tl.static_range(5):  # lag row e - 2
+            row_ok = c_ok & (i + e - 2 >= 0) & (i + e - 2 < H)
+            u0 = tl.load(x_c + (i + e - 2) * sH, mask=row_ok, other=0.0).to(tl.float32) - a
+            u1 = tl.load(x_c + (i + e - 2) * sH + (W - 1) * sW, mask=row_ok, other=0.0).to(tl.float32) - a
+            corr_l += tl.load(bd_c + e * C, mask=c_ok, other=0.0) * u0
+            corr_r += tl.load(bd_c + (5 + e) * C, mask=c_ok, other=0.0) * u1
+            corr_s += tl.load(bd_c + (10 + e) * C, mask=c_ok, other=0.0) * u0
+        corr_first = tl.where(W == 1, corr_s, corr_l)
+        corr_last = tl.where(W == 1, 0.0, corr_r)
         for j0 in range(0, W, BLOCK_W):
-            j = j0 + tl.arange(0, BLOCK_W)
-            ok = (j < W)[:, None] & c_ok[None, :]
-            g = _grad_x3_tile(x_row, gy_row, w_ptr, tab, cst, c_ok[None, :], a, i, j, H, W, C, offs_c, ok, sH, sW, yH, yW,
-                              HAS_CONV)
-            interior = ok & ((j >= 1) & (j < W - 1))[:, None]
-            tl.store(out_row + j[:, None] * gW, g.to(gx_ptr.dtype.element_ty), mask=interior)
-        jb = tl.where(tl.arange(0, 2) == 0, 0, W - 1)  # W = 1: column 0 twice, the same value
-        cc = tl.minimum(jb, 1) * 2 + tl.minimum(W - 1 - jb, 1)
-        tab_b = tab_ptr + ((rc * 4 + cc[:, None]) * 25) * C + offs_c[None, :]
-        cst_b = cst_ptr + (rc * 4 + cc[:, None]) * C + offs_c[None, :]
-        ok_b = (jb >= 0)[:, None] & c_ok[None, :]
-        g = _grad_x3_tile(x_row, gy_row, w_ptr, tab_b, cst_b, ok_b, a, i, jb, H, W, C, offs_c, ok_b, sH, sW, yH, yW,
-                          HAS_CONV)
-        tl.store(out_row + jb[:, None] * gW, g.to(gx_ptr.dtype.element_ty), mask=ok_b)
+            g = ()
+            for _ in tl.static_range(BLOCK_W):
+                g = g + (cst_c,)
+            for di in range(-2, 3):
+                row_ok = c_ok & (i + di >= 0) & (i + di < H)
+                x_r = x_c + (i + di) * sH
+                cols = ()
+                for k in tl.static_range(BLOCK_W + 4):
+                    jj = j0 + k - 2
+                    v = tl.load(x_r + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
+                    cols = cols + (v.to(tl.float32) - a,)
+                w5 = ()
+                for dj in tl.static_range(5):
+                    w5 = w5 + (tl.load(tab_c + ((di + 2) * 5 + dj) * C, mask=c_ok, other=0.0),)
+                new_g = ()
+                for jo in tl.static_range(BLOCK_W):
+                    acc = g[jo]
+                    for dj in tl.static_range(5):
+                        acc += w5[dj] * cols[jo + dj]
+                    new_g = new_g + (acc,)
+                g = new_g
+            if HAS_CONV:
+                # + sum over taps (ta, tb) of w[ta, tb] grad_y(i + 1 - ta, j + 1 - tb), 0 off the map
+                for ta in range(0, 3):
+                    row_ok = c_ok & (i + 1 - ta >= 0) & (i + 1 - ta < H)
+                    gy_r = gy_c + (i + 1 - ta) * yH
+                    cols = ()
+                    for k in tl.static_range(BLOCK_W + 2):
+                        jj = j0 + k - 1
+                        v = tl.load(gy_r + jj * yW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
+                        cols = cols + (v.to(tl.float32),)
+                    w3 = ()
+                    for tb in tl.static_range(3):
+                        w3 = w3 + (tl.load(w_ptr + offs_c * 9 + ta * 3 + tb, mask=c_ok, other=0.0).to(tl.float32),)
+                    new_g = ()
+                    for jo in tl.static_range(BLOCK_W):
+                        new_g = new_g + (g[jo] + w3[0] * cols[jo + 2] + w3[1] * cols[jo + 1] + w3[2] * cols[jo],)
+                    g = new_g
+            for jo in tl.static_range(BLOCK_W):
+                j = j0 + jo
+                out = g[jo] + tl.where(j == 0, corr_first, 0.0) + tl.where(j == W - 1, corr_last, 0.0)
+                tl.store(out_c + j * gW, out.to(gx_ptr.dtype.element_ty), mask=c_ok & (j < W))
 
 
 def _pow2(n: int) -> int:
@@ -389,8 +408,9 @@ def _check(x: torch.Tensor) -> None:
 def forward_partials(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward kernel's raw output: per position split, float32 sums (n_split, C, KK_PAD) and
     products (n_split, C, KK_PAD, KK_PAD) of the shifted values, and the per-channel shift (C,)
-    they were taken about (0 for 16-bit x). repso_moments_forward centres them; RepSO's fused
-    fold (triton_repso_fold.fold_forward) takes them as they are."""
+    they were taken about (0 for 16-bit x). K = 3: the splits already added, float64, n_split = 1.
+    repso_moments_forward centres them; RepSO's fused fold (triton_repso_fold.fold_forward) takes
+    them as they are."""
     N, C, H, W = x.shape
     KK_PAD = _pow2(K * K)
     n_pos = N * H * W
@@ -398,17 +418,18 @@ def forward_partials(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tenso
     shift_values = x.dtype == torch.float32
     if K == 3 and n_pos > 0:
         n_rows = N * H
-        n_split = _row_programs(x, n_rows, 8)
-        chunk = triton.cdiv(n_rows, n_split)
+        chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 4))
         n_split = triton.cdiv(n_rows, chunk)
         shift = _shift(x) if shift_values else torch.zeros(C, device=x.device, dtype=torch.float32)
-        # zeros: the kernel writes the 9 x 9 block of the padded 16 x 16
-        sums = torch.zeros((n_split, C, KK_PAD), device=x.device, dtype=torch.float32)
-        prods = torch.zeros((n_split, C, KK_PAD, KK_PAD), device=x.device, dtype=torch.float32)
+        part = torch.empty((n_split, 54, C), device=x.device, dtype=torch.float32)
         grid = lambda meta: (n_split, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-        _moments3_fwd_kernel[grid](x, shift, sums, prods, C, H, W, n_rows, chunk, *x.stride(),
-                                   SHIFT=shift_values, KK_PAD=KK_PAD)
-        return sums, prods, shift
+        _moments3_fwd_kernel[grid](x, shift, part, C, H, W, n_rows, chunk, *x.stride(), SHIFT=shift_values)
+        # the splits added in float64 by one parallel reduction (the fold kernel's loop over
+        # splits is serial), then laid out as the generic kernel's padded sums and products
+        total = torch.cat([part.sum(0, dtype=torch.float64), part.new_zeros((1, C), dtype=torch.float64)])
+        expanded = total[_padded_index(x.device)].t()  # (C, 16 + 256)
+        sums = expanded[:, :KK_PAD].contiguous().unsqueeze(0)
+        return sums, expanded[:, KK_PAD:].contiguous().view(1, C, KK_PAD, KK_PAD), shift
     n_cblocks = triton.cdiv(C, 16)
     if x.is_cuda:
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -462,9 +483,28 @@ def _lag_matrix(g_sym: torch.Tensor, K: int, lag_pad: int, kk_pad: int) -> torch
 
 def _row_programs(x: torch.Tensor, n_rows: int, per_sm: int) -> int:
     """How many row chunks the K = 3 kernels split N*H rows into: about per_sm programs an SM
-    over the channel blocks of 32 (4 on the CPU, where the interpreter runs them)."""
+    over channel blocks of 128 (their tiles' width; 4 programs on the CPU, where the interpreter
+    runs them)."""
     target = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    return max(1, min(n_rows, triton.cdiv(target, triton.cdiv(x.shape[1], 32))))
+    return max(1, min(n_rows, triton.cdiv(target, triton.cdiv(x.shape[1], 128))))
+
+
+_PADDED_INDEX: dict = {}
+
+
+def _padded_index(device) -> torch.Tensor:
+    """(16 + 256,) rows of the K = 3 kernel's 54 totals (plus a zero row, 54) that make the padded
+    sums (16,) and symmetric products (16, 16) the fold kernel reads."""
+    key = str(device)
+    if key not in _PADDED_INDEX:
+        tri = {}
+        for p in range(9):
+            for q in range(p, 9):
+                tri[p, q] = tri[q, p] = 9 + p * 9 - p * (p - 1) // 2 + q - p
+        sums = [q if q < 9 else 54 for q in range(16)]
+        prods = [tri.get((p, q), 54) for p in range(16) for q in range(16)]
+        _PADDED_INDEX[key] = torch.tensor(sums + prods, device=device)
+    return _PADDED_INDEX[key]
 
 
 _CLASS_VALID: dict = {}
@@ -486,13 +526,24 @@ def _class_validity(device) -> torch.Tensor:
     return _CLASS_VALID[key]
 
 
-def _class_tables(A: torch.Tensor, cst: torch.Tensor, inv_M: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K = 3 backward kernel's weights: (16, 25, C) tab[class, d, c] = sum over the class's
-    valid shifts p of A[c, d, p] / M, and (16, C) cst[class, c] = sum of cst[c, p] / M, float32,
-    from the lag matrix A (C, >= 25, >= 9) and the constant cst (C, >= 9)."""
+def _class_tables(A: torch.Tensor, cst: torch.Tensor, shift: torch.Tensor, inv_M: float) -> tuple[torch.Tensor, ...]:
+    """The K = 3 backward kernel's float32 weights from the lag matrix A (C, >= 25, >= 9), the
+    constant cst (C, >= 9) and the shift a (C,): for a position of class k, the sum over its valid
+    shifts p of A[c, d, p] / M (per lag d) and of cst[c, p] / M. Returned for the kernel:
+    tab (4, 25, C) and cst (4, C) of the 4 row classes with both column neighbours; bd (4, 3, 5, C),
+    the change of the lag-(di, 0) weights at a left border, right border and 1-wide column; bc
+    (4, 3, C), the constant's change there plus -a times the change of the weights whose column
+    lies off the map."""
     V = _class_validity(A.device)
-    tab = torch.einsum("kp,cdp->kdc", V, A[:, :25, :9].float()).mul_(inv_M).contiguous()
-    return tab, (V @ cst[:, :9].float().t()).mul_(inv_M).contiguous()
+    C = A.shape[0]
+    tab = torch.einsum("kp,cdp->kdc", V, A[:, :25, :9].float()).mul_(inv_M).view(4, 4, 5, 5, C)
+    cst16 = (V @ cst[:, :9].float().t()).mul_(inv_M).view(4, 4, C)
+    border = [1, 2, 0]  # column classes (before, after) = (0, 1) left, (1, 0) right, (0, 0) single
+    delta = tab[:, border] - tab[:, 3:4]  # (4, 3, 5, 5, C)
+    bd = delta[:, :, :, 2].contiguous()  # dj = 0: the border column itself
+    off_map = delta.sum((2, 3)) - bd.sum(2)
+    bc = (cst16[:, border] - cst16[:, 3:4]) - shift.float() * off_map
+    return tab[:, 3].reshape(4, 25, C).contiguous(), cst16[:, 3].contiguous(), bd, bc.contiguous()
 
 
 def repso_moments_backward(
@@ -542,12 +593,13 @@ def backward_launch(x: torch.Tensor, a_hi: torch.Tensor, a_lo: torch.Tensor, cst
     if K == 3:
         # the lag matrix in float32: as given, or its two 16-bit parts added
         A = a_hi.float() if a_hi.dtype == torch.float32 else a_hi.float() + a_lo.float()
-        tab, cst_tab = _class_tables(A, cst, 1.0 / n_pos)
+        shift = shift.float().contiguous()
+        tab, cst_tab, bd, bc = _class_tables(A, cst, shift, 1.0 / n_pos)
         n_rows = N * H
         chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 16))
         grid = lambda meta: (triton.cdiv(n_rows, chunk), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
         _moments3_bwd_kernel[grid](
-            x, gx, tab, cst_tab, shift.float().contiguous(), grad_y, weight,
+            x, gx, tab, cst_tab, bd, bc, shift, grad_y, weight,
             C, H, W, n_rows, chunk, *x.stride(), *gx.stride(), *grad_y.stride(), HAS_CONV=conv is not None,
         )
         return gx
