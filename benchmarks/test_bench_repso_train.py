@@ -131,11 +131,12 @@ def test_falconnet_train_step(benchmark, device, impl):
 
 
 # The GPU one-node path (_OneConvTrainTriton) piece by piece, so one run says where its time goes:
-# the moments kernel, the fold kernel, cuDNN's conv, cuDNN's weight gradient (and the Triton one
-# that could replace it), the fold's backward kernel, and the grad_x kernel (moments backward + the
+# the moments kernel, the fold kernel, cuDNN's conv, the weight gradient (cuDNN's and the two
+# Triton ones, repso_train.WEIGHT_GRAD), the fold's backward kernel, and the grad_x kernel (moments backward + the
 # conv's input gradient). bytes_min: the
 # activation-sized tensors each piece must read and write (the fold kernels move only KBs).
-NODE_PARTS = {"moments": 1, "fold": 0, "conv": 2, "conv-wgrad": 2, "conv-wgrad-triton": 2, "fold-bwd": 0, "grad-x": 3}
+NODE_PARTS = {"moments": 1, "fold": 0, "conv": 2, "conv-wgrad": 2, "conv-wgrad-triton": 2, "conv-wgrad-rows": 2,
+              "fold-bwd": 0, "grad-x": 3}
 
 
 @pytest.mark.benchmark(group="repso_node_parts", timer=cuda_sync_timer)
@@ -172,8 +173,9 @@ def test_repso_node_parts(benchmark, device, part, shape):
         "conv": lambda: F.conv2d(x, weight, bias, padding=1, groups=C),
         "conv-wgrad": lambda: torch.ops.aten.convolution_backward(
             gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True]),
-        # the alternative to cuDNN's weight gradient (repso_train.WEIGHT_GRAD = "triton")
+        # the alternatives to cuDNN's weight gradient (repso_train.WEIGHT_GRAD = "triton", "rows")
         "conv-wgrad-triton": lambda: triton_dw_conv3x3.dw_conv3x3_weight_grad(gy, x),
+        "conv-wgrad-rows": lambda: tm.conv3_weight_grad(gy, x),
         "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype),
         "grad-x": lambda: tm.backward_launch(x, a_hi, a_lo, cst, shift_b, K, conv=(gy, weight)),
     }

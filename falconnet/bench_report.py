@@ -135,12 +135,15 @@ def backend_choices(rows: list[dict]) -> list[str]:
                      f"{len(faster) + len(slower)} (shape, pass) pairs"
                      + ("; the two-stage kernel at: " + "; ".join(slower) if slower else ""))
     parts = _per_shape(rows, "repso_node_part", "fwd+bwd pieces")
-    pairs = [(t["conv-wgrad"], t["conv-wgrad-triton"]) for t in parts.values()
-             if t.get("conv-wgrad") and t.get("conv-wgrad-triton")]
-    if pairs:
-        ratio = _geomean([c / t for c, t in pairs])
-        lines.append(f"repso_train.WEIGHT_GRAD = {'triton' if ratio > 1 else 'cudnn'!r}   "
-                     f"# Triton {ratio:.2f}x cuDNN's depthwise weight gradient, geomean of {len(pairs)} shapes")
+    kernels = {"cudnn": "conv-wgrad", "triton": "conv-wgrad-triton", "rows": "conv-wgrad-rows"}
+    timed = [t for t in parts.values() if t.get("conv-wgrad")]
+    speed = {name: _geomean([t["conv-wgrad"] / t[part] for t in timed])  # > 1: faster than cuDNN
+             for name, part in kernels.items() if timed and all(t.get(part) for t in timed)}
+    if len(speed) > 1:
+        best = max(speed, key=speed.get)
+        others = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in speed.items() if name != "cudnn")
+        lines.append(f"repso_train.WEIGHT_GRAD = {best!r}   # speed vs cuDNN's depthwise weight gradient: "
+                     f"{others}, geomean of {len(timed)} shapes")
     return lines
 
 

@@ -384,6 +384,92 @@ def _moments3_bwd_kernel(
                 tl.store(out_c + j * gW, out.to(gx_ptr.dtype.element_ty), mask=c_ok & (j < W))
 
 
+_WG3_TILES = [(8, 128, 4), (4, 128, 4), (8, 64, 2), (16, 128, 4)]  # (output columns, channels, warps)
+
+
+@triton.autotune(configs=_configs_wc(_WG3_TILES), key=["C", "H", "W", "n_rows"],
+                 prune_configs_by={"early_config_prune": _first_unless_tuning})
+@triton.jit
+def _conv3_wgrad_kernel(
+    gy_ptr, x_ptr, part_ptr,
+    C, H, W, n_rows, chunk,
+    sN, sC, sH, sW, yN, yC, yH, yW,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The stride-1, padding-1 depthwise 3x3 conv's weight and bias gradients over a chunk of rows
+    (n, i), into part (n_split, 10, C) float32: sum_o grad_y(o) x(o + (ta - 1, tb - 1)) for the 9
+    taps, and sum_o grad_y(o). The row kernels' layout: BLOCK_W output columns as separate
+    (BLOCK_C,) vectors, each x column loaded once for the 3 taps beside it; sums per row, then
+    over the rows."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = ()
+    for _ in tl.static_range(10):
+        acc = acc + (zero,)
+    r0 = pid_s * chunk
+    for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
+        n = r // H
+        i = r % H
+        x_c = x_ptr + n * sN + offs_c * sC
+        gy_c = gy_ptr + n * yN + i * yH + offs_c * yC
+        row = ()
+        for _ in tl.static_range(10):
+            row = row + (zero,)
+        for j0 in range(0, W, BLOCK_W):
+            gy = ()
+            for jo in tl.static_range(BLOCK_W):
+                v = tl.load(gy_c + (j0 + jo) * yW, mask=c_ok & (j0 + jo < W), other=0.0)
+                gy = gy + (v.to(tl.float32),)
+            new_row = ()
+            for ta in tl.static_range(3):
+                row_ok = c_ok & (i + ta - 1 >= 0) & (i + ta - 1 < H)
+                cols = ()
+                for k in tl.static_range(BLOCK_W + 2):
+                    jj = j0 + k - 1
+                    v = tl.load(x_c + (i + ta - 1) * sH + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
+                    cols = cols + (v.to(tl.float32),)
+                for tb in tl.static_range(3):
+                    t = row[ta * 3 + tb]
+                    for jo in tl.static_range(BLOCK_W):
+                        t += gy[jo] * cols[jo + tb]
+                    new_row = new_row + (t,)
+            t = row[9]
+            for jo in tl.static_range(BLOCK_W):
+                t += gy[jo]
+            row = new_row + (t,)
+        new_acc = ()
+        for t in tl.static_range(10):
+            new_acc = new_acc + (acc[t] + row[t],)
+        acc = new_acc
+    out = part_ptr + pid_s * 10 * C + offs_c
+    for t in tl.static_range(10):
+        tl.store(out + t * C, acc[t], mask=c_ok)
+
+
+def conv3_weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weight (C, 1, 3, 3), grad_bias (C,)), float32, of the stride-1 depthwise 3x3 conv of x
+    (padding 1, no activation) for grad_y of x's shape: RepSO's one-node GPU path
+    (repso_train.WEIGHT_GRAD = "rows"). Per-split float32 partials added in float64."""
+    _check(x)
+    if grad_y.shape != x.shape:
+        raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+    N, C, H, W = x.shape
+    n_rows = N * H
+    if x.numel() == 0:
+        zeros = torch.zeros(10 * C, device=x.device, dtype=torch.float32)
+        return zeros[: 9 * C].view(C, 1, 3, 3), zeros[9 * C:]
+    chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 4))
+    n_split = triton.cdiv(n_rows, chunk)
+    part = torch.empty((n_split, 10, C), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (n_split, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+    _conv3_wgrad_kernel[grid](grad_y, x, part, C, H, W, n_rows, chunk, *x.stride(), *grad_y.stride())
+    total = part.sum(0, dtype=torch.float64).float()
+    return total[:9].t().reshape(C, 1, 3, 3), total[9]
+
+
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 

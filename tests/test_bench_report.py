@@ -106,7 +106,15 @@ def test_backend_choices_from_a_gpu_run(tmp_path):
     assert "faster at 2 of 4" in composed
     assert "(128, 32, 'forward')" in composed and "(32, 128, 'backward')" in composed
     assert "(32, 128, 'forward')" not in composed and "(128, 32, 'backward')" not in composed
-    assert "repso_train.WEIGHT_GRAD = 'triton'" in choices
+    assert "repso_train.WEIGHT_GRAD = 'triton'" in choices  # 2x cuDNN (no rows kernel timed)
+    # with the row kernel timed too, the fastest of the three wins
+    for rows_time, best in ((0.5e-3, "rows"), (4e-3, "triton")):
+        more = rows + [_bench("repso_node_part", "conv-wgrad-rows", "128@56", rows_time, pass_="fwd+bwd pieces")]
+        path.write_text(json.dumps({"benchmarks": more}))
+        line = next(line for line in bench_report.backend_choices(bench_report.load_rows(str(path))[0])
+                    if "WEIGHT_GRAD" in line)
+        assert line.startswith(f"repso_train.WEIGHT_GRAD = {best!r}") and "rows " in line, line
+    path.write_text(json.dumps({"benchmarks": rows}))
     # a later run names the two-stage kernel apart: it, not the routed op, is the comparison
     later = rows + [_bench("sf_conv", "falconnet-triton-two-stage", "128->32@56", 1e-3)]
     path.write_text(json.dumps({"benchmarks": later}))

@@ -755,28 +755,63 @@ def test_triton_k3_row_kernels(monkeypatch, shape, channels_last):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_triton_node_with_the_triton_weight_gradient(monkeypatch, channels_last):
-    """WEIGHT_GRAD = "triton": the node's conv weight gradient from triton_dw_conv3x3's kernel
-    instead of cuDNN's, same result (float32, against the branch sum)."""
+@pytest.mark.parametrize("kernel", ["rows", "triton", "cudnn"])
+def test_triton_node_weight_gradient_kernels(monkeypatch, kernel, channels_last):
+    """Each WEIGHT_GRAD choice for the node's conv weight gradient ("rows": triton_repso_moments'
+    row kernel, the default; "triton": triton_dw_conv3x3's; "cudnn": convolution_backward) runs
+    when chosen and gives the branch sum's result (float32)."""
     from falconnet.layers import repso_train
+    from falconnet_kernels import triton_dw_conv3x3, triton_repso_moments
 
     use_triton(monkeypatch)
-    monkeypatch.setattr(repso_train, "WEIGHT_GRAD", "triton")
+    monkeypatch.setattr(repso_train, "WEIGHT_GRAD", kernel)
     module = make_repso(6, "T").float().to(TRITON_DEVICE)
     x = (torch.randn(2, 6, 5, 7) * 2 + 1).to(TRITON_DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn_like(x)
     called = []
-    from falconnet_kernels import triton_dw_conv3x3
-
-    original = triton_dw_conv3x3.dw_conv3x3_weight_grad
-    monkeypatch.setattr(triton_dw_conv3x3, "dw_conv3x3_weight_grad", lambda *a: called.append(1) or original(*a))
+    for owner, name in ((triton_repso_moments, "conv3_weight_grad"), (triton_dw_conv3x3, "dw_conv3x3_weight_grad")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
     y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
     y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
-    assert called
+    assert called == {"rows": ["conv3_weight_grad"], "triton": ["dw_conv3x3_weight_grad"], "cudnn": []}[kernel]
     assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("shape", [(2, 70, 5, 9), (3, 33, 1, 1), (1, 130, 2, 17), (2, 40, 9, 2)], ids=str)
+def test_triton_conv3_weight_grad(monkeypatch, shape, channels_last):
+    """triton_repso_moments.conv3_weight_grad against aten's convolution_backward in float64:
+    several row splits, column tiles (W = 9, 17 against 8) and channel blocks (130 against 128),
+    1- and 2-wide maps, both layouts. float32 x: within 3x PyTorch's own float32 error plus 4 ulps
+    of the largest value (test_cl3_conv_weight_grad_and_fused_grad_x's bar); bf16 (GPU only) the
+    same against PyTorch's bf16."""
+    from falconnet_kernels import triton_repso_moments as tm
+
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    C = shape[1]
+    for dtype in [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else []):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
+        grad_y = torch.randn(shape, dtype=torch.float64).to(dtype)
+        if channels_last:
+            x, grad_y = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_y))
+        w = torch.randn(C, 1, 3, 3, dtype=torch.float64)
+
+        def conv_backward(gy, xx, ww):
+            return torch.ops.aten.convolution_backward(
+                gy, xx, ww, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True])[1:]
+
+        ref_gw, ref_gb = conv_backward(grad_y.double(), x.double(), w)
+        pt_gw, pt_gb = conv_backward(grad_y.to(TRITON_DEVICE), x.to(TRITON_DEVICE), w.to(TRITON_DEVICE, dtype))
+        gw, gb = (t.cpu() for t in tm.conv3_weight_grad(grad_y.to(TRITON_DEVICE), x.to(TRITON_DEVICE)))
+        assert gw.shape == (C, 1, 3, 3) and gb.shape == (C,) and gw.dtype == gb.dtype == torch.float32
+        ulp = 4 * torch.finfo(dtype).eps
+        for ours, theirs, ref in ((gw, pt_gw.cpu(), ref_gw), (gb, pt_gb.cpu(), ref_gb)):
+            assert max_err([ours], [ref]) <= 3 * max_err([theirs], [ref]) + ulp * scale([ref]), dtype
 
 
 @pytest.mark.triton

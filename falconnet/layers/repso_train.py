@@ -303,12 +303,15 @@ class _OneConvTrainCPU(torch.autograd.Function):
         return grad_x, g_k, g_gamma, g_beta, None, None, None, None
 
 
-# Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "cudnn"
-# (torch's convolution_backward) or "triton" (falconnet_kernels.triton_dw_conv3x3's weight-gradient
-# kernel). Not yet measured against each other (benchmarks/test_bench_repso_train.py times both
-# as conv-wgrad and conv-wgrad-triton); cuDNN's depthwise kernels ran at 12-17% of the roofline on
-# an H200 (benchmarks/results/2026-11-26-h200/NOTES.md).
-WEIGHT_GRAD = "cudnn"
+# Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "rows"
+# (falconnet_kernels.triton_repso_moments.conv3_weight_grad, the moments kernels' row layout),
+# "cudnn" (torch's convolution_backward) or "triton" (triton_dw_conv3x3's weight-gradient kernel).
+# H100, bf16, batch 128 (2026-11-26): cuDNN 48-335 us at the 4 hidden shapes (530-640 GB/s, ~20%
+# of copy; its workspace also held the layer's peak memory above a third of the seven-branch
+# path's at 3 of them), triton 0.76x cuDNN. "rows": ~40 instructions an output on sm_90 against
+# the triton kernel's ~100; unmeasured (benchmarks/test_bench_repso_train.py times all three as
+# conv-wgrad-rows, conv-wgrad, conv-wgrad-triton).
+WEIGHT_GRAD = "rows"
 
 
 class _OneConvTrainTriton(torch.autograd.Function):
@@ -352,7 +355,9 @@ class _OneConvTrainTriton(torch.autograd.Function):
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
         # the conv's weight and bias gradients only: its input gradient is computed inside the
         # moments backward kernel, from the same pass over grad_y and x that writes grad_x
-        if K == 3 and WEIGHT_GRAD == "triton":
+        if K == 3 and WEIGHT_GRAD == "rows":
+            grad_w, grad_b = triton_repso_moments.conv3_weight_grad(grad_y, x)
+        elif K == 3 and WEIGHT_GRAD == "triton":
             from falconnet_kernels import triton_dw_conv3x3
 
             grad_w, grad_b = triton_dw_conv3x3.dw_conv3x3_weight_grad(grad_y, x)
