@@ -131,11 +131,11 @@ def test_falconnet_train_step(benchmark, device, impl):
 
 
 # The GPU one-node path (_OneConvTrainTriton) piece by piece, so one run says where its time goes:
-# the moments kernel, the fold kernel, cuDNN's conv, the weight gradient (cuDNN's and the two
+# the moments kernel, the fold kernel, the conv (cuDNN's and the row kernel, repso_train.CONV), the weight gradient (cuDNN's and the two
 # Triton ones, repso_train.WEIGHT_GRAD), the fold's backward kernel, and the grad_x kernel (moments backward + the
 # conv's input gradient). bytes_min: the
 # activation-sized tensors each piece must read and write (the fold kernels move only KBs).
-NODE_PARTS = {"moments": 1, "fold": 0, "conv": 2, "conv-wgrad": 2, "conv-wgrad-triton": 2, "conv-wgrad-rows": 2,
+NODE_PARTS = {"moments": 1, "fold": 0, "conv": 2, "conv-rows": 2, "conv-wgrad": 2, "conv-wgrad-triton": 2, "conv-wgrad-rows": 2,
               "fold-bwd": 0, "grad-x": 3}
 
 
@@ -171,6 +171,7 @@ def test_repso_node_parts(benchmark, device, part, shape):
         "moments": lambda: tm.forward_partials(x, K),
         "fold": lambda: tf.fold_forward(sums, prods, shift, N * H * H, kernels, gamma, beta, eps, K, dtype),
         "conv": lambda: F.conv2d(x, weight, bias, padding=1, groups=C),
+        "conv-rows": lambda: tm.conv3_forward(x, weight, bias),  # repso_train.CONV = "rows"
         "conv-wgrad": lambda: torch.ops.aten.convolution_backward(
             gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True]),
         # the alternatives to cuDNN's weight gradient (repso_train.WEIGHT_GRAD = "triton", "rows")

@@ -109,7 +109,8 @@ def backend_choices(rows: list[dict]) -> list[str]:
     """What a GPU run says about falconnet_kernels' defaults: per op and pass the faster of the CUDA
     C++ and Triton backends (geomean over the shapes; the backward from fwd+bwd minus fwd), the
     SF-Conv shapes where the composed-weight GEMM beats the two-stage Triton kernel (entries for
-    triton_sf_gemm.COMPOSED), and RepSO's conv weight-gradient kernel (repso_train.WEIGHT_GRAD)."""
+    triton_sf_gemm.COMPOSED), and RepSO's conv and its weight-gradient kernel (repso_train.CONV,
+    WEIGHT_GRAD)."""
     lines = []
     for op in ("sf_conv", "dw_conv3x3"):
         for name, table in (("forward", _per_shape(rows, op, "fwd")), ("backward", _backward_times(rows, op))):
@@ -144,6 +145,11 @@ def backend_choices(rows: list[dict]) -> list[str]:
         others = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in speed.items() if name != "cudnn")
         lines.append(f"repso_train.WEIGHT_GRAD = {best!r}   # speed vs cuDNN's depthwise weight gradient: "
                      f"{others}, geomean of {len(timed)} shapes")
+    pairs = [(t["conv"], t["conv-rows"]) for t in parts.values() if t.get("conv") and t.get("conv-rows")]
+    if pairs:
+        ratio = _geomean([c / r for c, r in pairs])
+        lines.append(f"repso_train.CONV = {'rows' if ratio > 1 else 'cudnn'!r}   "
+                     f"# the row kernel {ratio:.2f}x cuDNN's depthwise conv, geomean of {len(pairs)} shapes")
     return lines
 
 

@@ -449,6 +449,85 @@ def _conv3_wgrad_kernel(
         tl.store(out + t * C, acc[t], mask=c_ok)
 
 
+_CONV3_TILES = [(8, 128, 4), (4, 128, 4), (16, 128, 4), (8, 64, 2)]  # (output columns, channels, warps)
+
+
+@triton.autotune(configs=_configs_wc(_CONV3_TILES), key=["C", "H", "W", "n_rows", "ACT"],
+                 prune_configs_by={"early_config_prune": _first_unless_tuning})
+@triton.jit
+def _conv3_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    C, H, W, n_rows, chunk,
+    sN, sC, sH, sW, oN, oC, oH, oW,
+    ACT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y = act(bias + sum over taps (ta, tb) of w[ta, tb] x(i + ta - 1, j + tb - 1)), the stride-1,
+    padding-1 depthwise 3x3 conv, over a chunk of rows (n, i); float32 accumulation. ACT: 0 none,
+    1 relu, 2 relu6. The row kernels' layout: BLOCK_W output columns as (BLOCK_C,) vectors, each x
+    column loaded once for the 3 taps beside it."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    bias = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    w = ()
+    for t in tl.static_range(9):
+        w = w + (tl.load(w_ptr + offs_c * 9 + t, mask=c_ok, other=0.0).to(tl.float32),)
+    r0 = pid_s * chunk
+    for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
+        n = r // H
+        i = r % H
+        x_c = x_ptr + n * sN + offs_c * sC
+        y_c = y_ptr + n * oN + i * oH + offs_c * oC
+        for j0 in range(0, W, BLOCK_W):
+            acc = ()
+            for _ in tl.static_range(BLOCK_W):
+                acc = acc + (bias,)
+            for ta in tl.static_range(3):
+                row_ok = c_ok & (i + ta - 1 >= 0) & (i + ta - 1 < H)
+                cols = ()
+                for k in tl.static_range(BLOCK_W + 2):
+                    jj = j0 + k - 1
+                    v = tl.load(x_c + (i + ta - 1) * sH + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
+                    cols = cols + (v.to(tl.float32),)
+                new_acc = ()
+                for jo in tl.static_range(BLOCK_W):
+                    new_acc = new_acc + (acc[jo] + w[ta * 3] * cols[jo] + w[ta * 3 + 1] * cols[jo + 1]
+                                         + w[ta * 3 + 2] * cols[jo + 2],)
+                acc = new_acc
+            for jo in tl.static_range(BLOCK_W):
+                out = acc[jo]
+                if ACT == 1:
+                    out = tl.maximum(out, 0.0)
+                elif ACT == 2:
+                    out = tl.minimum(tl.maximum(out, 0.0), 6.0)
+                tl.store(y_c + (j0 + jo) * oW, out.to(y_ptr.dtype.element_ty), mask=c_ok & (j0 + jo < W))
+
+
+_ACT_CODE = {"none": 0, "relu": 1, "relu6": 2}
+
+
+def conv3_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    """act(conv2d(x, weight (C, 1, 3, 3), bias (C,), padding=1, groups=C)) in x's dtype and layout
+    (activation "none", "relu" or "relu6"): RepSO's one-node GPU path (repso_train.CONV = "rows")."""
+    _check(x)
+    N, C, H, W = x.shape
+    if weight.numel() != 9 * C or bias.shape != (C,):
+        raise ValueError(f"weight must be ({C}, 1, 3, 3) and bias ({C},) for x with {C} channels, got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    if activation not in _ACT_CODE:
+        raise ValueError(f"activation must be one of {tuple(_ACT_CODE)}, got {activation!r}")
+    y = torch.empty_like(x)
+    n_rows = N * H
+    if x.numel() == 0:
+        return y
+    chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 16))
+    grid = lambda meta: (triton.cdiv(n_rows, chunk), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+    _conv3_fwd_kernel[grid](x, weight.reshape(C, 9).contiguous(), bias.contiguous(), y, C, H, W, n_rows, chunk,
+                            *x.stride(), *y.stride(), ACT=_ACT_CODE[activation])
+    return y
+
+
 def conv3_weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_weight (C, 1, 3, 3), grad_bias (C,)), float32, of the stride-1 depthwise 3x3 conv of x
     (padding 1, no activation) for grad_y of x's shape: RepSO's one-node GPU path

@@ -93,6 +93,12 @@ def test_backend_choices_from_a_gpu_run(tmp_path):
     rows += [_bench("repso_node_part", "conv-wgrad", "128@56", 2e-3, pass_="fwd+bwd pieces"),
              _bench("repso_node_part", "conv-wgrad-triton", "128@56", 1e-3, pass_="fwd+bwd pieces")]
     path = tmp_path / "gpu.json"
+    # the conv: cuDNN's against the row kernel
+    more = rows + [_bench("repso_node_part", "conv", "128@56", 2e-3, pass_="fwd+bwd pieces"),
+                   _bench("repso_node_part", "conv-rows", "128@56", 1e-3, pass_="fwd+bwd pieces")]
+    path.write_text(json.dumps({"benchmarks": more}))
+    assert "repso_train.CONV = 'rows'   # the row kernel 2.00x" in "\n".join(
+        bench_report.backend_choices(bench_report.load_rows(str(path))[0]))
     path.write_text(json.dumps({"benchmarks": rows}))
     loaded, _ = bench_report.load_rows(str(path))
     choices = "\n".join(bench_report.backend_choices(loaded))

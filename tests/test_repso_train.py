@@ -759,26 +759,59 @@ def test_triton_k3_row_kernels(monkeypatch, shape, channels_last):
 def test_triton_node_weight_gradient_kernels(monkeypatch, kernel, channels_last):
     """Each WEIGHT_GRAD choice for the node's conv weight gradient ("rows": triton_repso_moments'
     row kernel, the default; "triton": triton_dw_conv3x3's; "cudnn": convolution_backward) runs
-    when chosen and gives the branch sum's result (float32)."""
+    when chosen and gives the branch sum's result (float32); the "cudnn" case also takes the node's
+    conv from F.conv2d (CONV = "cudnn"), the others from the row kernel."""
     from falconnet.layers import repso_train
     from falconnet_kernels import triton_dw_conv3x3, triton_repso_moments
 
     use_triton(monkeypatch)
     monkeypatch.setattr(repso_train, "WEIGHT_GRAD", kernel)
+    monkeypatch.setattr(repso_train, "CONV", "cudnn" if kernel == "cudnn" else "rows")
     module = make_repso(6, "T").float().to(TRITON_DEVICE)
     x = (torch.randn(2, 6, 5, 7) * 2 + 1).to(TRITON_DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn_like(x)
     called = []
-    for owner, name in ((triton_repso_moments, "conv3_weight_grad"), (triton_dw_conv3x3, "dw_conv3x3_weight_grad")):
+    for owner, name in ((triton_repso_moments, "conv3_weight_grad"), (triton_dw_conv3x3, "dw_conv3x3_weight_grad"),
+                        (triton_repso_moments, "conv3_forward")):
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
     y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
     y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
-    assert called == {"rows": ["conv3_weight_grad"], "triton": ["dw_conv3x3_weight_grad"], "cudnn": []}[kernel]
+    assert called == {"rows": ["conv3_forward", "conv3_weight_grad"],
+                      "triton": ["conv3_forward", "dw_conv3x3_weight_grad"], "cudnn": []}[kernel]
     assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("shape", [(2, 70, 5, 9), (3, 33, 1, 1), (1, 130, 2, 17), (2, 40, 9, 2)], ids=str)
+def test_triton_conv3_forward(monkeypatch, shape, channels_last):
+    """triton_repso_moments.conv3_forward (RepSO's one conv on the GPU node) against F.conv2d in
+    float64, each fused activation: float32 within 3x PyTorch's own float32 error plus 4 ulps of
+    the largest value; bf16 (GPU only) the same against PyTorch's bf16."""
+    from falconnet_kernels import triton_repso_moments as tm
+
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    C = shape[1]
+    for dtype in [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else []):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(C, 1, 3, 3).to(dtype), torch.randn(C).to(dtype)
+        for act, fn in (("none", lambda t: t), ("relu", F.relu), ("relu6", F.relu6)):
+            ref = fn(F.conv2d(x.double(), w.double(), b.double(), padding=1, groups=C))
+            theirs = fn(F.conv2d(x.to(TRITON_DEVICE), w.to(TRITON_DEVICE), b.to(TRITON_DEVICE), padding=1, groups=C))
+            ours = tm.conv3_forward(x.to(TRITON_DEVICE), w.to(TRITON_DEVICE), b.to(TRITON_DEVICE), act).cpu()
+            assert ours.dtype == dtype and ours.stride() == x.stride()
+            ulp = 4 * torch.finfo(dtype).eps
+            assert max_err([ours], [ref]) <= 3 * max_err([theirs.cpu()], [ref]) + ulp * scale([ref]), (dtype, act)
+    with pytest.raises(ValueError, match="activation"):
+        tm.conv3_forward(x.to(TRITON_DEVICE), w.to(TRITON_DEVICE), b.to(TRITON_DEVICE), "gelu")
+    with pytest.raises(ValueError, match="weight"):
+        tm.conv3_forward(x.to(TRITON_DEVICE), w[:1].to(TRITON_DEVICE), b.to(TRITON_DEVICE))
 
 
 @pytest.mark.triton

@@ -313,11 +313,18 @@ class _OneConvTrainCPU(torch.autograd.Function):
 # conv-wgrad-rows, conv-wgrad, conv-wgrad-triton).
 WEIGHT_GRAD = "rows"
 
+# The one conv itself on the GPU one-node path at K = 3: "rows" (triton_repso_moments.conv3_forward,
+# the activation fused) or "cudnn" (F.conv2d). cuDNN's: 40-257 us at the 4 hidden shapes on the
+# H100 (640-800 GB/s, 21-27% of copy, 2026-11-26); "rows" ~35 instructions an output on sm_90,
+# unmeasured (conv-rows beside conv in benchmarks/test_bench_repso_train.py).
+CONV = "rows"
+
 
 class _OneConvTrainTriton(torch.autograd.Function):
     """The GPU counterpart of _OneConvTrainCPU: moments (Triton) -> fold (one Triton kernel) ->
-    cuDNN's depthwise conv; backward: cuDNN's conv weight gradient -> fold backward (one Triton
-    kernel, which also prepares the moments backward's inputs) -> one Triton kernel for all of
+    the depthwise conv (CONV: a Triton row kernel at K = 3, else cuDNN's); backward: the conv's
+    weight gradient (WEIGHT_GRAD) -> fold backward (one Triton kernel, which also prepares the
+    moments backward's inputs) -> one Triton kernel for all of
     grad_x (the moments' part and the conv's input gradient, one read of x and grad_y, one
     write). A few launches a direction replace the custom-op path's ~70 small ones
     (falconnet_kernels/triton_repso_fold.py). float32, bfloat16 and float16 x; runs on CPU tensors
@@ -325,7 +332,7 @@ class _OneConvTrainTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernels, gamma, beta, eps, K, activation, own_conv):
-        # own_conv: the CPU node's choice of conv; here the conv is always cuDNN's (F.conv2d)
+        # own_conv: the CPU node's choice of conv; here CONV picks it
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
         N, C, H, W = x.shape
@@ -333,7 +340,13 @@ class _OneConvTrainTriton(torch.autograd.Function):
         mean, cov, weight, bias, bmean, bvar = triton_repso_fold.fold_forward(
             sums, prods, shift, N * H * W, kernels, gamma, beta, eps, K, x.dtype)
         weight = weight.view(C, 1, K, K)
-        y = activation_(F.conv2d(x, weight, bias, padding=K // 2, groups=C), activation)
+        if K == 3 and CONV == "rows":
+            # in autocast's dtype where it is on, as F.conv2d would run (and return) it
+            dev = x.device.type
+            cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            y = triton_repso_moments.conv3_forward(x.to(cdt), weight.to(cdt), bias.to(cdt), activation)
+        else:
+            y = activation_(F.conv2d(x, weight, bias, padding=K // 2, groups=C), activation)
         ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None,
                               x, beta)
         ctx.K, ctx.activation = K, activation
