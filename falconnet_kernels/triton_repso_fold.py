@@ -43,22 +43,34 @@ def _fold_fwd_kernel(
     sums_ptr, prods_ptr, shift_ptr, k_ptr, gamma_ptr, beta_ptr, eps_ptr,
     mean_ptr, cov_ptr, w_ptr, bias_ptr, bmean_ptr, bvar_ptr,
     C, n_split, M,
-    B: tl.constexpr, KK: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    B: tl.constexpr, KK: tl.constexpr, KK_PAD: tl.constexpr, COMPACT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.arange(0, KK_PAD)
     c_ok = c < C
     p_ok = p < KK
-    off1 = c[:, None] * KK_PAD + p[None, :]
-    off2 = (c[:, None, None] * KK_PAD + p[None, :, None]) * KK_PAD + p[None, None, :]
-    # the moments kernel's per-split partial sums (float32), added in float64
-    s1 = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)
-    s2 = tl.zeros((BLOCK_C, KK_PAD, KK_PAD), dtype=tl.float64)
-    for _ in range(n_split):
-        s1 += tl.load(sums_ptr + off1, mask=c_ok[:, None], other=0.0).to(tl.float64)
-        s2 += tl.load(prods_ptr + off2, mask=c_ok[:, None, None], other=0.0).to(tl.float64)
-        sums_ptr += C * KK_PAD
-        prods_ptr += C * KK_PAD * KK_PAD
+    if COMPACT:
+        # K = 3: the row kernel's float64 totals (54, C): 9 sums, then the products p <= q
+        lo = tl.minimum(p[:, None], p[None, :])
+        hi = tl.maximum(p[:, None], p[None, :])
+        tri = 9 + lo * 9 - lo * (lo - 1) // 2 + hi - lo  # (KK_PAD, KK_PAD)
+        pair_ok = p_ok[:, None] & p_ok[None, :]
+        s1 = tl.load(sums_ptr + p[None, :] * C + c[:, None], mask=c_ok[:, None] & p_ok[None, :], other=0.0)
+        s2 = tl.load(sums_ptr + tri[None, :, :] * C + c[:, None, None], mask=c_ok[:, None, None] & pair_ok[None, :, :],
+                     other=0.0)
+        s1 = s1.to(tl.float64)
+        s2 = s2.to(tl.float64)
+    else:
+        off1 = c[:, None] * KK_PAD + p[None, :]
+        off2 = (c[:, None, None] * KK_PAD + p[None, :, None]) * KK_PAD + p[None, None, :]
+        # the moments kernel's per-split partial sums (float32), added in float64
+        s1 = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)
+        s2 = tl.zeros((BLOCK_C, KK_PAD, KK_PAD), dtype=tl.float64)
+        for _ in range(n_split):
+            s1 += tl.load(sums_ptr + off1, mask=c_ok[:, None], other=0.0).to(tl.float64)
+            s2 += tl.load(prods_ptr + off2, mask=c_ok[:, None, None], other=0.0).to(tl.float64)
+            sums_ptr += C * KK_PAD
+            prods_ptr += C * KK_PAD * KK_PAD
     # divided in float64 (a float 1/M would carry 2^-24 into the centring, which cancels)
     ew = s1 / M
     cov = s2 / M - ew[:, :, None] * ew[:, None, :]
@@ -176,11 +188,18 @@ def _launch_shape(KK_PAD: int, per_channel: int) -> tuple[int, int]:
 
 
 def fold_forward(sums, prods, shift, n_pos: int, kernels, gamma, beta, eps, K: int, out_dtype: torch.dtype):
-    """From the moments kernel's partials (triton_repso_moments.forward_partials) to (mean, cov,
-    folded weight (C, K*K) in out_dtype, bias (C,) in out_dtype, branch means (C, B), branch
-    biased variances (C, B)). kernels (C, B, K*K), gamma and beta (C, B); eps (B,) float64 on the
-    device."""
-    n_split, C, KK_PAD = sums.shape
+    """From the moments kernel's partials (triton_repso_moments.forward_partials), or at K = 3 its
+    compact float64 totals (54, C) (forward_totals3; prods None), to (mean, cov, folded weight
+    (C, K*K) in out_dtype, bias (C,) in out_dtype, branch means (C, B), branch biased variances
+    (C, B)). kernels (C, B, K*K), gamma and beta (C, B); eps (B,) float64 on the device."""
+    compact = prods is None
+    if compact:
+        if K != 3 or sums.shape[0] != 54:
+            raise ValueError(f"compact totals are (54, C) at K = 3, got {tuple(sums.shape)} at K = {K}")
+        n_split, C, KK_PAD = 1, sums.shape[1], 16
+        prods = sums
+    else:
+        n_split, C, KK_PAD = sums.shape
     B, KK = kernels.shape[1], K * K
     stats = torch.float32
     dev = sums.device
@@ -195,7 +214,7 @@ def fold_forward(sums, prods, shift, n_pos: int, kernels, gamma, beta, eps, K: i
         sums, prods, shift, kernels.contiguous(), gamma.contiguous(), beta.contiguous(), eps,
         mean, cov, weight, bias, bmean, bvar,
         C, n_split, n_pos,
-        B=B, KK=KK, KK_PAD=KK_PAD, BLOCK_C=block_c, num_warps=warps,
+        B=B, KK=KK, KK_PAD=KK_PAD, COMPACT=compact, BLOCK_C=block_c, num_warps=warps,
     )
     return mean, cov, weight, bias, bmean, bvar
 

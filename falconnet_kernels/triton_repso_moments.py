@@ -582,16 +582,9 @@ def forward_partials(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tenso
     _check(x)
     shift_values = x.dtype == torch.float32
     if K == 3 and n_pos > 0:
-        n_rows = N * H
-        chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 4))
-        n_split = triton.cdiv(n_rows, chunk)
-        shift = _shift(x) if shift_values else torch.zeros(C, device=x.device, dtype=torch.float32)
-        part = torch.empty((n_split, 54, C), device=x.device, dtype=torch.float32)
-        grid = lambda meta: (n_split, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-        _moments3_fwd_kernel[grid](x, shift, part, C, H, W, n_rows, chunk, *x.stride(), SHIFT=shift_values)
-        # the splits added in float64 by one parallel reduction (the fold kernel's loop over
-        # splits is serial), then laid out as the generic kernel's padded sums and products
-        total = torch.cat([part.sum(0, dtype=torch.float64), part.new_zeros((1, C), dtype=torch.float64)])
+        total, shift = forward_totals3(x)
+        # laid out as the generic kernel's padded sums and products (one split)
+        total = torch.cat([total, total.new_zeros((1, C))])
         expanded = total[_padded_index(x.device)].t()  # (C, 16 + 256)
         sums = expanded[:, :KK_PAD].contiguous().unsqueeze(0)
         return sums, expanded[:, KK_PAD:].contiguous().view(1, C, KK_PAD, KK_PAD), shift
@@ -612,6 +605,24 @@ def forward_partials(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tenso
         K=K, KK_PAD=KK_PAD, SHIFT=shift_values, DOT16=_dot16(),
     )
     return sums, prods, shift
+
+
+def forward_totals3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K = 3: (totals (54, C) float64 - the 9 tap sums, then the 45 pair products p <= q of the
+    shifted values over all positions - and the shift (C,) float32 they were taken about; 0 for
+    16-bit x). The row kernel's per-split float32 partials added by one parallel reduction (the
+    fold kernel's loop over splits is serial); fold_forward takes the totals as they are."""
+    _check(x)
+    N, C, H, W = x.shape
+    n_rows = N * H
+    chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 4))
+    n_split = triton.cdiv(n_rows, chunk)
+    shift_values = x.dtype == torch.float32
+    shift = _shift(x) if shift_values else torch.zeros(C, device=x.device, dtype=torch.float32)
+    part = torch.empty((n_split, 54, C), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (n_split, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+    _moments3_fwd_kernel[grid](x, shift, part, C, H, W, n_rows, chunk, *x.stride(), SHIFT=shift_values)
+    return part.sum(0, dtype=torch.float64), shift
 
 
 def repso_moments_forward(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -644,6 +644,13 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
     outs = tf.fold_forward(sums, prods, shift, 3 * 7 * 5, kernels.to(dev), gamma.to(dev), beta.to(dev), eps.to(dev), K,
                            x_dtype)
     mean, cov, weight, bias, bmean, bvar = (t.cpu() for t in outs)
+    if K == 3:
+        # the node's form: the row kernel's compact float64 totals, read by the fold directly
+        total, shift3 = tm.forward_totals3(x.to(dev))
+        compact = tf.fold_forward(total, None, shift3, 3 * 7 * 5, kernels.to(dev), gamma.to(dev), beta.to(dev),
+                                  eps.to(dev), K, x_dtype)
+        for ours, padded in zip(compact, (mean, cov, weight, bias, bmean, bvar)):
+            assert torch.equal(ours.cpu(), padded)
     ref_mean, ref_cov = rm.repso_moments_ref(x.double(), K)
     # the moments: float32 tiles summed in float64 (test_moments_match_reference's bar)
     assert (mean.double() - ref_mean).abs().max() <= 4e-6 * ref_mean.abs().max()

@@ -336,7 +336,11 @@ class _OneConvTrainTriton(torch.autograd.Function):
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
         N, C, H, W = x.shape
-        sums, prods, shift = triton_repso_moments.forward_partials(x, K)
+        if K == 3:
+            sums, shift = triton_repso_moments.forward_totals3(x)
+            prods = None  # fold_forward reads the compact totals
+        else:
+            sums, prods, shift = triton_repso_moments.forward_partials(x, K)
         mean, cov, weight, bias, bmean, bvar = triton_repso_fold.fold_forward(
             sums, prods, shift, N * H * W, kernels, gamma, beta, eps, K, x.dtype)
         weight = weight.view(C, 1, K, K)
