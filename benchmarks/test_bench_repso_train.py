@@ -161,15 +161,17 @@ def test_repso_node_parts(benchmark, device, part, shape):
     bns = [b.bn for b in layer.branches] + [layer.identity_bn]
     kernels, gamma, beta, eps = _fold_inputs([b.conv.weight.detach() for b in layer.branches], bns, True, K,
                                              torch.float32, x.device)
-    sums, prods, shift = tm.forward_partials(x, K)
-    mean, cov, weight, bias, _, _ = tf.fold_forward(sums, prods, shift, N * H * H, kernels, gamma, beta, eps, K, dtype)
+    sums, shift = tm.forward_totals3(x)
+    mean, cov, weight, bias, _, _ = tf.fold_forward(sums, None, shift, N * H * H, kernels, gamma, beta, eps, K, dtype)
     weight = weight.view(C, 1, K, K)
     _, grad_w, grad_b = torch.ops.aten.convolution_backward(
         gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True])
-    a_hi, a_lo, cst, shift_b = tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype)[3:]
+    # as the node runs them at K = 3: the fold backward writes the grad_x kernel's class tables
+    n_pos = N * H * H
+    tables = tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype, n_pos=n_pos)[3:]
     fns = {
-        "moments": lambda: tm.forward_partials(x, K),
-        "fold": lambda: tf.fold_forward(sums, prods, shift, N * H * H, kernels, gamma, beta, eps, K, dtype),
+        "moments": lambda: tm.forward_totals3(x),
+        "fold": lambda: tf.fold_forward(sums, None, shift, N * H * H, kernels, gamma, beta, eps, K, dtype),
         "conv": lambda: F.conv2d(x, weight, bias, padding=1, groups=C),
         "conv-rows": lambda: tm.conv3_forward(x, weight, bias),  # repso_train.CONV = "rows"
         "conv-wgrad": lambda: torch.ops.aten.convolution_backward(
@@ -177,8 +179,8 @@ def test_repso_node_parts(benchmark, device, part, shape):
         # the alternatives to cuDNN's weight gradient (repso_train.WEIGHT_GRAD = "triton", "rows")
         "conv-wgrad-triton": lambda: triton_dw_conv3x3.dw_conv3x3_weight_grad(gy, x),
         "conv-wgrad-rows": lambda: tm.conv3_weight_grad(gy, x),
-        "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype),
-        "grad-x": lambda: tm.backward_launch(x, a_hi, a_lo, cst, shift_b, K, conv=(gy, weight)),
+        "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype, n_pos=n_pos),
+        "grad-x": lambda: tm.backward3_launch(x, *tables, conv=(gy, weight)),
     }
     info = {"op": "repso_node_part", "pass": "fwd+bwd pieces", "impl": part, "device": device,
             "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last", "batch": N, "shape": f"{C}@{H}",

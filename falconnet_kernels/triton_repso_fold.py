@@ -102,12 +102,45 @@ def _fold_fwd_kernel(
 
 
 @triton.jit
+def _class_tables_store(lag, cst, a, c, c_ok, p, d, C, inv_M, tab_ptr, tcst_ptr, bd_ptr, bc_ptr):
+    """K = 3. lag (BC, LAG_PAD, KK_PAD) = A[c, d, p], cst (BC, KK_PAD), a (BC,) the shift. For the
+    4 row classes rc = (has a row before) * 2 + (has one after): tab (4, 25, C) = sum over the
+    valid shifts p of A / M with both column neighbours, tcst (4, C) the same of cst; for the
+    left, right and 1-wide column classes, bd (4, 3, 5, C) the change of the lag-(e - 2, 0)
+    weights and bc (4, 3, C) the constant's change minus a times the change of the weights whose
+    column lies off the map."""
+    pi = p // 3
+    pj = p % 3
+    p_ok = p < 9
+    d_ok = d < 25
+    for rc in tl.static_range(4):
+        row_v = p_ok & (pi >= 1 - rc % 2) & (pi <= 1 + rc // 2)
+        tab = tl.sum(tl.where(row_v[None, None, :], lag, 0.0), axis=2) * inv_M  # (BC, LAG_PAD)
+        tl.store(tab_ptr + (rc * 25 + d[None, :]) * C + c[:, None], tab, mask=c_ok[:, None] & d_ok[None, :])
+        tl.store(tcst_ptr + rc * C + c, tl.sum(tl.where(row_v[None, :], cst, 0.0), axis=1) * inv_M, mask=c_ok)
+        for b in tl.static_range(3):  # left (before 0, after 1), right (1, 0), single (0, 0)
+            before = 1 if b == 1 else 0
+            after = 1 if b == 0 else 0
+            gone = row_v & ((pj < 1 - after) | (pj > 1 + before))  # the shifts this border removes
+            delta = -tl.sum(tl.where(gone[None, None, :], lag, 0.0), axis=2) * inv_M  # (BC, LAG_PAD)
+            centre = tl.zeros_like(a)
+            for e in tl.static_range(5):
+                bd = tl.sum(tl.where(d[None, :] == e * 5 + 2, delta, 0.0), axis=1)
+                tl.store(bd_ptr + ((rc * 3 + b) * 5 + e) * C + c, bd, mask=c_ok)
+                centre += bd
+            off_map = tl.sum(tl.where(d_ok[None, :], delta, 0.0), axis=1) - centre
+            d_cst = -tl.sum(tl.where(gone[None, :], cst, 0.0), axis=1) * inv_M
+            tl.store(bc_ptr + (rc * 3 + b) * C + c, d_cst - a * off_map, mask=c_ok)
+
+
+@triton.jit
 def _fold_bwd_kernel(
     gw_ptr, gb_ptr, mean_ptr, cov_ptr, k_ptr, gamma_ptr, eps_ptr,
     gk_ptr, ggamma_ptr, gbeta_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr,
-    C,
+    tab_ptr, tcst_ptr, bd_ptr, bc_ptr,
+    C, inv_M,
     B: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr, LAG_PAD: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    TABLES: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     KK: tl.constexpr = K * K
     L: tl.constexpr = 2 * K - 1
@@ -164,6 +197,11 @@ def _fold_bwd_kernel(
     cst = (g_mean - g_centred).to(tl.float32)
     tl.store(cst_ptr + c[:, None] * KK_PAD + p[None, :], cst, mask=c_ok[:, None])
     tl.store(shift_ptr + c, shift.to(tl.float32), mask=c_ok)
+    if TABLES:
+        # K = 3: the grad_x row kernel's class tables (triton_repso_moments._class_tables, the
+        # same sums) straight from the lag matrix in registers, instead of ~15 small launches
+        _class_tables_store(lag, cst, shift.to(tl.float32), c, c_ok, p, d, C, inv_M, tab_ptr, tcst_ptr, bd_ptr, bc_ptr)
+        return
     a_off = (c[:, None, None] * LAG_PAD + d[None, :, None]) * KK_PAD + p[None, None, :]
     if SPLIT:
         hi = lag.to(a_hi_ptr.dtype.element_ty)
@@ -219,11 +257,17 @@ def fold_forward(sums, prods, shift, n_pos: int, kernels, gamma, beta, eps, K: i
     return mean, cov, weight, bias, bmean, bvar
 
 
-def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int, x_dtype: torch.dtype):
+def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int, x_dtype: torch.dtype,
+                  n_pos: int | None = None):
     """The conv's weight and bias gradients back through the fold: (grad_kernels (C, B, K*K),
     grad_gamma (C, B), grad_beta (C, B)) and the moments backward kernel's inputs (a_hi, a_lo,
-    cst, shift) for x of x_dtype (triton_repso_moments.backward_launch)."""
+    cst, shift) for x of x_dtype (triton_repso_moments.backward_launch). With n_pos (the position
+    count M, K = 3 only) the last four are instead the K = 3 grad_x kernel's class tables
+    (tab, cst, bd, bc) and the shift (triton_repso_moments.backward3_launch)."""
     C, KK = mean.shape
+    tables = n_pos is not None
+    if tables and K != 3:
+        raise ValueError(f"the class tables are for K = 3, got K = {K}")
     B = kernels.shape[1]
     KK_PAD, LAG_PAD = _pow2(KK), _pow2((2 * K - 1) ** 2)
     split = x_dtype == torch.bfloat16  # triton_repso_moments._split_lag: float16 takes float32
@@ -231,11 +275,21 @@ def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int
     g_k = torch.empty((C, B, KK), device=dev, dtype=kernels.dtype)
     g_gamma = torch.empty((C, B), device=dev, dtype=gamma.dtype)
     g_beta = torch.empty((C, B), device=dev, dtype=gamma.dtype)
+    if tables:
+        split = False  # the row kernel multiplies in float32: the lag matrix is never split
     a_dtype = x_dtype if split else torch.float32
-    a_hi = torch.empty((C, LAG_PAD, KK_PAD), device=dev, dtype=a_dtype)
-    a_lo = torch.empty_like(a_hi) if split else a_hi
     cst = torch.empty((C, KK_PAD), device=dev, dtype=torch.float32)
     shift = torch.empty((C,), device=dev, dtype=torch.float32)
+    if tables:
+        a_hi = a_lo = cst  # not written
+        tab = torch.empty((4, 25, C), device=dev, dtype=torch.float32)
+        tcst = torch.empty((4, C), device=dev, dtype=torch.float32)
+        bd = torch.empty((4, 3, 5, C), device=dev, dtype=torch.float32)
+        bc = torch.empty((4, 3, C), device=dev, dtype=torch.float32)
+    else:
+        a_hi = torch.empty((C, LAG_PAD, KK_PAD), device=dev, dtype=a_dtype)
+        a_lo = torch.empty_like(a_hi) if split else a_hi
+        tab = tcst = bd = bc = cst  # not written
     # per channel: (cov + cov^T) and a product temporary in float64, the lag matrix and its gather
     block_c, warps = _launch_shape(KK_PAD, 2 * KK_PAD * KK_PAD + 2 * LAG_PAD * KK_PAD)
     if K == 3 and C >= 512:
@@ -245,8 +299,10 @@ def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int
         block_c, warps = 4, 8
     _fold_bwd_kernel[(triton.cdiv(C, block_c),)](
         grad_weight.reshape(C, KK), grad_bias, mean, cov, kernels.contiguous(), gamma.contiguous(), eps,
-        g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift,
-        C,
-        B=B, K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, BLOCK_C=block_c, num_warps=warps,
+        g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift, tab, tcst, bd, bc,
+        C, 1.0 / n_pos if tables else 1.0,
+        B=B, K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, TABLES=tables, BLOCK_C=block_c, num_warps=warps,
     )
+    if tables:
+        return g_k, g_gamma, g_beta, tab, tcst, bd, bc, shift
     return g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift

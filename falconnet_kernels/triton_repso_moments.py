@@ -657,6 +657,30 @@ def _lag_matrix(g_sym: torch.Tensor, K: int, lag_pad: int, kk_pad: int) -> torch
     return A
 
 
+def backward3_launch(x: torch.Tensor, tab: torch.Tensor, cst: torch.Tensor, bd: torch.Tensor, bc: torch.Tensor,
+                     shift: torch.Tensor, conv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     gx: torch.Tensor | None = None) -> torch.Tensor:
+    """K = 3 grad_x from the class tables (_class_tables, or triton_repso_fold.fold_backward with
+    n_pos), the shift (C,) float32 and optionally conv = (grad_y, weight) as in backward_launch."""
+    N, C, H, W = x.shape
+    if gx is None:
+        gx = torch.empty_like(x)
+    if conv is not None:
+        grad_y, weight = conv[0], conv[1].reshape(C, 9).contiguous()
+    else:
+        grad_y, weight = gx, gx
+    n_rows = N * H
+    if x.numel() == 0:
+        return gx
+    chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 16))
+    grid = lambda meta: (triton.cdiv(n_rows, chunk), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+    _moments3_bwd_kernel[grid](
+        x, gx, tab, cst, bd, bc, shift, grad_y, weight,
+        C, H, W, n_rows, chunk, *x.stride(), *gx.stride(), *grad_y.stride(), HAS_CONV=conv is not None,
+    )
+    return gx
+
+
 def _row_programs(x: torch.Tensor, n_rows: int, per_sm: int) -> int:
     """How many row chunks the K = 3 kernels split N*H rows into: about per_sm programs an SM
     over channel blocks of 128 (their tiles' width; 4 programs on the CPU, where the interpreter
@@ -770,15 +794,7 @@ def backward_launch(x: torch.Tensor, a_hi: torch.Tensor, a_lo: torch.Tensor, cst
         # the lag matrix in float32: as given, or its two 16-bit parts added
         A = a_hi.float() if a_hi.dtype == torch.float32 else a_hi.float() + a_lo.float()
         shift = shift.float().contiguous()
-        tab, cst_tab, bd, bc = _class_tables(A, cst, shift, 1.0 / n_pos)
-        n_rows = N * H
-        chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 16))
-        grid = lambda meta: (triton.cdiv(n_rows, chunk), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-        _moments3_bwd_kernel[grid](
-            x, gx, tab, cst_tab, bd, bc, shift, grad_y, weight,
-            C, H, W, n_rows, chunk, *x.stride(), *gx.stride(), *grad_y.stride(), HAS_CONV=conv is not None,
-        )
-        return gx
+        return backward3_launch(x, *_class_tables(A, cst, shift, 1.0 / n_pos), shift, conv, gx)
     split = _split_lag(x.dtype, K)
     grid = lambda meta: (triton.cdiv(n_pos, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _moments_bwd_kernel[grid](

@@ -666,6 +666,19 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
     grad_b = torch.randn(C).to(x_dtype)
     outs = tf.fold_backward(*(t.to(dev) for t in (grad_w, grad_b, mean, cov, kernels, gamma, eps)), K, x_dtype)
     g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift_b = (t.cpu() for t in outs)
+    if K == 3:
+        # the K = 3 grad_x kernel's class tables, written by the fold backward (n_pos) against the
+        # host's _class_tables of the float32 lag matrix: the same float32 sums in another order
+        args = [t.to(dev) for t in (grad_w, grad_b, mean, cov, kernels, gamma, eps)]
+        plain = tf.fold_backward(*args, K, torch.float32)
+        tables = tf.fold_backward(*args, K, x_dtype, n_pos=105)
+        for ours, theirs in zip(tables, plain[:3]):
+            assert torch.equal(ours, theirs)
+        expected = tm._class_tables(plain[3], plain[5], plain[6], 1 / 105)
+        for ours, theirs in zip(tables[3:7], expected, strict=True):
+            assert ours.shape == theirs.shape
+            assert (ours - theirs).abs().max() <= 1e-6 * theirs.abs().max()
+        assert torch.equal(tables[7], plain[6])
     g_mean, g_cov, *ref_g = rm.repso_fold_backward_ref(grad_w.double().view(C, KK), grad_b.double(), *f64[:4], eps)
     for ours, theirs in zip((g_k, g_gamma, g_beta), ref_g):
         assert (ours.double() - theirs).abs().max() <= 4 * 2**-24 * max(1.0, theirs.abs().max().item())

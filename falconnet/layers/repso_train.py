@@ -381,14 +381,19 @@ class _OneConvTrainTriton(torch.autograd.Function):
         else:
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_y, x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, True])
-        # K = 3: the grad_x kernel multiplies in float32, so the lag matrix stays float32 (no
-        # 16-bit hi/lo parts)
-        g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift = triton_repso_fold.fold_backward(
-            grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K,
-            torch.float32 if K == 3 else x.dtype)
         grad_x = None
-        if need_x:
-            grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, conv=(grad_y, weight))
+        if K == 3:
+            # the fold backward also writes the K = 3 grad_x kernel's class tables
+            g_k, g_gamma, g_beta, tab, cst, bd, bc, shift = triton_repso_fold.fold_backward(
+                grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K, x.dtype,
+                n_pos=x.shape[0] * x.shape[2] * x.shape[3])
+            if need_x:
+                grad_x = triton_repso_moments.backward3_launch(x, tab, cst, bd, bc, shift, conv=(grad_y, weight))
+        else:
+            g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift = triton_repso_fold.fold_backward(
+                grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K, x.dtype)
+            if need_x:
+                grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, conv=(grad_y, weight))
         return grad_x, g_k, g_gamma, g_beta, None, None, None, None
 
 
