@@ -224,6 +224,29 @@ def _first_unless_tuning(configs, named_args, **kwargs):
     return configs if _autotune_enabled() else configs[:1]
 
 
+@triton.jit
+def _zeros_tuple(N: tl.constexpr, BLOCK_C: tl.constexpr):
+    out = ()
+    for _ in tl.static_range(N):
+        out = out + (tl.zeros((BLOCK_C,), dtype=tl.float32),)
+    return out
+
+
+@triton.jit
+def _add_tuples(a, b, N: tl.constexpr):
+    out = ()
+    for t in tl.static_range(N):
+        out = out + (a[t] + b[t],)
+    return out
+
+
+@triton.jit
+def _store_tuple(ptr, vals, C, mask, N: tl.constexpr):
+    """vals[t] to ptr + t * C: a (N, C) block of per-channel rows."""
+    for t in tl.static_range(N):
+        tl.store(ptr + t * C, vals[t], mask=mask)
+
+
 @triton.autotune(configs=_configs_wc(_FWD3_TILES), key=["C", "H", "W", "n_rows"],
                  prune_configs_by={"early_config_prune": _first_unless_tuning})
 @triton.jit
@@ -247,18 +270,13 @@ def _moments3_fwd_kernel(
         a = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
     else:
         a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc = ()
-    for _ in tl.static_range(54):  # 9 sums, then the 45 products p <= q
-        acc = acc + (zero,)
+    acc = _zeros_tuple(54, BLOCK_C)  # 9 sums, then the 45 products p <= q
     r0 = pid_s * chunk
     for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
         n = r // H
         i = r % H
         x_c = x_ptr + n * sN + offs_c * sC
-        row = ()
-        for _ in tl.static_range(54):
-            row = row + (zero,)
+        row = _zeros_tuple(54, BLOCK_C)
         for j0 in range(0, W, BLOCK_W):
             # u = x - a in the padded window (padding: -a), as 3 rows of BLOCK_W + 2 columns
             cols = ()
@@ -280,13 +298,8 @@ def _moments3_fwd_kernel(
                     for q in tl.static_range(p, 9):
                         new_row = new_row + (row[9 + p * 9 - p * (p - 1) // 2 + q - p] + u[p] * u[q],)
                 row = new_row
-        new_acc = ()
-        for t in tl.static_range(54):
-            new_acc = new_acc + (acc[t] + row[t],)
-        acc = new_acc
-    out = part_ptr + pid_s * 54 * C + offs_c
-    for t in tl.static_range(54):
-        tl.store(out + t * C, acc[t], mask=c_ok)
+        acc = _add_tuples(acc, row, 54)
+    _store_tuple(part_ptr + pid_s * 54 * C + offs_c, acc, C, c_ok, 54)
 
 
 @triton.autotune(configs=_configs_wc(_BWD3_TILES), key=["C", "H", "W", "n_rows", "HAS_CONV"],
@@ -405,19 +418,14 @@ def _conv3_wgrad_kernel(
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc = ()
-    for _ in tl.static_range(10):
-        acc = acc + (zero,)
+    acc = _zeros_tuple(10, BLOCK_C)
     r0 = pid_s * chunk
     for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
         n = r // H
         i = r % H
         x_c = x_ptr + n * sN + offs_c * sC
         gy_c = gy_ptr + n * yN + i * yH + offs_c * yC
-        row = ()
-        for _ in tl.static_range(10):
-            row = row + (zero,)
+        row = _zeros_tuple(10, BLOCK_C)
         for j0 in range(0, W, BLOCK_W):
             gy = ()
             for jo in tl.static_range(BLOCK_W):
@@ -440,13 +448,8 @@ def _conv3_wgrad_kernel(
             for jo in tl.static_range(BLOCK_W):
                 t += gy[jo]
             row = new_row + (t,)
-        new_acc = ()
-        for t in tl.static_range(10):
-            new_acc = new_acc + (acc[t] + row[t],)
-        acc = new_acc
-    out = part_ptr + pid_s * 10 * C + offs_c
-    for t in tl.static_range(10):
-        tl.store(out + t * C, acc[t], mask=c_ok)
+        acc = _add_tuples(acc, row, 10)
+    _store_tuple(part_ptr + pid_s * 10 * C + offs_c, acc, C, c_ok, 10)
 
 
 _CONV3_TILES = [(8, 128, 4), (4, 128, 4), (16, 128, 4), (8, 64, 2)]  # (output columns, channels, warps)
