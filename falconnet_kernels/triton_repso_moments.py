@@ -225,6 +225,20 @@ def _first_unless_tuning(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _load_columns(row_ptr, row_ok, j_first, W, sW, shift, N: tl.constexpr, SUB: tl.constexpr):
+    """N columns j_first .. j_first + N - 1 of one image row as float32 (BLOCK_C,) vectors (a
+    tuple), 0 outside the map; minus shift (BLOCK_C,) if SUB (so -shift outside the map)."""
+    cols = ()
+    for k in tl.static_range(N):
+        jj = j_first + k
+        v = tl.load(row_ptr + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0).to(tl.float32)
+        if SUB:
+            v = v - shift
+        cols = cols + (v,)
+    return cols
+
+
+@triton.jit
 def _zeros_tuple(N: tl.constexpr, BLOCK_C: tl.constexpr):
     out = ()
     for _ in tl.static_range(N):
@@ -282,10 +296,7 @@ def _moments3_fwd_kernel(
             cols = ()
             for ri in tl.static_range(3):
                 row_ok = c_ok & (i + ri - 1 >= 0) & (i + ri - 1 < H)
-                for k in tl.static_range(BLOCK_W + 2):
-                    jj = j0 + k - 1
-                    v = tl.load(x_c + (i + ri - 1) * sH + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
-                    cols = cols + (v.to(tl.float32) - a,)
+                cols = cols + _load_columns(x_c + (i + ri - 1) * sH, row_ok, j0 - 1, W, sW, a, BLOCK_W + 2, True)
             for jo in tl.static_range(BLOCK_W):
                 live = c_ok & (j0 + jo < W)  # 0 off the tile
                 u = ()
@@ -358,12 +369,7 @@ def _moments3_bwd_kernel(
                 g = g + (cst_c,)
             for di in range(-2, 3):
                 row_ok = c_ok & (i + di >= 0) & (i + di < H)
-                x_r = x_c + (i + di) * sH
-                cols = ()
-                for k in tl.static_range(BLOCK_W + 4):
-                    jj = j0 + k - 2
-                    v = tl.load(x_r + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
-                    cols = cols + (v.to(tl.float32) - a,)
+                cols = _load_columns(x_c + (i + di) * sH, row_ok, j0 - 2, W, sW, a, BLOCK_W + 4, True)
                 w5 = ()
                 for dj in tl.static_range(5):
                     w5 = w5 + (tl.load(tab_c + ((di + 2) * 5 + dj) * C, mask=c_ok, other=0.0),)
@@ -378,12 +384,7 @@ def _moments3_bwd_kernel(
                 # + sum over taps (ta, tb) of w[ta, tb] grad_y(i + 1 - ta, j + 1 - tb), 0 off the map
                 for ta in range(0, 3):
                     row_ok = c_ok & (i + 1 - ta >= 0) & (i + 1 - ta < H)
-                    gy_r = gy_c + (i + 1 - ta) * yH
-                    cols = ()
-                    for k in tl.static_range(BLOCK_W + 2):
-                        jj = j0 + k - 1
-                        v = tl.load(gy_r + jj * yW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
-                        cols = cols + (v.to(tl.float32),)
+                    cols = _load_columns(gy_c + (i + 1 - ta) * yH, row_ok, j0 - 1, W, yW, 0.0, BLOCK_W + 2, False)
                     w3 = ()
                     for tb in tl.static_range(3):
                         w3 = w3 + (tl.load(w_ptr + offs_c * 9 + ta * 3 + tb, mask=c_ok, other=0.0).to(tl.float32),)
@@ -427,18 +428,11 @@ def _conv3_wgrad_kernel(
         gy_c = gy_ptr + n * yN + i * yH + offs_c * yC
         row = _zeros_tuple(10, BLOCK_C)
         for j0 in range(0, W, BLOCK_W):
-            gy = ()
-            for jo in tl.static_range(BLOCK_W):
-                v = tl.load(gy_c + (j0 + jo) * yW, mask=c_ok & (j0 + jo < W), other=0.0)
-                gy = gy + (v.to(tl.float32),)
+            gy = _load_columns(gy_c, c_ok, j0, W, yW, 0.0, BLOCK_W, False)
             new_row = ()
             for ta in tl.static_range(3):
                 row_ok = c_ok & (i + ta - 1 >= 0) & (i + ta - 1 < H)
-                cols = ()
-                for k in tl.static_range(BLOCK_W + 2):
-                    jj = j0 + k - 1
-                    v = tl.load(x_c + (i + ta - 1) * sH + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
-                    cols = cols + (v.to(tl.float32),)
+                cols = _load_columns(x_c + (i + ta - 1) * sH, row_ok, j0 - 1, W, sW, 0.0, BLOCK_W + 2, False)
                 for tb in tl.static_range(3):
                     t = row[ta * 3 + tb]
                     for jo in tl.static_range(BLOCK_W):
@@ -488,11 +482,7 @@ def _conv3_fwd_kernel(
                 acc = acc + (bias,)
             for ta in tl.static_range(3):
                 row_ok = c_ok & (i + ta - 1 >= 0) & (i + ta - 1 < H)
-                cols = ()
-                for k in tl.static_range(BLOCK_W + 2):
-                    jj = j0 + k - 1
-                    v = tl.load(x_c + (i + ta - 1) * sH + jj * sW, mask=row_ok & (jj >= 0) & (jj < W), other=0.0)
-                    cols = cols + (v.to(tl.float32),)
+                cols = _load_columns(x_c + (i + ta - 1) * sH, row_ok, j0 - 1, W, sW, 0.0, BLOCK_W + 2, False)
                 new_acc = ()
                 for jo in tl.static_range(BLOCK_W):
                     new_acc = new_acc + (acc[jo] + w[ta * 3] * cols[jo] + w[ta * 3 + 1] * cols[jo + 1]
