@@ -4,7 +4,8 @@
 # bench_gpu.png and logs.tgz (env, build, tests, benchmark logs) - 8 files, the device tool's limit.
 # Commit them under benchmarks/results/<date>-<gpu>/ with a NOTES.md.
 #   usage: OUT=dir bash scripts/gpu_check.sh [--quick]   (--quick: no benchmarks)
-#   SKIP_TESTS=1 skips the tests; TRAIN_CHECKS=1 adds issue 4's GPU training runs, alongside them;
+#   SKIP_TESTS=1 skips the tests; TRAIN_CHECKS=1 adds issue 4's GPU training runs, alongside them
+#   (TRAIN_ONLY="3" picks checks by number; TRAIN_TIMEOUT, TRAIN_COMPILE_TIMEOUT cap each);
 #   PROFILE=1 adds an Nsight Compute profile of the slowest kernels (scripts/gpu_profile.py).
 #   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s);
 #   BUDGET (default 540 s) caps the whole script: a stage gets at most what is left of it, and
@@ -31,15 +32,20 @@ stamp "built"; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
 # GPU defaults): data held on the GPU, DDP through torchrun (NCCL), torch.compile. Opt-in
 # (TRAIN_CHECKS=1). They run in the background while the tests run (correctness only, no timing),
 # and are stopped before the benchmarks start.
+# TRAIN_ONLY="3" (a list of numbers) runs only those checks. The --compile check gets
+# TRAIN_COMPILE_TIMEOUT (default 240 s): on the H100 its first step was still compiling after 85 s.
 train_checks() {
-  local runs=/tmp/gpu_check_train i=0 cmd
+  local runs=/tmp/gpu_check_train i=0 cmd limit
   rm -rf "$runs"
   for cmd in "falconnet train --epochs 3 --gpu-data" \
              "torchrun --standalone --nproc_per_node 1 -m falconnet.cli train --epochs 2 --no-export" \
              "falconnet train --epochs 1 --compile --no-export"; do
     i=$((i + 1))
+    [[ " ${TRAIN_ONLY:-1 2 3} " == *" $i "* ]] || continue
+    limit=${TRAIN_TIMEOUT:-120}
+    [[ $cmd == *--compile* ]] && limit=${TRAIN_COMPILE_TIMEOUT:-240}
     echo "[train check $i] $cmd" > "$OUT/train_$i.log"
-    timeout ${TRAIN_TIMEOUT:-120} $cmd --no-progress --out-dir "$runs/$i" >> "$OUT/train_$i.log" 2>&1
+    timeout $limit $cmd --no-progress --out-dir "$runs/$i" >> "$OUT/train_$i.log" 2>&1
     echo "exit code: $?" >> "$OUT/train_$i.log"
   done
 }
