@@ -37,8 +37,7 @@ def _check_dtype(x: Tensor) -> None:
         raise ValueError(f"x must have one of the dtypes {allowed} on {x.device.type}, got {x.dtype}")
 
 
-def _out_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+_out_format = ref.out_format
 
 
 def check_sf_conv(x, w1, w2, bias, residual, activation) -> tuple[int, int]:

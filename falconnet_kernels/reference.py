@@ -19,6 +19,13 @@ import torch.nn.functional as F
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
+def out_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the ops give their outputs: channels_last for a 4-D channels_last x (one that is
+    not also NCHW-contiguous, as 1x1 maps are), else NCHW."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

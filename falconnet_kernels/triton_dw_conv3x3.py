@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import out_format as _out_format
+
 _ACTIVATION_CODE = {"none": 0, "relu": 1, "relu6": 2}
 
 
@@ -230,11 +232,6 @@ _dw_bwd_input_tuned = triton.autotune(_INPUT_CONFIGS, key=["C", "H", "W", "total
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _out_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @functools.lru_cache(maxsize=None)

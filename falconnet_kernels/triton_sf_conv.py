@@ -74,6 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import out_format as _out_format
+
 _ACTIVATION_CODE = {"none": 0, "relu": 1, "relu6": 2}
 
 
@@ -414,11 +416,6 @@ _sf_conv_bwd_tuned = triton.autotune(
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _out_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
