@@ -212,8 +212,8 @@ def _moments_bwd_kernel(
 # These walk image rows instead: a (BLOCK_W columns x BLOCK_C channels) tile per step, each tap a
 # plain 2-D load at a constant offset (L1 serves the overlaps), no index tensors beyond the tile's.
 
-_FWD3_TILES = [(8, 128, 4), (4, 128, 4), (8, 64, 2), (4, 256, 8)]  # (output columns, channels, warps)
-_BWD3_TILES = [(8, 128, 4), (4, 128, 4), (8, 256, 4), (8, 64, 2)]  # (output columns, channels, warps)
+_FWD3_TILES = [(8, 128, 4), (7, 128, 4), (4, 128, 4), (8, 64, 2), (4, 256, 8)]  # (output columns, channels, warps)
+_BWD3_TILES = [(8, 128, 4), (7, 128, 4), (4, 128, 4), (8, 256, 4), (7, 256, 4)]  # (output columns, channels, warps)
 
 
 def _configs_wc(tiles) -> list:
@@ -398,7 +398,7 @@ def _moments3_bwd_kernel(
                 tl.store(out_c + j * gW, out.to(gx_ptr.dtype.element_ty), mask=c_ok & (j < W))
 
 
-_WG3_TILES = [(8, 128, 4), (4, 128, 4), (16, 128, 4), (8, 256, 4)]  # (output columns, channels, warps)
+_WG3_TILES = [(8, 128, 4), (7, 128, 4), (16, 128, 4), (8, 256, 4)]  # (output columns, channels, warps)
 
 
 @triton.autotune(configs=_configs_wc(_WG3_TILES), key=["C", "H", "W", "n_rows"],
@@ -446,7 +446,7 @@ def _conv3_wgrad_kernel(
     _store_tuple(part_ptr + pid_s * 10 * C + offs_c, acc, C, c_ok, 10)
 
 
-_CONV3_TILES = [(8, 128, 4), (4, 128, 4), (16, 128, 4), (8, 256, 4)]  # (output columns, channels, warps)
+_CONV3_TILES = [(8, 128, 4), (7, 128, 4), (16, 128, 4), (8, 256, 4)]  # (output columns, channels, warps)
 
 
 @triton.autotune(configs=_configs_wc(_CONV3_TILES), key=["C", "H", "W", "n_rows", "ACT"],

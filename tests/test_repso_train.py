@@ -807,6 +807,48 @@ def test_triton_node_weight_gradient_kernels(monkeypatch, kernel, channels_last)
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("kernel", ["_moments3_fwd_kernel", "_moments3_bwd_kernel", "_conv3_fwd_kernel",
+                                    "_conv3_wgrad_kernel"])
+def test_triton_row_kernels_every_tile(monkeypatch, kernel):
+    """Every autotuning candidate of the K = 3 row kernels (the tests otherwise run the first):
+    tiles of 7 columns (not a power of 2: a map of 9 columns leaves a partial tile) and of 2
+    channels a thread (260 channels: a partial block), against float64, float32 x."""
+    from falconnet_kernels import triton_repso_moments as tm
+
+    monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")
+    tuner = getattr(tm, kernel)
+    x = (torch.randn(2, 260, 3, 9, dtype=torch.float64) * 2 + 3).contiguous(memory_format=torch.channels_last)
+    xf, dev, C = x.float().to(TRITON_DEVICE), TRITON_DEVICE, 260
+    gy = torch.randn(x.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(C, 1, 3, 3, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+    ref_mean, ref_cov = rm.repso_moments_ref(x, 3)
+    for config in list(tuner.configs):
+        monkeypatch.setattr(tuner, "configs", [config])
+        if kernel == "_moments3_fwd_kernel":
+            mean, cov = (t.cpu().double() for t in tm.repso_moments_forward(xf, 3))
+            err = max(((mean - ref_mean).abs().max() / ref_mean.abs().max()).item(),
+                      ((cov - ref_cov).abs().max() / ref_cov.abs().max()).item())
+            tol = 4e-6
+        elif kernel == "_moments3_bwd_kernel":
+            g_mean, g_cov = torch.randn(C, 9, dtype=torch.float64), torch.randn(C, 9, 9, dtype=torch.float64)
+            out = tm.repso_moments_backward(g_mean.float().to(dev), g_cov.float().to(dev), xf, ref_mean.float().to(dev), 3)
+            ref = rm.repso_moments_backward_ref(g_mean, g_cov, x, ref_mean, 3)
+            err, tol = ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item(), 1e-5
+        elif kernel == "_conv3_fwd_kernel":
+            out = tm.conv3_forward(xf, w.float().to(dev), b.float().to(dev))
+            ref = F.conv2d(x, w, b, padding=1, groups=C)
+            err, tol = ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item(), 1e-5
+        else:
+            gw, gb = tm.conv3_weight_grad(gy.float().to(dev), xf)
+            _, rgw, rgb = torch.ops.aten.convolution_backward(
+                gy, x, w, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True])
+            err = max(((gw.cpu().double() - rgw).abs().max() / rgw.abs().max()).item(),
+                      ((gb.cpu().double() - rgb).abs().max() / rgb.abs().max()).item())
+            tol = 1e-5
+        assert err <= tol, (kernel, config.kwargs, config.num_warps, err)
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("shape", [(2, 70, 5, 9), (3, 33, 1, 1), (1, 130, 2, 17), (2, 40, 9, 2)], ids=str)
 def test_triton_conv3_forward(monkeypatch, shape, channels_last):
