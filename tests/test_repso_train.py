@@ -650,7 +650,7 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
         total, shift3 = tm.forward_totals3(x.to(dev))
         compact = tf.fold_forward(total, None, shift3, 3 * 7 * 5, kernels.to(dev), gamma.to(dev), beta.to(dev),
                                   eps.to(dev), K, x_dtype)
-        for ours, padded in zip(compact, (mean, cov, weight, bias, bmean, bvar)):
+        for ours, padded in zip(compact, (mean, cov, weight, bias, bmean, bvar), strict=True):
             assert torch.equal(ours.cpu(), padded)
     ref_mean, ref_cov = rm.repso_moments_ref(x.double(), K)
     # the moments: float32 tiles summed in float64 (test_moments_match_reference's bar)
@@ -673,7 +673,7 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
         args = [t.to(dev) for t in (grad_w, grad_b, mean, cov, kernels, gamma, eps)]
         plain = tf.fold_backward(*args, K, torch.float32)
         tables = tf.fold_backward(*args, K, x_dtype, n_pos=105)
-        for ours, theirs in zip(tables, plain[:3]):
+        for ours, theirs in zip(tables[:3], plain[:3], strict=True):
             assert torch.equal(ours, theirs)
         expected = tm._class_tables(plain[3], plain[5], plain[6], 1 / 105)
         for ours, theirs in zip(tables[3:7], expected, strict=True):
