@@ -45,7 +45,13 @@ def training_paths(info: dict) -> dict:
     cpu = "C++ one-node path" if cpp_train_path_available(torch.empty(1, 1, 1, 1)) else "PyTorch ops"
     repso = f"exact one conv (3x3 folded kernels): statistics and fold on the CPU by the {cpu}"
     if info["gpu"] is not None:
-        repso += ", on the GPU by the Triton one-node path" if info["triton"] else ", on the GPU by PyTorch ops"
+        if info["triton"]:
+            from falconnet.layers import repso_train
+
+            repso += (f", on the GPU by the Triton one-node path (3x3: row kernels for the statistics; the conv "
+                      f"{repso_train.CONV!r}, its weight gradient {repso_train.WEIGHT_GRAD!r})")
+        else:
+            repso += ", on the GPU by PyTorch ops"
     refco = "exact fused form: BatchNorms folded from their statistics, one or two SF-Conv calls (sf_conv above)"
     from falconnet_kernels import _backend
 

@@ -380,7 +380,7 @@ def test_fused_on_the_triton_kernels(monkeypatch, config, layout, form):
     assert calls, f"the Triton SF-Conv kernel ({form}) did not run"
 
 
-def test_falconnet_info_names_the_training_forms(capsys):
+def test_falconnet_info_names_the_training_forms(capsys, monkeypatch):
     from falconnet import cli
 
     assert cli.main(["info", "--json"]) == 0
@@ -391,6 +391,13 @@ def test_falconnet_info_names_the_training_forms(capsys):
     assert "one conv" in training["RepSO"] and "fused" in training["RefCO"]
     assert cli.main(["info"]) == 0
     assert "training forms" in capsys.readouterr().out
+    # on a GPU with Triton: the RepSO node's kernel choices, as set
+    from falconnet import info
+    from falconnet.layers import repso_train
+
+    assert "the conv 'rows', its weight gradient 'rows'" in info.training_paths({"gpu": "x", "triton": True})["RepSO"]
+    monkeypatch.setattr(repso_train, "WEIGHT_GRAD", "cudnn")
+    assert "its weight gradient 'cudnn'" in info.training_paths({"gpu": "x", "triton": True})["RepSO"]
 
 
 def test_double_backward_says_to_use_the_branch_form():
