@@ -209,8 +209,8 @@ def _moments_bwd_kernel(
 # kernels above gather a (channels x taps x positions) tile through 3-D index tensors and
 # contract it on tensor cores; on an H100 (2026-11-26, bf16, batch 128) the forward ran at
 # ~90 GB/s and the backward at ~100 GB/s, 3% of copy, most of RepSO's one-conv training step.
-# These walk image rows instead: a (BLOCK_W columns x BLOCK_C channels) tile per step, each tap a
-# plain 2-D load at a constant offset (L1 serves the overlaps), no index tensors beyond the tile's.
+# These walk image rows instead, BLOCK_W output columns a step kept as separate (BLOCK_C,) channel
+# vectors in a tuple, so each column loaded for a row serves every tap beside it (_load_columns).
 
 _FWD3_TILES = [(8, 128, 4), (7, 128, 4), (4, 128, 4), (8, 64, 2), (4, 256, 8)]  # (output columns, channels, warps)
 _BWD3_TILES = [(8, 128, 4), (7, 128, 4), (4, 128, 4), (8, 256, 4), (7, 256, 4)]  # (output columns, channels, warps)
@@ -280,10 +280,9 @@ def _moments3_fwd_kernel(
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
+    a = 0.0  # 16-bit x: no shift, and no subtraction (SUB=SHIFT below)
     if SHIFT:
         a = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    else:
-        a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     acc = _zeros_tuple(54, BLOCK_C)  # 9 sums, then the 45 products p <= q
     r0 = pid_s * chunk
     for r in range(r0, tl.minimum(r0 + chunk, n_rows)):
@@ -296,7 +295,7 @@ def _moments3_fwd_kernel(
             cols = ()
             for ri in tl.static_range(3):
                 row_ok = c_ok & (i + ri - 1 >= 0) & (i + ri - 1 < H)
-                cols = cols + _load_columns(x_c + (i + ri - 1) * sH, row_ok, j0 - 1, W, sW, a, BLOCK_W + 2, True)
+                cols = cols + _load_columns(x_c + (i + ri - 1) * sH, row_ok, j0 - 1, W, sW, a, BLOCK_W + 2, SHIFT)
             for jo in tl.static_range(BLOCK_W):
                 live = c_ok & (j0 + jo < W)  # 0 off the tile
                 u = ()
