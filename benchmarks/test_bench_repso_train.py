@@ -147,7 +147,7 @@ def test_repso_node_parts(benchmark, device, part, shape):
         pytest.skip("the Triton one-node path's pieces: GPU only")
     import torch.nn.functional as F
 
-    from falconnet.layers.repso_train import _fold_inputs
+    from falconnet.layers.repso_train import _eps_on, _flat_parameters
     from falconnet_kernels import triton_dw_conv3x3
     from falconnet_kernels import triton_repso_fold as tf
     from falconnet_kernels import triton_repso_moments as tm
@@ -159,27 +159,31 @@ def test_repso_node_parts(benchmark, device, part, shape):
     x = torch.randn(N, C, H, H, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
     gy = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=dtype))
     bns = [b.bn for b in layer.branches] + [layer.identity_bn]
-    kernels, gamma, beta, eps = _fold_inputs([b.conv.weight.detach() for b in layer.branches], bns, True, K,
-                                             torch.float32, x.device)
+    weights = [b.conv.weight.detach() for b in layer.branches]
+    # the parameters as the node takes them: one flat tensor
+    params = tf.Params.flat(_flat_parameters(weights, bns).detach(), tuple((w.shape[2], w.shape[3]) for w in weights),
+                            True, K, C)
+    eps = _eps_on(tuple(float(bn.eps) for bn in bns), x.device)
     sums, shift = tm.forward_totals3(x)
-    mean, cov, weight, bias, _, _ = tf.fold_forward(sums, None, shift, N * H * H, kernels, gamma, beta, eps, K, dtype)
+    mean, cov, weight, bias, _, _ = tf.fold_forward(sums, None, shift, N * H * H, params, eps, K, dtype)
     weight = weight.view(C, 1, K, K)
-    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True])
-    # as the node runs them at K = 3: the fold backward writes the grad_x kernel's class tables
+    # as the node runs them at K = 3: the weight gradient as (10, C) float64 totals, and the fold
+    # backward writing the grad_x kernel's class tables
+    totals = tm.conv3_weight_grad_totals(gy, x)
+    grad_w, grad_b = totals[:9].t(), totals[9]
     n_pos = N * H * H
-    tables = tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype, n_pos=n_pos)[3:]
+    tables = tf.fold_backward(grad_w, grad_b, mean, cov, params, eps, K, dtype, n_pos=n_pos)[3:]
     fns = {
         "moments": lambda: tm.forward_totals3(x),
-        "fold": lambda: tf.fold_forward(sums, None, shift, N * H * H, kernels, gamma, beta, eps, K, dtype),
+        "fold": lambda: tf.fold_forward(sums, None, shift, N * H * H, params, eps, K, dtype),
         "conv": lambda: F.conv2d(x, weight, bias, padding=1, groups=C),
         "conv-rows": lambda: tm.conv3_forward(x, weight, bias),  # repso_train.CONV = "rows"
         "conv-wgrad": lambda: torch.ops.aten.convolution_backward(
             gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True]),
         # the alternatives to cuDNN's weight gradient (repso_train.WEIGHT_GRAD = "triton", "rows")
         "conv-wgrad-triton": lambda: triton_dw_conv3x3.dw_conv3x3_weight_grad(gy, x),
-        "conv-wgrad-rows": lambda: tm.conv3_weight_grad(gy, x),
-        "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, kernels, gamma, eps, K, dtype, n_pos=n_pos),
+        "conv-wgrad-rows": lambda: tm.conv3_weight_grad_totals(gy, x),
+        "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, params, eps, K, dtype, n_pos=n_pos),
         "grad-x": lambda: tm.backward3_launch(x, *tables, conv=(gy, weight)),
     }
     info = {"op": "repso_node_part", "pass": "fwd+bwd pieces", "impl": part, "device": device,

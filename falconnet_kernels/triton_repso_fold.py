@@ -21,10 +21,20 @@ seven-branch path). Here each direction is one launch over blocks of channels:
 All per-channel math is float64 (the C++ fold's precision); A is accumulated in float32 (the
 moments backward kernel consumes it as float32, or for bf16 x as two bf16 parts, ~2^-16 relative).
 
+The kernels read the branch parameters where they lie (Params: RepSO's one-node path passes them
+as one flat tensor, the concatenation of every branch weight and BatchNorm parameter) and the
+backward writes their gradients into one buffer of the same layout, so neither direction needs
+the launches that would embed, stack, unstack or copy them; the forward also writes the running
+statistics' inputs as contiguous (B, C) rows (unbiased variance), which keeps the foreach update
+that follows at one launch.
+
 Arithmetic and bytes are negligible (a few KB per channel); the point is one launch instead of
 tens. Only Triton 3.6 APIs are used; both kernels run under TRITON_INTERPRET=1 (the tests).
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -39,10 +49,19 @@ def _narrow(v, ptr):
 
 
 @triton.jit
+def _branch_kernel(k_ptr, tap, cs, c, ok):
+    """Branch kernel values, float64, at the taps `tap` (Params.taps entries: an offset for channel
+    0, -1 for a tap outside the branch's window, -2 for the identity's centre) of the channels c
+    (broadcast against tap), channel stride cs; 0 where not ok."""
+    v = tl.load(k_ptr + tap + c * cs, mask=ok & (tap >= 0), other=0.0).to(tl.float64)
+    return tl.where(ok & (tap == -2), 1.0, v)
+
+
+@triton.jit
 def _fold_fwd_kernel(
-    sums_ptr, prods_ptr, shift_ptr, k_ptr, gamma_ptr, beta_ptr, eps_ptr,
+    sums_ptr, prods_ptr, shift_ptr, k_ptr, taps_ptr, kcs_ptr, gamma_ptr, beta_ptr, g_bs, g_cs, eps_ptr,
     mean_ptr, cov_ptr, w_ptr, bias_ptr, bmean_ptr, bvar_ptr,
-    C, n_split, M,
+    C, n_split, M, unbias,
     B: tl.constexpr, KK: tl.constexpr, KK_PAD: tl.constexpr, COMPACT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -87,16 +106,18 @@ def _fold_fwd_kernel(
     folded = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)
     bias = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for b in tl.static_range(B):
-        k = tl.load(k_ptr + (c[:, None] * B + b) * KK + p[None, :], mask=ok1, other=0.0).to(tl.float64)
+        tap = tl.load(taps_ptr + b * KK + p, mask=p_ok, other=-1)
+        k = _branch_kernel(k_ptr, tap[None, :], tl.load(kcs_ptr + b), c[:, None], ok1)
         m_b = tl.sum(k * mean, axis=1)
         v_b = tl.maximum(tl.sum(tl.sum(cov * k[:, None, :], axis=2) * k, axis=1), 0.0)
-        gamma = tl.load(gamma_ptr + c * B + b, mask=c_ok, other=0.0).to(tl.float64)
-        beta = tl.load(beta_ptr + c * B + b, mask=c_ok, other=0.0).to(tl.float64)
+        gamma = tl.load(gamma_ptr + b * g_bs + c * g_cs, mask=c_ok, other=0.0).to(tl.float64)
+        beta = tl.load(beta_ptr + b * g_bs + c * g_cs, mask=c_ok, other=0.0).to(tl.float64)
         s_b = gamma / tl.sqrt(v_b + tl.load(eps_ptr + b))
         folded += s_b[:, None] * k
         bias += beta - m_b * s_b
-        tl.store(bmean_ptr + c * B + b, _narrow(m_b, bmean_ptr), mask=c_ok)
-        tl.store(bvar_ptr + c * B + b, _narrow(v_b, bvar_ptr), mask=c_ok)
+        # the running statistics' inputs, rows of (B, C): the mean and the unbiased variance
+        tl.store(bmean_ptr + b * C + c, _narrow(m_b, bmean_ptr), mask=c_ok)
+        tl.store(bvar_ptr + b * C + c, _narrow(v_b * unbias, bvar_ptr), mask=c_ok)
     tl.store(w_ptr + c[:, None] * KK + p[None, :], _narrow(folded, w_ptr), mask=ok1)
     tl.store(bias_ptr + c, _narrow(bias, bias_ptr), mask=c_ok)
 
@@ -135,7 +156,7 @@ def _class_tables_store(lag, cst, a, c, c_ok, p, d, C, inv_M, tab_ptr, tcst_ptr,
 
 @triton.jit
 def _fold_bwd_kernel(
-    gw_ptr, gb_ptr, mean_ptr, cov_ptr, k_ptr, gamma_ptr, eps_ptr,
+    gw_ptr, gw_cs, gw_ps, gb_ptr, gb_cs, mean_ptr, cov_ptr, k_ptr, taps_ptr, kcs_ptr, gamma_ptr, g_bs, g_cs, eps_ptr,
     gk_ptr, ggamma_ptr, gbeta_ptr, a_hi_ptr, a_lo_ptr, cst_ptr, shift_ptr,
     tab_ptr, tcst_ptr, bd_ptr, bc_ptr,
     C, inv_M,
@@ -154,8 +175,8 @@ def _fold_bwd_kernel(
     cov_base = cov_ptr + c[:, None, None] * (KK * KK)
     sym = (tl.load(cov_base + p[None, :, None] * KK + p[None, None, :], mask=ok2, other=0.0).to(tl.float64)
            + tl.load(cov_base + p[None, None, :] * KK + p[None, :, None], mask=ok2, other=0.0).to(tl.float64))
-    g_f = tl.load(gw_ptr + c[:, None] * KK + p[None, :], mask=ok1, other=0.0).to(tl.float64)
-    g_bias = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
+    g_f = tl.load(gw_ptr + c[:, None] * gw_cs + p[None, :] * gw_ps, mask=ok1, other=0.0).to(tl.float64)
+    g_bias = tl.load(gb_ptr + c * gb_cs, mask=c_ok, other=0.0).to(tl.float64)
     # the moments backward centres its stencil on the centre mean for float32/float16 x (bf16: none)
     if SPLIT:
         shift = tl.zeros((BLOCK_C,), dtype=tl.float64)
@@ -172,24 +193,26 @@ def _fold_bwd_kernel(
     g_centred = tl.zeros((BLOCK_C, KK_PAD), dtype=tl.float64)  # G (mean - shift)
     lag = tl.zeros((BLOCK_C, LAG_PAD, KK_PAD), dtype=tl.float32)
     for b in tl.static_range(B):
-        k_row = k_ptr + (c * B + b) * KK
-        k = tl.load(k_row[:, None] + p[None, :], mask=ok1, other=0.0).to(tl.float64)
-        k_q = tl.load(k_row[:, None, None] + q[None, :, :], mask=c_ok[:, None, None] & q_ok[None, :, :],
-                      other=0.0).to(tl.float64)
+        cs = tl.load(kcs_ptr + b)
+        tap = tl.load(taps_ptr + b * KK + p, mask=p_ok, other=-1)
+        k = _branch_kernel(k_ptr, tap[None, :], cs, c[:, None], ok1)
+        tap_q = tl.load(taps_ptr + b * KK + q, mask=q_ok, other=-1)
+        k_q = _branch_kernel(k_ptr, tap_q[None, :, :], cs, c[:, None, None], c_ok[:, None, None] & q_ok[None, :, :])
         sk = tl.sum(sym * k[:, None, :], axis=2)  # (cov + cov^T) k
         m_b = tl.sum(k * mean, axis=1)
         v_raw = 0.5 * tl.sum(k * sk, axis=1)
         clamped = v_raw < 0.0  # clamp_min's gradient is 0 below the bound
-        gamma = tl.load(gamma_ptr + c * B + b, mask=c_ok, other=0.0).to(tl.float64)
+        gamma = tl.load(gamma_ptr + b * g_bs + c * g_cs, mask=c_ok, other=0.0).to(tl.float64)
         r = 1.0 / tl.sqrt(tl.maximum(v_raw, 0.0) + tl.load(eps_ptr + b))
         s_b = gamma * r
         g_s = tl.sum(k * g_f, axis=1) - g_bias * m_b
         g_m = -g_bias * s_b
         g_v = tl.where(clamped, 0.0, -0.5 * g_s * gamma * r * r * r)
-        tl.store(ggamma_ptr + c * B + b, _narrow(g_s * r, ggamma_ptr), mask=c_ok)
-        tl.store(gbeta_ptr + c * B + b, _narrow(g_bias, gbeta_ptr), mask=c_ok)
+        tl.store(ggamma_ptr + b * g_bs + c * g_cs, _narrow(g_s * r, ggamma_ptr), mask=c_ok)
+        tl.store(gbeta_ptr + b * g_bs + c * g_cs, _narrow(g_bias, gbeta_ptr), mask=c_ok)
         g_k = s_b[:, None] * g_f + g_m[:, None] * mean + g_v[:, None] * sk
-        tl.store(gk_ptr + (c[:, None] * B + b) * KK + p[None, :], _narrow(g_k, gk_ptr), mask=ok1)
+        # only the branch's own taps: the zeros around it and the identity's 1 are constants
+        tl.store(gk_ptr + tap[None, :] + c[:, None] * cs, _narrow(g_k, gk_ptr), mask=ok1 & (tap[None, :] >= 0))
         g_mean += g_m[:, None] * k
         two_gv = 2.0 * g_v
         g_centred += (two_gv * tl.sum(k * centred, axis=1))[:, None] * k
@@ -225,11 +248,95 @@ def _launch_shape(KK_PAD: int, per_channel: int) -> tuple[int, int]:
     return 1, 8
 
 
-def fold_forward(sums, prods, shift, n_pos: int, kernels, gamma, beta, eps, K: int, out_dtype: torch.dtype):
+@dataclass(frozen=True)
+class Params:
+    """Where the fold kernels read each branch's kernel, gamma and beta, and write their gradients.
+
+    taps (B, K*K) int32 on the device: the offset in `data` of branch b's tap p for channel 0, -1
+    where the tap lies outside the branch's window (a 0), -2 at the identity branch's centre (a 1);
+    chan_stride (B,) int32, the offset between channels. gamma and beta hold the (b, c) value at
+    b * g_strides[0] + c * g_strides[1]. Two forms: Params.flat (every value in one 1-D tensor,
+    as RepSO's one-node path passes its parameters, so that each parameter's gradient is a
+    contiguous slice of one buffer the backward kernel fills: no gather, pad, stack or copy
+    launches either way) and Params.dense ((C, B, K*K) embedded kernels, (C, B) gamma and beta)."""
+
+    data: torch.Tensor
+    taps: torch.Tensor
+    chan_stride: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    g_strides: tuple
+    at: tuple | None  # (gamma, beta) offsets in data (flat), or None (separate tensors)
+
+    @property
+    def n_branches(self) -> int:
+        return self.taps.shape[0]
+
+    @staticmethod
+    def dense(kernels: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> "Params":
+        C, B, KK = kernels.shape
+        if gamma.shape != (C, B) or beta.shape != (C, B):
+            raise ValueError(f"gamma and beta must be ({C}, {B}) for kernels {tuple(kernels.shape)}, got "
+                             f"{tuple(gamma.shape)} and {tuple(beta.shape)}")
+        taps, cs = _dense_tables(B, KK, kernels.device)
+        return Params(kernels.contiguous(), taps, cs, gamma.contiguous(), beta.contiguous(), (1, B), None)
+
+    @staticmethod
+    def flat(flat: torch.Tensor, shapes: tuple, with_identity: bool, K: int, C: int) -> "Params":
+        """flat = cat(each branch weight (C, 1, kh, kw) flattened, in `shapes`' order; then the B
+        BatchNorms' weights; then their biases), B = len(shapes) + with_identity (the identity's
+        BatchNorm last)."""
+        taps, cs, g_at, b_at = _flat_tables(tuple(shapes), with_identity, K, C, flat.device)
+        B = taps.shape[0]
+        if flat.dim() != 1 or flat.numel() != b_at + B * C:
+            raise ValueError(f"flat must be a 1-D tensor of {b_at + B * C} values for these branches, got "
+                             f"{tuple(flat.shape)}")
+        return Params(flat, taps, cs, flat[g_at:b_at], flat[b_at:], (C, 1), (g_at, b_at))
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Empty gradient tensors in this layout: (of data, of gamma, of beta); for the flat form
+        the last two are views into the first (the backward kernel writes every element)."""
+        if self.at is None:
+            return torch.empty_like(self.data), torch.empty_like(self.gamma), torch.empty_like(self.beta)
+        g = torch.empty_like(self.data)
+        return g, g[self.at[0]:self.at[1]], g[self.at[1]:]
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_tables(B: int, KK: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    taps = torch.arange(B * KK, dtype=torch.int32).view(B, KK)
+    return taps.to(device), torch.full((B,), B * KK, dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_tables(shapes: tuple, with_identity: bool, K: int, C: int, device: torch.device) -> tuple:
+    taps, cs, start = [], [], 0
+    for kh, kw in shapes:
+        if kh > K or kw > K or kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"branch kernels must be odd-sized and fit {K}x{K}, got {kh}x{kw}")
+        dh, dw = (K - kh) // 2, (K - kw) // 2
+        row = []
+        for i in range(K):
+            for j in range(K):
+                inside = dh <= i < dh + kh and dw <= j < dw + kw
+                row.append(start + (i - dh) * kw + (j - dw) if inside else -1)
+        taps.append(row)
+        cs.append(kh * kw)
+        start += C * kh * kw
+    if with_identity:
+        taps.append([-2 if p == (K * K) // 2 else -1 for p in range(K * K)])
+        cs.append(0)
+    B = len(taps)
+    return (torch.tensor(taps, dtype=torch.int32).to(device), torch.tensor(cs, dtype=torch.int32).to(device),
+            start, start + B * C)
+
+
+def fold_forward(sums, prods, shift, n_pos: int, params: Params, eps, K: int, out_dtype: torch.dtype):
     """From the moments kernel's partials (triton_repso_moments.forward_partials), or at K = 3 its
     compact float64 totals (54, C) (forward_totals3; prods None), to (mean, cov, folded weight
-    (C, K*K) in out_dtype, bias (C,) in out_dtype, branch means (C, B), branch biased variances
-    (C, B)). kernels (C, B, K*K), gamma and beta (C, B); eps (B,) float64 on the device."""
+    (C, K*K) in out_dtype, bias (C,) in out_dtype, and for the running statistics each branch's
+    batch mean and unbiased variance, (B, C) each). params: the branches' kernels, gamma and beta
+    (Params); eps (B,) float64 on the device."""
     compact = prods is None
     if compact:
         if K != 3 or sums.shape[0] != 54:
@@ -238,29 +345,32 @@ def fold_forward(sums, prods, shift, n_pos: int, kernels, gamma, beta, eps, K: i
         prods = sums
     else:
         n_split, C, KK_PAD = sums.shape
-    B, KK = kernels.shape[1], K * K
+    B, KK = params.n_branches, K * K
+    if params.taps.shape[1] != KK:
+        raise ValueError(f"params are for {params.taps.shape[1]} taps, the moments for K = {K}")
     stats = torch.float32
     dev = sums.device
     mean = torch.empty((C, KK), device=dev, dtype=stats)
     cov = torch.empty((C, KK, KK), device=dev, dtype=stats)
     weight = torch.empty((C, KK), device=dev, dtype=out_dtype)
     bias = torch.empty((C,), device=dev, dtype=out_dtype)
-    bmean = torch.empty((C, B), device=dev, dtype=stats)
-    bvar = torch.empty((C, B), device=dev, dtype=stats)
+    bmean = torch.empty((B, C), device=dev, dtype=stats)
+    bvar = torch.empty((B, C), device=dev, dtype=stats)
     block_c, warps = _launch_shape(KK_PAD, 2 * KK_PAD * KK_PAD)
     _fold_fwd_kernel[(triton.cdiv(C, block_c),)](
-        sums, prods, shift, kernels.contiguous(), gamma.contiguous(), beta.contiguous(), eps,
-        mean, cov, weight, bias, bmean, bvar,
-        C, n_split, n_pos,
+        sums, prods, shift, params.data, params.taps, params.chan_stride, params.gamma, params.beta,
+        *params.g_strides, eps, mean, cov, weight, bias, bmean, bvar,
+        C, n_split, n_pos, n_pos / (n_pos - 1) if n_pos > 1 else float("nan"),
         B=B, KK=KK, KK_PAD=KK_PAD, COMPACT=compact, BLOCK_C=block_c, num_warps=warps,
     )
     return mean, cov, weight, bias, bmean, bvar
 
 
-def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int, x_dtype: torch.dtype,
+def fold_backward(grad_weight, grad_bias, mean, cov, params: Params, eps, K: int, x_dtype: torch.dtype,
                   n_pos: int | None = None):
-    """The conv's weight and bias gradients back through the fold: (grad_kernels (C, B, K*K),
-    grad_gamma (C, B), grad_beta (C, B)) and the moments backward kernel's inputs (a_hi, a_lo,
+    """The conv's weight and bias gradients ((C, K*K) and (C,), any strides and float dtype) back
+    through the fold: (the gradients of params' data, gamma and beta, in its layout: Params.grads)
+    and the moments backward kernel's inputs (a_hi, a_lo,
     cst, shift) for x of x_dtype (triton_repso_moments.backward_launch). With n_pos (the position
     count M, K = 3 only) the last four are instead the K = 3 grad_x kernel's class tables
     (tab, cst, bd, bc) and the shift (triton_repso_moments.backward3_launch)."""
@@ -268,13 +378,14 @@ def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int
     tables = n_pos is not None
     if tables and K != 3:
         raise ValueError(f"the class tables are for K = 3, got K = {K}")
-    B = kernels.shape[1]
+    B = params.n_branches
+    if grad_weight.shape != (C, KK) or grad_bias.shape != (C,):
+        raise ValueError(f"grad_weight and grad_bias must be ({C}, {KK}) and ({C},), got "
+                         f"{tuple(grad_weight.shape)} and {tuple(grad_bias.shape)}")
     KK_PAD, LAG_PAD = _pow2(KK), _pow2((2 * K - 1) ** 2)
     split = x_dtype == torch.bfloat16  # triton_repso_moments._split_lag: float16 takes float32
     dev = mean.device
-    g_k = torch.empty((C, B, KK), device=dev, dtype=kernels.dtype)
-    g_gamma = torch.empty((C, B), device=dev, dtype=gamma.dtype)
-    g_beta = torch.empty((C, B), device=dev, dtype=gamma.dtype)
+    g_k, g_gamma, g_beta = params.grads()
     if tables:
         split = False  # the row kernel multiplies in float32: the lag matrix is never split
     a_dtype = x_dtype if split else torch.float32
@@ -298,7 +409,8 @@ def fold_backward(grad_weight, grad_bias, mean, cov, kernels, gamma, eps, K: int
         # registers, no spills (sm_90, triton 3.6); a quarter of the programs (unmeasured)
         block_c, warps = 4, 8
     _fold_bwd_kernel[(triton.cdiv(C, block_c),)](
-        grad_weight.reshape(C, KK), grad_bias, mean, cov, kernels.contiguous(), gamma.contiguous(), eps,
+        grad_weight, *grad_weight.stride(), grad_bias, grad_bias.stride(0), mean, cov,
+        params.data, params.taps, params.chan_stride, params.gamma, *params.g_strides, eps,
         g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift, tab, tcst, bd, bc,
         C, 1.0 / n_pos if tables else 1.0,
         B=B, K=K, KK_PAD=KK_PAD, LAG_PAD=LAG_PAD, SPLIT=split, TABLES=tables, BLOCK_C=block_c, num_warps=warps,

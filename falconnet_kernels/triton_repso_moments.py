@@ -522,23 +522,30 @@ def conv3_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act
 
 def conv3_weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_weight (C, 1, 3, 3), grad_bias (C,)), float32, of the stride-1 depthwise 3x3 conv of x
-    (padding 1, no activation) for grad_y of x's shape: RepSO's one-node GPU path
-    (repso_train.WEIGHT_GRAD = "rows"). Per-split float32 partials added in float64."""
+    (padding 1, no activation) for grad_y of x's shape (conv3_weight_grad_totals, formatted)."""
+    total = conv3_weight_grad_totals(grad_y, x).float()
+    C = x.shape[1]
+    return total[:9].t().reshape(C, 1, 3, 3), total[9]
+
+
+def conv3_weight_grad_totals(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The same gradients as one (10, C) float64 tensor: rows 0-8 the 9 taps' weight gradients, row
+    9 the bias gradient (per-split float32 partials added in float64). RepSO's one-node GPU path
+    (repso_train.WEIGHT_GRAD = "rows") hands rows 0-8 transposed and row 9 to the fold backward as
+    they are: two launches, the kernel and the sum."""
     _check(x)
     if grad_y.shape != x.shape:
         raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
     N, C, H, W = x.shape
     n_rows = N * H
     if x.numel() == 0:
-        zeros = torch.zeros(10 * C, device=x.device, dtype=torch.float32)
-        return zeros[: 9 * C].view(C, 1, 3, 3), zeros[9 * C:]
+        return torch.zeros((10, C), device=x.device, dtype=torch.float64)
     chunk = triton.cdiv(n_rows, _row_programs(x, n_rows, 4))
     n_split = triton.cdiv(n_rows, chunk)
     part = torch.empty((n_split, 10, C), device=x.device, dtype=torch.float32)
     grid = lambda meta: (n_split, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _conv3_wgrad_kernel[grid](grad_y, x, part, C, H, W, n_rows, chunk, *x.stride(), *grad_y.stride())
-    total = part.sum(0, dtype=torch.float64).float()
-    return total[:9].t().reshape(C, 1, 3, 3), total[9]
+    return part.sum(0, dtype=torch.float64)
 
 
 def _pow2(n: int) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from saved_storages import saved_storages
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from falconnet.layers.repso import TABLE3_CONFIGS, RepSO
@@ -642,14 +643,14 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
     kernels[2, 3] = 0
     gamma, beta = torch.rand(C, B) + 0.5, torch.randn(C, B)
     eps = torch.tensor([1e-5, 1e-3, 1e-5, 1e-4, 1e-5], dtype=torch.float64)
-    outs = tf.fold_forward(sums, prods, shift, 3 * 7 * 5, kernels.to(dev), gamma.to(dev), beta.to(dev), eps.to(dev), K,
-                           x_dtype)
+    M = 3 * 7 * 5
+    params = tf.Params.dense(kernels.to(dev), gamma.to(dev), beta.to(dev))
+    outs = tf.fold_forward(sums, prods, shift, M, params, eps.to(dev), K, x_dtype)
     mean, cov, weight, bias, bmean, bvar = (t.cpu() for t in outs)
     if K == 3:
         # the node's form: the row kernel's compact float64 totals, read by the fold directly
         total, shift3 = tm.forward_totals3(x.to(dev))
-        compact = tf.fold_forward(total, None, shift3, 3 * 7 * 5, kernels.to(dev), gamma.to(dev), beta.to(dev),
-                                  eps.to(dev), K, x_dtype)
+        compact = tf.fold_forward(total, None, shift3, M, params, eps.to(dev), K, x_dtype)
         for ours, padded in zip(compact, (mean, cov, weight, bias, bmean, bvar), strict=True):
             assert torch.equal(ours.cpu(), padded)
     ref_mean, ref_cov = rm.repso_moments_ref(x.double(), K)
@@ -658,19 +659,28 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
     assert (cov.double() - ref_cov).abs().max() <= 4e-6 * ref_cov.abs().max()
     # the fold of those float32 moments, in float64, rounded once to the output dtype
     f64 = [t.double() for t in (mean, cov, kernels, gamma, beta)]
-    ref = rm.repso_fold_ref(*f64, eps)
-    for ours, theirs in zip((weight, bias, bmean, bvar), ref):
+    ref = list(rm.repso_fold_ref(*f64, eps))
+    # the running statistics' inputs: (B, C) rows, the variance unbiased
+    ref[2], ref[3] = ref[2].t(), ref[3].t() * (M / (M - 1))
+    for ours, theirs in zip((weight, bias, bmean, bvar), ref, strict=True):
+        assert ours.shape == theirs.shape
         ulp = torch.finfo(ours.dtype).eps
         assert ours.dtype == (x_dtype if ours is weight or ours is bias else torch.float32)
         assert (ours.double() - theirs).abs().max() <= ulp * max(1.0, theirs.abs().max().item())
-    grad_w = torch.randn(C, 1, K, K).to(x_dtype)
+    grad_w = torch.randn(C, KK).to(x_dtype)
     grad_b = torch.randn(C).to(x_dtype)
-    outs = tf.fold_backward(*(t.to(dev) for t in (grad_w, grad_b, mean, cov, kernels, gamma, eps)), K, x_dtype)
+    args = [t.to(dev) for t in (grad_w, grad_b, mean, cov)] + [params, eps.to(dev)]
+    outs = tf.fold_backward(*args, K, x_dtype)
     g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift_b = (t.cpu() for t in outs)
+    # grad_weight and grad_bias with other strides (the node's (10, C) float64 totals, rows 0-8
+    # transposed and row 9): the same values
+    totals = torch.cat([grad_w.t(), grad_b[None]]).double().to(dev)
+    strided = tf.fold_backward(totals[:KK].t(), totals[KK], *args[2:], K, x_dtype)
+    for ours, theirs in zip(strided, outs, strict=True):
+        assert torch.equal(ours, theirs)
     if K == 3:
         # the K = 3 grad_x kernel's class tables, written by the fold backward (n_pos) against the
         # host's _class_tables of the float32 lag matrix: the same float32 sums in another order
-        args = [t.to(dev) for t in (grad_w, grad_b, mean, cov, kernels, gamma, eps)]
         plain = tf.fold_backward(*args, K, torch.float32)
         tables = tf.fold_backward(*args, K, x_dtype, n_pos=105)
         for ours, theirs in zip(tables[:3], plain[:3], strict=True):
@@ -680,7 +690,7 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
             assert ours.shape == theirs.shape
             assert (ours - theirs).abs().max() <= 1e-6 * theirs.abs().max()
         assert torch.equal(tables[7], plain[6])
-    g_mean, g_cov, *ref_g = rm.repso_fold_backward_ref(grad_w.double().view(C, KK), grad_b.double(), *f64[:4], eps)
+    g_mean, g_cov, *ref_g = rm.repso_fold_backward_ref(grad_w.double(), grad_b.double(), *f64[:4], eps)
     for ours, theirs in zip((g_k, g_gamma, g_beta), ref_g):
         assert (ours.double() - theirs).abs().max() <= 4 * 2**-24 * max(1.0, theirs.abs().max().item())
     # the moments backward's inputs, formed on the host as the op path does
@@ -794,13 +804,13 @@ def test_triton_node_weight_gradient_kernels(monkeypatch, kernel, channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn_like(x)
     called = []
-    for owner, name in ((triton_repso_moments, "conv3_weight_grad"), (triton_dw_conv3x3, "dw_conv3x3_weight_grad"),
-                        (triton_repso_moments, "conv3_forward")):
+    for owner, name in ((triton_repso_moments, "conv3_weight_grad_totals"),
+                        (triton_dw_conv3x3, "dw_conv3x3_weight_grad"), (triton_repso_moments, "conv3_forward")):
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
     y0, g0, b0 = run(branch_sum, copy.deepcopy(module), x, grad_y)
     y1, g1, b1 = run(fused, copy.deepcopy(module), x, grad_y)
-    assert called == {"rows": ["conv3_forward", "conv3_weight_grad"],
+    assert called == {"rows": ["conv3_forward", "conv3_weight_grad_totals"],
                       "triton": ["conv3_forward", "dw_conv3x3_weight_grad"], "cudnn": []}[kernel]
     assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
@@ -1009,6 +1019,77 @@ def test_triton_node_activation_inside(monkeypatch, activation):
     # float32 on both sides (test_triton_interpreter_float32_end_to_end's bars)
     assert max_err([y1] + g1, [y0] + g0) <= 1e-4 * max(1.0, scale([y0] + g0))
     assert max_err(b1, b0) <= 1e-5 * scale(b0)
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """The kernels a piece of code launches: aten ops other than views and allocations, and Triton
+    kernel launches (compiled or interpreted), by name, in order."""
+
+    FREE = {"view", "_unsafe_view", "t", "transpose", "unbind", "select", "slice", "reshape", "expand", "as_strided",
+            "permute", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "alias", "detach",
+            "unsqueeze", "squeeze", "split", "split_with_sizes", "lift_fresh", "is_same_size", "sym_size"}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        import triton.runtime.interpreter as interpreter
+        import triton.runtime.jit as jit
+
+        self.names, self.depth = [], 0
+        for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+            monkeypatch.setattr(cls, "run", self._wrap(cls.run))
+
+    def _wrap(self, run):
+        def counted(fn, *args, **kwargs):
+            if self.depth == 0:
+                self.names.append("triton." + fn.fn.__name__)
+            self.depth += 1  # the interpreter runs aten ops of its own inside a launch
+            try:
+                return run(fn, *args, **kwargs)
+            finally:
+                self.depth -= 1
+        return counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if self.depth == 0 and name not in self.FREE:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def take(self) -> list:
+        names, self.names = self.names, []
+        return sorted(names)
+
+
+@pytest.mark.triton
+def test_triton_node_launches(monkeypatch):
+    """What one training step of a RepSO layer launches on the Triton node at K = 3: forward the
+    parameters' concatenation, the moments kernel and its float64 sum, the fold, the conv, and one
+    foreach op each for the BatchNorms' counters and their running statistics; backward the
+    weight-gradient kernel and its sum, the fold backward and the grad_x kernel. The gradients of
+    every parameter are slices of the one buffer the fold backward fills (no copies, no
+    zero-filled gradients for the node's statistics outputs). At ~2-3 us a launch on a GPU these
+    are a large part of the 7x7 layer's time (benchmarks/results/2026-11-26-h100-2/NOTES.md)."""
+    use_triton(monkeypatch)
+    module = make_repso(16, "T").float().to(TRITON_DEVICE)
+    x = torch.randn(2, 16, 7, 7).to(TRITON_DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_y = torch.randn_like(x)
+    module(x).backward(grad_y)  # compile (on a GPU) outside the count
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    counter = _LaunchCounter(monkeypatch)
+    with counter:
+        y = module(x)
+        forward = counter.take()
+        y.backward(grad_y)
+        backward = counter.take()
+    assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
+    assert forward == sorted(["cat", "triton._moments3_fwd_kernel", "sum", "triton._fold_fwd_kernel",
+                              "triton._conv3_fwd_kernel", "_foreach_add_", "_foreach_lerp_"])
+    assert backward == sorted(["triton._conv3_wgrad_kernel", "sum", "triton._fold_bwd_kernel",
+                               "triton._moments3_bwd_kernel"])
+    params = parameters(module)
+    assert len(params) >= 14 and all(p.grad is not None for p in params)
+    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
 
 
 @pytest.mark.cuda

@@ -144,9 +144,12 @@ def _embedding_index(shapes: tuple, K: int, with_identity: bool, device: torch.d
     return torch.tensor(index, dtype=torch.long, device=device)
 
 
-def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
-    """_bn_update_running for every BatchNorm at once (a few foreach ops instead of ~5 per BN);
-    mean and var are (C, B) batch statistics, column b for bns[b]."""
+def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor) -> None:
+    """_bn_update_running for every BatchNorm at once: one foreach launch for the counters and one
+    for the running means and variances together (the usual case of one momentum). mean and var
+    are (B, C) rows: row b the batch mean and the unbiased batch variance for bns[b]. Contiguous
+    rows keep CUDA's foreach ops on their one-launch path (strided ones fall back to a launch per
+    tensor)."""
     tracked = [bn for bn in bns if bn.training and bn.track_running_stats]
     counters = [bn.num_batches_tracked for bn in tracked if bn.num_batches_tracked is not None]
     if counters:
@@ -162,21 +165,20 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
         else:
             factors.append(float(bn.momentum))
     with torch.no_grad():
-        running_means = [bns[b].running_mean for b in with_stats]
-        running_vars = [bns[b].running_var for b in with_stats]
-        # rows of the (B, C) transposes (views)
-        means_t, vars_t = mean.t().unbind(0), (var * (count / (count - 1))).t().unbind(0)
-        new_means = [means_t[b].to(r.dtype) for b, r in zip(with_stats, running_means, strict=True)]
-        new_vars = [vars_t[b].to(r.dtype) for b, r in zip(with_stats, running_vars, strict=True)]
+        running = [bns[b].running_mean for b in with_stats] + [bns[b].running_var for b in with_stats]
+        new = ([mean[b].to(bns[b].running_mean.dtype) for b in with_stats]
+               + [var[b].to(bns[b].running_var.dtype) for b in with_stats])
         if len(set(factors)) == 1:  # the usual case: one momentum; running += factor (new - running)
-            torch._foreach_lerp_(running_means, new_means, factors[0])
-            torch._foreach_lerp_(running_vars, new_vars, factors[0])
+            torch._foreach_lerp_(running, new, factors[0])
         else:
-            keep = [1 - f for f in factors]
-            torch._foreach_mul_(running_means, keep)
-            torch._foreach_add_(running_means, torch._foreach_mul(new_means, factors))
-            torch._foreach_mul_(running_vars, keep)
-            torch._foreach_add_(running_vars, torch._foreach_mul(new_vars, factors))
+            factors = factors * 2
+            torch._foreach_mul_(running, [1 - f for f in factors])
+            torch._foreach_add_(running, torch._foreach_mul(new, factors))
+
+
+def _running_rows(mean: Tensor, var: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """(C, B) batch means and biased variances as _update_running_batched's (B, C) rows."""
+    return mean.t(), (var * (count / (count - 1))).t()
 
 
 def _embedded_kernels(weights: Sequence[Tensor], with_identity: bool, K: int, dtype, device) -> Tensor:
@@ -211,15 +213,16 @@ def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
     return kernels, gamma, beta, eps
 
 
-def _differentiable_grads(ctx, grad_y: Tensor) -> tuple:
-    """A one-conv node's gradients (x, kernels, gamma, beta) for a backward with create_graph=True
-    (falconnet_kernels.ops.differentiable_grads), through the same math in PyTorch ops: the
-    moments reference, the fold as tensor ops, F.conv2d, the activation."""
-    kernels, gamma, eps = ctx.saved_tensors[3], ctx.saved_tensors[4], ctx.saved_tensors[5]
-    x, beta = ctx.saved_tensors[8:]
-    K, C = ctx.K, x.shape[1]
+def _differentiable_grads(ctx, grad_y: Tensor, inputs: tuple, unpack) -> list:
+    """A one-conv node's gradients of its differentiable inputs for a backward with
+    create_graph=True (falconnet_kernels.ops.differentiable_grads), through the same math in
+    PyTorch ops: the moments reference, the fold as tensor ops, F.conv2d, the activation.
+    unpack(*inputs) gives (x, kernels (C, B, K*K), gamma (C, B), beta (C, B)); eps is saved."""
+    K, eps = ctx.K, ctx.eps
 
-    def forward(x, kernels, gamma, beta):
+    def forward(*inputs):
+        x, kernels, gamma, beta = unpack(*inputs)
+        C = x.shape[1]
         mean_s, cov_s = repso_moments_ref(x, K)
         dt = mean_s.dtype
         k = kernels.to(dt)
@@ -229,7 +232,7 @@ def _differentiable_grads(ctx, grad_y: Tensor) -> tuple:
             F.conv2d(x, folded.view(C, 1, K, K).to(x.dtype), bias.to(x.dtype), padding=K // 2, groups=C),
             ctx.activation)
 
-    return (*differentiable_grads(ctx, grad_y, (x, kernels, gamma, beta), forward), None, None, None, None)
+    return differentiable_grads(ctx, grad_y, inputs, forward)
 
 
 class _OneConvTrainCPU(torch.autograd.Function):
@@ -265,14 +268,19 @@ class _OneConvTrainCPU(torch.autograd.Function):
         # (x_in and beta: for a backward with create_graph=True, _differentiable_grads)
         ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None,
                               x_in, beta)
-        ctx.K, ctx.activation = K, activation
+        ctx.K, ctx.activation, ctx.eps = K, activation, eps
         ctx.mark_non_differentiable(bmean, bvar)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for bmean and bvar (two launches)
         return y, bmean, bvar
 
     @staticmethod
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
+        if grad_y is None:  # y took no part in the loss
+            return None, None, None, None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            return _differentiable_grads(ctx, grad_y)
+            x_in, kernels, gamma, beta = ctx.saved_tensors[8], *ctx.saved_tensors[3:5], ctx.saved_tensors[9]
+            grads = _differentiable_grads(ctx, grad_y, (x_in, kernels, gamma, beta), lambda *t: t)
+            return (*grads, None, None, None, None)
         x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors[:8]
         K, C = ctx.K, x.shape[1]
         grad_y = activation_backward(grad_y, y, ctx.activation)
@@ -324,25 +332,29 @@ class _OneConvTrainTriton(torch.autograd.Function):
     """The GPU counterpart of _OneConvTrainCPU: moments (Triton) -> fold (one Triton kernel) ->
     the depthwise conv (CONV: a Triton row kernel at K = 3, else cuDNN's); backward: the conv's
     weight gradient (WEIGHT_GRAD) -> fold backward (one Triton kernel, which also prepares the
-    moments backward's inputs) -> one Triton kernel for all of
-    grad_x (the moments' part and the conv's input gradient, one read of x and grad_y, one
-    write). A few launches a direction replace the custom-op path's ~70 small ones
-    (falconnet_kernels/triton_repso_fold.py). float32, bfloat16 and float16 x; runs on CPU tensors
-    under TRITON_INTERPRET=1 (the tests)."""
+    moments backward's inputs) -> one Triton kernel for all of grad_x (the moments' part and the
+    conv's input gradient, one read of x and grad_y, one write). The branch parameters come in as
+    one flat tensor (_flat_parameters; the fold kernels index it: triton_repso_fold.Params.flat)
+    and their gradient leaves as one buffer the fold backward fills, whose slices autograd hands to
+    the parameters as they are. At K = 3 with the row kernels a training step launches 5 kernels
+    forward (with the parameters' concatenation and the running statistics' two foreach ops, 8)
+    and 4 backward (+1 for a fused activation's mask), against ~27 and ~30 before (the custom-op
+    path: ~70 a direction). float32, bfloat16 and float16 x; runs on CPU tensors under
+    TRITON_INTERPRET=1 (the tests)."""
 
     @staticmethod
-    def forward(ctx, x, kernels, gamma, beta, eps, K, activation, own_conv):
-        # own_conv: the CPU node's choice of conv; here CONV picks it
+    def forward(ctx, x, flat, shapes, with_identity, eps, K, activation):
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
         N, C, H, W = x.shape
+        params = triton_repso_fold.Params.flat(flat, shapes, with_identity, K, C)
         if K == 3:
             sums, shift = triton_repso_moments.forward_totals3(x)
             prods = None  # fold_forward reads the compact totals
         else:
             sums, prods, shift = triton_repso_moments.forward_partials(x, K)
         mean, cov, weight, bias, bmean, bvar = triton_repso_fold.fold_forward(
-            sums, prods, shift, N * H * W, kernels, gamma, beta, eps, K, x.dtype)
+            sums, prods, shift, N * H * W, params, eps, K, x.dtype)
         weight = weight.view(C, 1, K, K)
         if K == 3 and CONV == "rows":
             # in autocast's dtype where it is on, as F.conv2d would run (and return) it
@@ -351,20 +363,25 @@ class _OneConvTrainTriton(torch.autograd.Function):
             y = triton_repso_moments.conv3_forward(x.to(cdt), weight.to(cdt), bias.to(cdt), activation)
         else:
             y = activation_(F.conv2d(x, weight, bias, padding=K // 2, groups=C), activation)
-        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None,
-                              x, beta)
-        ctx.K, ctx.activation = K, activation
+        ctx.save_for_backward(x, mean, cov, flat, weight, y if activation != "none" else None)
+        ctx.K, ctx.activation, ctx.eps, ctx.shapes, ctx.with_identity = K, activation, eps, shapes, with_identity
         ctx.mark_non_differentiable(bmean, bvar)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for bmean and bvar (two launches)
         return y, bmean, bvar
 
     @staticmethod
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
         from falconnet_kernels import triton_repso_fold, triton_repso_moments
 
+        if grad_y is None:  # y took no part in the loss
+            return None, None, None, None, None, None, None
+        x, mean, cov, flat, weight, y = ctx.saved_tensors
+        K, C, eps = ctx.K, x.shape[1], ctx.eps
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            return _differentiable_grads(ctx, grad_y)
-        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors[:8]
-        K, C = ctx.K, x.shape[1]
+            grads = _differentiable_grads(
+                ctx, grad_y, (x, flat), lambda x, flat: (x, *_unpack_flat(flat, ctx.shapes, ctx.with_identity, K, C)))
+            return (*grads, None, None, None, None, None)
+        params = triton_repso_fold.Params.flat(flat, ctx.shapes, ctx.with_identity, K, C)
         need_x = ctx.needs_input_grad[0]
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         grad_y = activation_backward(grad_y, y, ctx.activation)
@@ -373,7 +390,8 @@ class _OneConvTrainTriton(torch.autograd.Function):
         # the conv's weight and bias gradients only: its input gradient is computed inside the
         # moments backward kernel, from the same pass over grad_y and x that writes grad_x
         if K == 3 and WEIGHT_GRAD == "rows":
-            grad_w, grad_b = triton_repso_moments.conv3_weight_grad(grad_y, x)
+            totals = triton_repso_moments.conv3_weight_grad_totals(grad_y, x)  # (10, C) float64
+            grad_w, grad_b = totals[:9].t(), totals[9]
         elif K == 3 and WEIGHT_GRAD == "triton":
             from falconnet_kernels import triton_dw_conv3x3
 
@@ -381,20 +399,41 @@ class _OneConvTrainTriton(torch.autograd.Function):
         else:
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_y, x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, True])
+        grad_w = grad_w.reshape(C, K * K)
         grad_x = None
         if K == 3:
             # the fold backward also writes the K = 3 grad_x kernel's class tables
-            g_k, g_gamma, g_beta, tab, cst, bd, bc, shift = triton_repso_fold.fold_backward(
-                grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K, x.dtype,
-                n_pos=x.shape[0] * x.shape[2] * x.shape[3])
+            g_flat, _, _, tab, cst, bd, bc, shift = triton_repso_fold.fold_backward(
+                grad_w, grad_b, mean, cov, params, eps, K, x.dtype, n_pos=x.shape[0] * x.shape[2] * x.shape[3])
             if need_x:
                 grad_x = triton_repso_moments.backward3_launch(x, tab, cst, bd, bc, shift, conv=(grad_y, weight))
         else:
-            g_k, g_gamma, g_beta, a_hi, a_lo, cst, shift = triton_repso_fold.fold_backward(
-                grad_w.contiguous(), grad_b.contiguous(), mean, cov, kernels, gamma, eps, K, x.dtype)
+            g_flat, _, _, a_hi, a_lo, cst, shift = triton_repso_fold.fold_backward(
+                grad_w, grad_b, mean, cov, params, eps, K, x.dtype)
             if need_x:
                 grad_x = triton_repso_moments.backward_launch(x, a_hi, a_lo, cst, shift, K, conv=(grad_y, weight))
-        return grad_x, g_k, g_gamma, g_beta, None, None, None, None
+        return grad_x, g_flat, None, None, None, None, None
+
+
+def _flat_parameters(weights: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> Tensor:
+    """The Triton node's one parameter tensor (triton_repso_fold.Params.flat): every branch weight
+    flattened, then the BatchNorms' weights, then their biases; one launch, and its backward hands
+    each parameter a contiguous slice of the node's gradient buffer."""
+    return torch.cat([w.reshape(-1) for w in weights] + [bn.weight for bn in bns] + [bn.bias for bn in bns])
+
+
+def _unpack_flat(flat: Tensor, shapes: tuple, with_identity: bool, K: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The flat parameters as (kernels (C, B, K*K), gamma (C, B), beta (C, B)) by differentiable
+    tensor ops (a backward with create_graph=True)."""
+    from falconnet_kernels.triton_repso_fold import Params
+
+    params = Params.flat(flat, shapes, with_identity, K, C)
+    taps, cs = params.taps.long(), params.chan_stride.long()
+    B, n = taps.shape[0], flat.numel()
+    index = taps[None] + torch.arange(C, device=flat.device)[:, None, None] * cs[None, :, None]
+    index = torch.where(taps[None] >= 0, index, torch.where(taps[None] == -2, n + 1, n))
+    kernels = torch.cat([flat, flat.new_zeros(1), flat.new_ones(1)])[index]
+    return kernels, params.gamma.view(B, C).t(), params.beta.view(B, C).t()
 
 
 def _use_one_node(x: Tensor, conv: str) -> bool:
@@ -432,11 +471,11 @@ def _fold_batch_stats(
         # the same math in one C++ pass forward and one backward
         kernels, gamma, beta, eps = _fold_inputs(weights, bns, with_identity, K, dtype, mean_s.device)
         folded, bias, mean, var = repso_fold(mean_s, cov_s, kernels, gamma, beta, eps)
-        _update_running_batched(bns, mean.detach(), var.detach(), count)
+        _update_running_batched(bns, *_running_rows(mean.detach(), var.detach(), count))
         return folded, bias
     kernels = _embedded_kernels(weights, with_identity, K, dtype, mean_s.device)
     mean, var = _batched_branch_stats(kernels, mean_s, cov_s)
-    _update_running_batched(bns, mean.detach(), var.detach(), count)
+    _update_running_batched(bns, *_running_rows(mean.detach(), var.detach(), count))
     gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
     beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
     eps = [bn.eps for bn in bns]
@@ -539,18 +578,21 @@ def repso_train_forward(
     if any(batch) and count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     folding_all = all(batch) and all(bn.affine for bn in all_bns)
-    node = None
-    if folding_all and one_node:
-        if _use_one_node(x, conv):
-            node = _OneConvTrainCPU
-        elif _use_triton_node(x, conv):
-            node = _OneConvTrainTriton
-    if node is not None:
+    cpu_node = folding_all and one_node and _use_one_node(x, conv)
+    triton_node = folding_all and one_node and not cpu_node and _use_triton_node(x, conv)
+    if cpu_node or triton_node:
         # the training case: moments, fold and conv in one autograd node
-        kernels, gamma, beta, eps = _fold_inputs(weights, all_bns, identity_bn is not None, K, dtype, x.device)
         fused, after = split_for_fusion(activation)
-        y, mean, var = node.apply(x, kernels, gamma, beta, eps, K, fused, conv == "auto")
-        _update_running_batched(all_bns, mean, var, count)
+        if triton_node:
+            shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
+            eps = _eps_on(tuple(float(bn.eps) for bn in all_bns), x.device)
+            y, mean, var = _OneConvTrainTriton.apply(x, _flat_parameters(weights, all_bns), shapes,
+                                                     identity_bn is not None, eps, K, fused)
+        else:
+            kernels, gamma, beta, eps = _fold_inputs(weights, all_bns, identity_bn is not None, K, dtype, x.device)
+            y, mean, var = _OneConvTrainCPU.apply(x, kernels, gamma, beta, eps, K, fused, conv == "auto")
+            mean, var = _running_rows(mean, var, count)
+        _update_running_batched(all_bns, mean, var)
         return apply_activation(y, after)
     if any(batch):
         mean_s, cov_s = repso_moments(x, K)  # (C, K*K), (C, K*K, K*K)
