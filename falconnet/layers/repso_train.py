@@ -336,10 +336,10 @@ class _OneConvTrainTriton(torch.autograd.Function):
     conv's input gradient, one read of x and grad_y, one write). The branch parameters come in as
     one flat tensor (_flat_parameters; the fold kernels index it: triton_repso_fold.Params.flat)
     and their gradient leaves as one buffer the fold backward fills, whose slices autograd hands to
-    the parameters as they are. At K = 3 with the row kernels a training step launches 5 kernels
-    forward (with the parameters' concatenation and the running statistics' two foreach ops, 8)
-    and 4 backward (+1 for a fused activation's mask), against ~27 and ~30 before (the custom-op
-    path: ~70 a direction). float32, bfloat16 and float16 x; runs on CPU tensors under
+    the parameters as they are. At K = 3 with the row kernels a training step launches 7 kernels
+    forward (the moments kernel and its sum, the fold, the conv; the parameters' concatenation;
+    the running statistics' two foreach ops) and 4 backward (+1 for a fused activation's mask),
+    against ~25 and ~30 before the flat parameters (the custom-op path: ~70 a direction). float32, bfloat16 and float16 x; runs on CPU tensors under
     TRITON_INTERPRET=1 (the tests)."""
 
     @staticmethod
