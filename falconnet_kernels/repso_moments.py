@@ -19,6 +19,7 @@ FALCONNET_BACKEND=torch forces the reference.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -299,6 +300,34 @@ def repso_fold_backward_ref(grad_folded, grad_bias, mean, cov, kernels, gamma, e
     g_mean = (g_m.unsqueeze(-1) * kernels).sum(1)
     g_cov = torch.bmm((g_v.unsqueeze(-1) * kernels).transpose(1, 2), kernels)
     return g_mean, g_cov, g_k, g_s * r, gb.expand_as(gamma).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def flat_layout(shapes: tuple, with_identity: bool, K: int, C: int) -> tuple:
+    """Where RepSO's one-node training paths find each branch parameter in their one flat
+    parameter tensor: every branch weight (C, 1, kh, kw) flattened, in `shapes`' order, then the B
+    BatchNorms' weights (C each; the identity's last when with_identity), then their biases.
+    Returns (taps, chan_stride, gamma_at, beta_at): taps[b][p] the offset of branch b's tap p (of
+    the K x K window, row-major) for channel 0, -1 where the tap is outside the branch's window
+    (a 0), -2 at the identity's centre (a 1); chan_stride[b] the offset between channels; gamma
+    of (b, c) at gamma_at + b * C + c, beta at beta_at + b * C + c."""
+    taps, cs, start = [], [], 0
+    for kh, kw in shapes:
+        if kh > K or kw > K or kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"branch kernels must be odd-sized and fit {K}x{K}, got {kh}x{kw}")
+        dh, dw = (K - kh) // 2, (K - kw) // 2
+        row = []
+        for i in range(K):
+            for j in range(K):
+                inside = dh <= i < dh + kh and dw <= j < dw + kw
+                row.append(start + (i - dh) * kw + (j - dw) if inside else -1)
+        taps.append(tuple(row))
+        cs.append(kh * kw)
+        start += C * kh * kw
+    if with_identity:
+        taps.append(tuple(-2 if p == (K * K) // 2 else -1 for p in range(K * K)))
+        cs.append(0)
+    return tuple(taps), tuple(cs), start, start + len(taps) * C
 
 
 def fold_cpp_available(t: Tensor) -> bool:

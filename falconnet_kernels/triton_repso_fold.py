@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .repso_moments import flat_layout
+
 
 @triton.jit
 def _narrow(v, ptr):
@@ -310,25 +312,9 @@ def _dense_tables(B: int, KK: int, device: torch.device) -> tuple[torch.Tensor, 
 
 @functools.lru_cache(maxsize=64)
 def _flat_tables(shapes: tuple, with_identity: bool, K: int, C: int, device: torch.device) -> tuple:
-    taps, cs, start = [], [], 0
-    for kh, kw in shapes:
-        if kh > K or kw > K or kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"branch kernels must be odd-sized and fit {K}x{K}, got {kh}x{kw}")
-        dh, dw = (K - kh) // 2, (K - kw) // 2
-        row = []
-        for i in range(K):
-            for j in range(K):
-                inside = dh <= i < dh + kh and dw <= j < dw + kw
-                row.append(start + (i - dh) * kw + (j - dw) if inside else -1)
-        taps.append(row)
-        cs.append(kh * kw)
-        start += C * kh * kw
-    if with_identity:
-        taps.append([-2 if p == (K * K) // 2 else -1 for p in range(K * K)])
-        cs.append(0)
-    B = len(taps)
+    taps, cs, gamma_at, beta_at = flat_layout(shapes, with_identity, K, C)
     return (torch.tensor(taps, dtype=torch.int32).to(device), torch.tensor(cs, dtype=torch.int32).to(device),
-            start, start + B * C)
+            gamma_at, beta_at)
 
 
 def fold_forward(sums, prods, shift, n_pos: int, params: Params, eps, K: int, out_dtype: torch.dtype):

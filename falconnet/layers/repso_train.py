@@ -21,6 +21,7 @@ from falconnet_kernels.ops import differentiable_grads
 from falconnet_kernels.repso_moments import (
     CPP_NAMESPACE,
     cpp_train_path_available,
+    flat_layout,
     fold_cpp_available,
     repso_fold,
     repso_moments,
@@ -244,9 +245,10 @@ class _OneConvTrainCPU(torch.autograd.Function):
     through the kernels' fake implementations (falconnet_kernels/repso_moments.py)."""
 
     @staticmethod
-    def forward(ctx, x, kernels, gamma, beta, eps, K, activation, own_conv):
+    def forward(ctx, x, flat, shapes, with_identity, eps, K, activation, own_conv):
         cpp = getattr(torch.ops, CPP_NAMESPACE)
         C, x_in = x.shape[1], x
+        kernels, gamma, beta = _cpu_unpack(flat, shapes, with_identity, K, C, stats_dtype(x.dtype))
         # The C++ kernels' fast path is channels_last (K = 3, C a multiple of 16); other layouts
         # take a channels_last copy there (and hand y and grad_x back in their own layout): two
         # copies each way cost a fraction of the per-channel kernels' time
@@ -265,24 +267,25 @@ class _OneConvTrainCPU(torch.autograd.Function):
         else:
             y = activation_(F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C), activation)
         y = y.contiguous() if ctx.nchw else y
-        # (x_in and beta: for a backward with create_graph=True, _differentiable_grads)
-        ctx.save_for_backward(x, mean, cov, kernels, gamma, eps, weight, y if activation != "none" else None,
-                              x_in, beta)
+        # (x_in and flat: for a backward with create_graph=True, _differentiable_grads)
+        ctx.save_for_backward(x, mean, cov, kernels, gamma, weight, y if activation != "none" else None, x_in, flat)
         ctx.K, ctx.activation, ctx.eps = K, activation, eps
+        ctx.layout = (shapes, with_identity)
         ctx.mark_non_differentiable(bmean, bvar)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for bmean and bvar (two launches)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for bmean and bvar
         return y, bmean, bvar
 
     @staticmethod
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
         if grad_y is None:  # y took no part in the loss
             return None, None, None, None, None, None, None, None
+        x, mean, cov, kernels, gamma, weight, y, x_in, flat = ctx.saved_tensors
+        K, C, eps = ctx.K, x.shape[1], ctx.eps
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            x_in, kernels, gamma, beta = ctx.saved_tensors[8], *ctx.saved_tensors[3:5], ctx.saved_tensors[9]
-            grads = _differentiable_grads(ctx, grad_y, (x_in, kernels, gamma, beta), lambda *t: t)
-            return (*grads, None, None, None, None)
-        x, mean, cov, kernels, gamma, eps, weight, y = ctx.saved_tensors[:8]
-        K, C = ctx.K, x.shape[1]
+            grads = _differentiable_grads(
+                ctx, grad_y, (x_in, flat),
+                lambda x, flat: (x, *_cpu_unpack(flat, *ctx.layout, K, C, stats_dtype(x.dtype))))
+            return (*grads, None, None, None, None, None, None)
         grad_y = activation_backward(grad_y, y, ctx.activation)
         # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
         grad_y = grad_y.to(x.dtype)
@@ -297,18 +300,75 @@ class _OneConvTrainCPU(torch.autograd.Function):
             grad_x = cpp.repso_train_backward_x(g_mean, g_cov, x, mean, grad_y, weight) if need_x else None
             if grad_x is not None and ctx.nchw:
                 grad_x = grad_x.contiguous()
-            return grad_x, g_k, g_gamma, g_beta, None, None, None, None
-        grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last)
-            else grad_y.contiguous(),
-            x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [need_x, True, True])
-        g_mean, g_cov, g_k, g_gamma, g_beta = cpp.repso_fold_backward(
-            grad_w.reshape(C, K * K).to(mean.dtype), grad_b.to(mean.dtype), mean, cov, kernels, gamma, eps)
-        grad_x = None
-        if need_x:
-            grad_x = cpp.repso_moments_backward(g_mean, g_cov, x, mean, K)
-            grad_x += grad_x_conv
-        return grad_x, g_k, g_gamma, g_beta, None, None, None, None
+        else:
+            grad_x_conv, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_y.contiguous(memory_format=torch.channels_last)
+                if x.is_contiguous(memory_format=torch.channels_last) else grad_y.contiguous(),
+                x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [need_x, True, True])
+            g_mean, g_cov, g_k, g_gamma, g_beta = cpp.repso_fold_backward(
+                grad_w.reshape(C, K * K).to(mean.dtype), grad_b.to(mean.dtype), mean, cov, kernels, gamma, eps)
+            grad_x = None
+            if need_x:
+                grad_x = cpp.repso_moments_backward(g_mean, g_cov, x, mean, K)
+                grad_x += grad_x_conv
+        g_flat = _cpu_pack_grads(g_k, g_gamma, g_beta, *ctx.layout, K, C).to(flat.dtype)
+        return grad_x, g_flat, None, None, None, None, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_indices(shapes: tuple, with_identity: bool, K: int, C: int) -> tuple[Tensor, Tensor]:
+    """The CPU node's two index vectors for its flat parameters (flat_layout, followed by the
+    constants 0 and 1): gather picks (kernels (C, B, K*K), gamma (C, B), beta (C, B)) out of them
+    in one index_select; scatter picks each flat position's gradient out of (g_kernels, g_gamma,
+    g_beta, 0, 0) in another. One op each way where embedding, stacking and their autograd took
+    ~6 forward and ~23 backward (~150 us a layer step on one CPU thread at CIFAR-sized maps, a
+    third of the layer's time there; measured 2026-11-26)."""
+    taps, cs, gamma_at, beta_at = _cached(flat_layout, shapes, with_identity, K, C)
+    B, KK = len(taps), K * K
+    n = beta_at + B * C  # the parameters; flat[n] = 0, flat[n + 1] = 1
+    taps_t, cs_t = torch.tensor(taps), torch.tensor(cs)
+    c = torch.arange(C)
+    at = taps_t[None] + c[:, None, None] * cs_t[None, :, None]  # (C, B, KK)
+    at = torch.where(taps_t[None] >= 0, at, torch.where(taps_t[None] == -2, n + 1, n))
+    bc = (torch.arange(B)[None, :] * C + c[:, None]).reshape(-1)  # (C, B) flattened: b * C + c
+    gather = torch.cat([at.reshape(-1), gamma_at + bc, beta_at + bc])
+    # the packed gradients: g_k (C*B*KK), g_gamma (C*B), g_beta (C*B), then two zeros. Built with
+    # static shapes only (traced under torch.compile): the embedding's zeros and the identity's 1
+    # scatter into a spare last slot, dropped
+    n_k, n_g = C * B * KK, C * B
+    scatter = torch.full((n + 3,), n_k + 2 * n_g, dtype=torch.long)
+    scatter.scatter_(0, torch.where(at < n, at, n + 2).reshape(-1), torch.arange(n_k))
+    scatter.scatter_(0, torch.cat([gamma_at + bc, beta_at + bc]), n_k + torch.arange(2 * n_g))
+    scatter[n:] = n_k + 2 * n_g  # the constants' "gradients": zeros
+    return gather, scatter[:n + 2]
+
+
+def _cached(fn, *args):
+    """fn(*args) through its functools cache, or computed afresh while torch.compile traces (dynamo
+    does not honour lru_cache)."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(dtype: torch.dtype, device: torch.device, value: tuple) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _cpu_unpack(flat: Tensor, shapes: tuple, with_identity: bool, K: int, C: int, dtype) -> tuple:
+    """(kernels (C, B, K*K), gamma (C, B), beta (C, B)) in dtype from the CPU node's flat
+    parameters, by one index_select (differentiable: the create_graph backward uses it too)."""
+    gather, _ = _cached(_cpu_indices, shapes, with_identity, K, C)
+    packed = flat.index_select(0, gather).to(dtype)
+    B, n_k = len(shapes) + with_identity, C * (len(shapes) + with_identity) * K * K
+    return (packed[:n_k].view(C, B, K * K), packed[n_k:n_k + C * B].view(C, B), packed[n_k + C * B:].view(C, B))
+
+
+def _cpu_pack_grads(g_k: Tensor, g_gamma: Tensor, g_beta: Tensor, shapes: tuple, with_identity: bool, K: int,
+                    C: int) -> Tensor:
+    """The gradient of the CPU node's flat parameters from the fold's (C, B, ...) gradients."""
+    _, scatter = _cached(_cpu_indices, shapes, with_identity, K, C)
+    zeros = _cached(_constants, g_k.dtype, g_k.device, (0.0, 0.0))
+    return torch.cat([g_k.reshape(-1), g_gamma.reshape(-1), g_beta.reshape(-1), zeros]).index_select(0, scatter)
 
 
 # Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "rows"
@@ -415,11 +475,16 @@ class _OneConvTrainTriton(torch.autograd.Function):
         return grad_x, g_flat, None, None, None, None, None
 
 
-def _flat_parameters(weights: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> Tensor:
-    """The Triton node's one parameter tensor (triton_repso_fold.Params.flat): every branch weight
-    flattened, then the BatchNorms' weights, then their biases; one launch, and its backward hands
-    each parameter a contiguous slice of the node's gradient buffer."""
-    return torch.cat([w.reshape(-1) for w in weights] + [bn.weight for bn in bns] + [bn.bias for bn in bns])
+def _flat_parameters(weights: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d], constants: bool = False) -> Tensor:
+    """The one-node paths' one parameter tensor (falconnet_kernels.repso_moments.flat_layout):
+    every branch weight flattened, then the BatchNorms' weights, then their biases, and with
+    constants the values 0 and 1 (the CPU node's gather takes the embedding's zeros and the
+    identity's 1 from there). One launch; its backward hands each parameter a contiguous slice of
+    the node's gradient, which autograd keeps as the parameter's gradient without a copy."""
+    parts = [w.reshape(-1) for w in weights] + [bn.weight for bn in bns] + [bn.bias for bn in bns]
+    if constants:
+        parts.append(_cached(_constants, weights[0].dtype, weights[0].device, (0.0, 1.0)))
+    return torch.cat(parts)
 
 
 def _unpack_flat(flat: Tensor, shapes: tuple, with_identity: bool, K: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -589,8 +654,10 @@ def repso_train_forward(
             y, mean, var = _OneConvTrainTriton.apply(x, _flat_parameters(weights, all_bns), shapes,
                                                      identity_bn is not None, eps, K, fused)
         else:
-            kernels, gamma, beta, eps = _fold_inputs(weights, all_bns, identity_bn is not None, K, dtype, x.device)
-            y, mean, var = _OneConvTrainCPU.apply(x, kernels, gamma, beta, eps, K, fused, conv == "auto")
+            flat = _flat_parameters(weights, all_bns, constants=True)
+            eps = _cached(_eps_on, tuple(float(bn.eps) for bn in all_bns), x.device)
+            y, mean, var = _OneConvTrainCPU.apply(x, flat, tuple((w.shape[2], w.shape[3]) for w in weights),
+                                                  identity_bn is not None, eps, K, fused, conv == "auto")
             mean, var = _running_rows(mean, var, count)
         _update_running_batched(all_bns, mean, var)
         return apply_activation(y, after)
