@@ -123,28 +123,6 @@ def _scale_shift(bn: nn.BatchNorm2d, mean: Optional[Tensor], var: Optional[Tenso
 
 
 
-@functools.lru_cache(maxsize=64)
-def _embedding_index(shapes: tuple, K: int, with_identity: bool, device: torch.device) -> Tensor:
-    """(B*K*K,) source columns: with the branch weights flattened and concatenated into W (C, S),
-    then a zero column and a one column appended, W[:, index] is every branch kernel embedded in
-    KxK side by side (the identity a centred 1). One index_select (backward: one index_add)
-    replaces B pads and a stack, and costs half a 0/1 matrix product."""
-    S = sum(kh * kw for kh, kw in shapes)
-    zero, one = S, S + 1
-    index = []
-    start = 0
-    for kh, kw in shapes:
-        dh, dw = (K - kh) // 2, (K - kw) // 2
-        for i in range(K):
-            for j in range(K):
-                inside = dh <= i < dh + kh and dw <= j < dw + kw
-                index.append(start + (i - dh) * kw + (j - dw) if inside else zero)
-        start += kh * kw
-    if with_identity:
-        index += [one if p == (K * K) // 2 else zero for p in range(K * K)]
-    return torch.tensor(index, dtype=torch.long, device=device)
-
-
 def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor) -> None:
     """_bn_update_running for every BatchNorm at once: one foreach launch for the counters and one
     for the running means and variances together (the usual case of one momentum). mean and var
@@ -182,18 +160,6 @@ def _running_rows(mean: Tensor, var: Tensor, count: int) -> tuple[Tensor, Tensor
     return mean.t(), (var * (count / (count - 1))).t()
 
 
-def _embedded_kernels(weights: Sequence[Tensor], with_identity: bool, K: int, dtype, device) -> Tensor:
-    """(C, B, K*K): every branch kernel (and the identity, last) embedded in KxK, by one index_select."""
-    C = weights[0].shape[0]
-    shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
-    # under torch.compile the index is built in the graph (dynamo does not honour lru_cache)
-    build = _embedding_index.__wrapped__ if torch.compiler.is_compiling() else _embedding_index
-    index = build(shapes, K, with_identity, device)
-    w0 = weights[0]
-    flat = torch.cat([w.reshape(C, -1) for w in weights] + [w0.new_zeros(C, 1), w0.new_ones(C, 1)], 1)
-    return flat.to(dtype).index_select(1, index).view(C, -1, K * K)
-
-
 @functools.lru_cache(maxsize=64)
 def _eps_on(eps: tuple, device: torch.device) -> Tensor:
     # built once per device: a fresh host-to-GPU copy every step would stall the launch queue
@@ -201,17 +167,13 @@ def _eps_on(eps: tuple, device: torch.device) -> Tensor:
 
 
 def _fold_inputs(weights, bns, with_identity: bool, K: int, dtype, device):
-    """The fold kernels' inputs: embedded kernels (C, B, K*K), gamma and beta (C, B), eps (B,)
-    float64 (on the CPU for the C++ fold, on x's device for the Triton one)."""
-    kernels = _embedded_kernels(weights, with_identity, K, dtype, device)
-    gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
-    beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
-    eps = tuple(float(bn.eps) for bn in bns)
-    if device.type == "cpu":
-        eps = torch.tensor(eps, dtype=torch.float64)
-    else:
-        eps = _eps_on(eps, device)
-    return kernels, gamma, beta, eps
+    """The fold's inputs for the custom-op path: kernels (C, B, K*K) (each branch embedded in
+    K x K, the identity last), gamma and beta (C, B) in dtype, from the flat parameters by one
+    differentiable index_select (_unpack); eps (B,) float64 on device."""
+    shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
+    flat = _flat_parameters(weights, bns, constants=True)
+    kernels, gamma, beta = _unpack(flat, shapes, with_identity, K, weights[0].shape[0], dtype)
+    return kernels, gamma, beta, _cached(_eps_on, tuple(float(bn.eps) for bn in bns), device)
 
 
 def _differentiable_grads(ctx, grad_y: Tensor, inputs: tuple, unpack) -> list:
@@ -248,7 +210,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
     def forward(ctx, x, flat, shapes, with_identity, eps, K, activation, own_conv):
         cpp = getattr(torch.ops, CPP_NAMESPACE)
         C, x_in = x.shape[1], x
-        kernels, gamma, beta = _cpu_unpack(flat, shapes, with_identity, K, C, stats_dtype(x.dtype))
+        kernels, gamma, beta = _unpack(flat, shapes, with_identity, K, C, stats_dtype(x.dtype))
         # The C++ kernels' fast path is channels_last (K = 3, C a multiple of 16); other layouts
         # take a channels_last copy there (and hand y and grad_x back in their own layout): two
         # copies each way cost a fraction of the per-channel kernels' time
@@ -284,7 +246,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             grads = _differentiable_grads(
                 ctx, grad_y, (x_in, flat),
-                lambda x, flat: (x, *_cpu_unpack(flat, *ctx.layout, K, C, stats_dtype(x.dtype))))
+                lambda x, flat: (x, *_unpack(flat, *ctx.layout, K, C, stats_dtype(x.dtype))))
             return (*grads, None, None, None, None, None, None)
         grad_y = activation_backward(grad_y, y, ctx.activation)
         # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
@@ -311,18 +273,18 @@ class _OneConvTrainCPU(torch.autograd.Function):
             if need_x:
                 grad_x = cpp.repso_moments_backward(g_mean, g_cov, x, mean, K)
                 grad_x += grad_x_conv
-        g_flat = _cpu_pack_grads(g_k, g_gamma, g_beta, *ctx.layout, K, C).to(flat.dtype)
+        g_flat = _pack_grads(g_k, g_gamma, g_beta, *ctx.layout, K, C).to(flat.dtype)
         return grad_x, g_flat, None, None, None, None, None, None
 
 
 @functools.lru_cache(maxsize=64)
-def _cpu_indices(shapes: tuple, with_identity: bool, K: int, C: int) -> tuple[Tensor, Tensor]:
-    """The CPU node's two index vectors for its flat parameters (flat_layout, followed by the
+def _flat_indices(shapes: tuple, with_identity: bool, K: int, C: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Two index vectors (on device) for the flat parameters (flat_layout, followed by the
     constants 0 and 1): gather picks (kernels (C, B, K*K), gamma (C, B), beta (C, B)) out of them
     in one index_select; scatter picks each flat position's gradient out of (g_kernels, g_gamma,
-    g_beta, 0, 0) in another. One op each way where embedding, stacking and their autograd took
-    ~6 forward and ~23 backward (~150 us a layer step on one CPU thread at CIFAR-sized maps, a
-    third of the layer's time there; measured 2026-11-26)."""
+    g_beta, 0, 0) in another (the CPU node's backward). One op each way where embedding, stacking
+    and their autograd took ~6 forward and ~23 backward (the CPU node's step at 64@8, batch 2, one
+    thread: ~60 us of ~470; 2026-11-26)."""
     taps, cs, gamma_at, beta_at = _cached(flat_layout, shapes, with_identity, K, C)
     B, KK = len(taps), K * K
     n = beta_at + B * C  # the parameters; flat[n] = 0, flat[n + 1] = 1
@@ -340,7 +302,7 @@ def _cpu_indices(shapes: tuple, with_identity: bool, K: int, C: int) -> tuple[Te
     scatter.scatter_(0, torch.where(at < n, at, n + 2).reshape(-1), torch.arange(n_k))
     scatter.scatter_(0, torch.cat([gamma_at + bc, beta_at + bc]), n_k + torch.arange(2 * n_g))
     scatter[n:] = n_k + 2 * n_g  # the constants' "gradients": zeros
-    return gather, scatter[:n + 2]
+    return gather.to(device), scatter[:n + 2].to(device)
 
 
 def _cached(fn, *args):
@@ -354,19 +316,19 @@ def _constants(dtype: torch.dtype, device: torch.device, value: tuple) -> Tensor
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def _cpu_unpack(flat: Tensor, shapes: tuple, with_identity: bool, K: int, C: int, dtype) -> tuple:
-    """(kernels (C, B, K*K), gamma (C, B), beta (C, B)) in dtype from the CPU node's flat
-    parameters, by one index_select (differentiable: the create_graph backward uses it too)."""
-    gather, _ = _cached(_cpu_indices, shapes, with_identity, K, C)
+def _unpack(flat: Tensor, shapes: tuple, with_identity: bool, K: int, C: int, dtype) -> tuple:
+    """(kernels (C, B, K*K), gamma (C, B), beta (C, B)) in dtype from flat parameters with the
+    constants (_flat_parameters(..., constants=True)), by one differentiable index_select."""
+    gather, _ = _cached(_flat_indices, shapes, with_identity, K, C, flat.device)
     packed = flat.index_select(0, gather).to(dtype)
     B, n_k = len(shapes) + with_identity, C * (len(shapes) + with_identity) * K * K
     return (packed[:n_k].view(C, B, K * K), packed[n_k:n_k + C * B].view(C, B), packed[n_k + C * B:].view(C, B))
 
 
-def _cpu_pack_grads(g_k: Tensor, g_gamma: Tensor, g_beta: Tensor, shapes: tuple, with_identity: bool, K: int,
-                    C: int) -> Tensor:
-    """The gradient of the CPU node's flat parameters from the fold's (C, B, ...) gradients."""
-    _, scatter = _cached(_cpu_indices, shapes, with_identity, K, C)
+def _pack_grads(g_k: Tensor, g_gamma: Tensor, g_beta: Tensor, shapes: tuple, with_identity: bool, K: int,
+                C: int) -> Tensor:
+    """The gradient of flat parameters with the constants from the fold's (C, B, ...) gradients."""
+    _, scatter = _cached(_flat_indices, shapes, with_identity, K, C, g_k.device)
     zeros = _cached(_constants, g_k.dtype, g_k.device, (0.0, 0.0))
     return torch.cat([g_k.reshape(-1), g_gamma.reshape(-1), g_beta.reshape(-1), zeros]).index_select(0, scatter)
 
@@ -439,7 +401,9 @@ class _OneConvTrainTriton(torch.autograd.Function):
         K, C, eps = ctx.K, x.shape[1], ctx.eps
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             grads = _differentiable_grads(
-                ctx, grad_y, (x, flat), lambda x, flat: (x, *_unpack_flat(flat, ctx.shapes, ctx.with_identity, K, C)))
+                ctx, grad_y, (x, flat), lambda x, flat: (x, *_unpack(
+                    torch.cat([flat, _constants(flat.dtype, flat.device, (0.0, 1.0))]), ctx.shapes, ctx.with_identity,
+                    K, C, stats_dtype(x.dtype))))
             return (*grads, None, None, None, None, None)
         params = triton_repso_fold.Params.flat(flat, ctx.shapes, ctx.with_identity, K, C)
         need_x = ctx.needs_input_grad[0]
@@ -487,20 +451,6 @@ def _flat_parameters(weights: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d], c
     return torch.cat(parts)
 
 
-def _unpack_flat(flat: Tensor, shapes: tuple, with_identity: bool, K: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The flat parameters as (kernels (C, B, K*K), gamma (C, B), beta (C, B)) by differentiable
-    tensor ops (a backward with create_graph=True)."""
-    from falconnet_kernels.triton_repso_fold import Params
-
-    params = Params.flat(flat, shapes, with_identity, K, C)
-    taps, cs = params.taps.long(), params.chan_stride.long()
-    B, n = taps.shape[0], flat.numel()
-    index = taps[None] + torch.arange(C, device=flat.device)[:, None, None] * cs[None, :, None]
-    index = torch.where(taps[None] >= 0, index, torch.where(taps[None] == -2, n + 1, n))
-    kernels = torch.cat([flat, flat.new_zeros(1), flat.new_ones(1)])[index]
-    return kernels, params.gamma.view(B, C).t(), params.beta.view(B, C).t()
-
-
 def _use_one_node(x: Tensor, conv: str) -> bool:
     return (
         x.device.type == "cpu"
@@ -538,11 +488,9 @@ def _fold_batch_stats(
         folded, bias, mean, var = repso_fold(mean_s, cov_s, kernels, gamma, beta, eps)
         _update_running_batched(bns, *_running_rows(mean.detach(), var.detach(), count))
         return folded, bias
-    kernels = _embedded_kernels(weights, with_identity, K, dtype, mean_s.device)
+    kernels, gamma, beta, _ = _fold_inputs(weights, bns, with_identity, K, dtype, mean_s.device)
     mean, var = _batched_branch_stats(kernels, mean_s, cov_s)
     _update_running_batched(bns, *_running_rows(mean.detach(), var.detach(), count))
-    gamma = torch.stack([bn.weight for bn in bns], 1).to(dtype)
-    beta = torch.stack([bn.bias for bn in bns], 1).to(dtype)
     eps = [bn.eps for bn in bns]
     eps = eps[0] if len(set(eps)) == 1 else torch.tensor(eps, dtype=dtype, device=mean_s.device)
     return _batched_fold(kernels, mean, var, gamma, beta, eps)
