@@ -1060,6 +1060,27 @@ class _LaunchCounter(TorchDispatchMode):
         return sorted(names)
 
 
+def _count_step(monkeypatch, module, device) -> tuple[list, list, str]:
+    """(forward's launches, backward's launches, the output's grad_fn name) of one training step of
+    module on a 2 x 16 x 7 x 7 channels_last x, after one step outside the count (compiles on a
+    GPU); checks that every parameter's gradient is a slice of one buffer (no copies)."""
+    x = torch.randn(2, 16, 7, 7).to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_y = torch.randn_like(x)
+    module(x).backward(grad_y)
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    counter = _LaunchCounter(monkeypatch)
+    with counter:
+        y = module(x)
+        forward = counter.take()
+        y.backward(grad_y)
+        backward = counter.take()
+    params = parameters(module)
+    assert len(params) >= 14 and all(p.grad is not None for p in params)
+    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
+    return forward, backward, type(y.grad_fn).__name__
+
+
 @pytest.mark.triton
 def test_triton_node_launches(monkeypatch):
     """What one training step of a RepSO layer launches on the Triton node at K = 3: forward the
@@ -1070,26 +1091,12 @@ def test_triton_node_launches(monkeypatch):
     zero-filled gradients for the node's statistics outputs). At ~2-3 us a launch on a GPU these
     are a large part of the 7x7 layer's time (benchmarks/results/2026-11-26-h100-2/NOTES.md)."""
     use_triton(monkeypatch)
-    module = make_repso(16, "T").float().to(TRITON_DEVICE)
-    x = torch.randn(2, 16, 7, 7).to(TRITON_DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
-    grad_y = torch.randn_like(x)
-    module(x).backward(grad_y)  # compile (on a GPU) outside the count
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-    counter = _LaunchCounter(monkeypatch)
-    with counter:
-        y = module(x)
-        forward = counter.take()
-        y.backward(grad_y)
-        backward = counter.take()
-    assert type(y.grad_fn).__name__ == "_OneConvTrainTritonBackward"
+    forward, backward, node = _count_step(monkeypatch, make_repso(16, "T").float().to(TRITON_DEVICE), TRITON_DEVICE)
+    assert node == "_OneConvTrainTritonBackward"
     assert forward == sorted(["cat", "triton._moments3_fwd_kernel", "sum", "triton._fold_fwd_kernel",
                               "triton._conv3_fwd_kernel", "_foreach_add_", "_foreach_lerp_"])
     assert backward == sorted(["triton._conv3_wgrad_kernel", "sum", "triton._fold_bwd_kernel",
                                "triton._moments3_bwd_kernel"])
-    params = parameters(module)
-    assert len(params) >= 14 and all(p.grad is not None for p in params)
-    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
 
 
 def test_cpu_node_ops(monkeypatch):
@@ -1101,26 +1108,12 @@ def test_cpu_node_ops(monkeypatch):
     backward (~60 us of a 64@8 layer's ~470 us step at batch 2 on one thread, 2026-11-26)."""
     if not cpp_built():
         pytest.fail("the C++ extension is not built")
-    module = make_repso(16, "T").float()
-    x = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
-    grad_y = torch.randn_like(x)
-    module(x).backward(grad_y)
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-    counter = _LaunchCounter(monkeypatch)
-    with counter:
-        y = module(x)
-        forward = counter.take()
-        y.backward(grad_y)
-        backward = counter.take()
-    assert type(y.grad_fn).__name__ == "_OneConvTrainCPUBackward"
+    forward, backward, node = _count_step(monkeypatch, make_repso(16, "T").float(), "cpu")
+    assert node == "_OneConvTrainCPUBackward"
     assert forward == sorted(["cat", "index_select", "repso_moments_forward", "repso_fold_forward",
                               "dw_conv3x3_forward", "mul", "_foreach_add_", "_foreach_lerp_"])
     assert backward == sorted(["repso_conv_weight_grad", "repso_fold_backward", "repso_train_backward_x", "cat",
                                "index_select"])
-    params = parameters(module)
-    assert all(p.grad is not None for p in params)
-    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
 
 
 @pytest.mark.cuda
