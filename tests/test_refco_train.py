@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from falconnet.layers.refco import RefCO
-from falconnet.layers.refco_train import _ChannelMoments, _GroupMoments, _HiddenCovariance, fused_path_applies
+from falconnet.layers import refco_train
+from falconnet.layers.refco_train import (
+    _ChannelMoments,
+    _FullMoments,
+    _GroupMoments,
+    _HiddenCovariance,
+    fused_path_applies,
+)
 
 # (C_in, C_out, r, k, branches): FalconNet's widening stage-3 RefCO, odd group counts, r = 2, one
 # branch; the stage-2 statistics come from the hidden covariance where the hidden width C_in/r is
@@ -83,10 +90,17 @@ def make_input(shape, layout):
     return (torch.randn(N, C, H, W, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
 
 
+# where the fused form's batch statistics come from (refco_train.STATS): the per-group forms, or
+# x's full covariance
+STATS = ["groups", "gram"]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "{}->{} r{} k{} M{}".format(*c))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
 @pytest.mark.parametrize("act", ACTS)
-def test_fused_equals_branches_float64(config, layout, act):
+@pytest.mark.parametrize("stats", STATS)
+def test_fused_equals_branches_float64(monkeypatch, config, layout, act, stats):
+    monkeypatch.setattr(refco_train, "STATS", stats)
     C_in, C_out, r, k, M = config
     fused = make_refco(*config, activation=act)
     branches = branch_twin(fused)
@@ -102,8 +116,10 @@ def test_fused_equals_branches_float64(config, layout, act):
 
 
 @pytest.mark.parametrize("modes", [("eval", "eval"), ("train", "eval"), ("eval", "train")])
-def test_mixed_batchnorm_modes_float64(modes):
+@pytest.mark.parametrize("stats", STATS)
+def test_mixed_batchnorm_modes_float64(monkeypatch, modes, stats):
     """Each BatchNorm uses batch or running statistics as its own mode says."""
+    monkeypatch.setattr(refco_train, "STATS", stats)
     fused = make_refco(24, 36, 1, 6, 3, activation="relu")
     fused.bn1.train(modes[0] == "train")
     fused.bn2.train(modes[1] == "train")
@@ -167,11 +183,13 @@ def assert_within_branch_error(config, x, grad, dtype, device="cpu", floor=1e-6,
 @pytest.mark.parametrize("config", [(64, 128, 1, 8, 3), (128, 32, 1, 4, 3)], ids=["hidden-cov", "z-stats"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast-bfloat16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_fused_error_within_branch_error(config, dtype, layout):
+@pytest.mark.parametrize("stats", STATS)
+def test_fused_error_within_branch_error(monkeypatch, config, dtype, layout, stats):
     """Against the float64 branch form, the fused form in float32 / bfloat16 / float32 under
     bfloat16 autocast errs no more than twice the branch form does in the same setting (plus
     1e-6): both round every stage; neither is the reference. Output, every gradient and the
     running statistics."""
+    monkeypatch.setattr(refco_train, "STATS", stats)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     autocast = dtype.startswith("autocast")
     C_in, C_out = config[:2]
@@ -192,6 +210,55 @@ def test_group_moments_gradcheck(C, k, layout):
     assert torch.autograd.gradcheck(lambda t: _GroupMoments.apply(t, k, torch.float64), (x,))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_full_moments_gradcheck(layout):
+    """_FullMoments against torch.cov over every pixel, float64, a mean far from 0; gradcheck
+    through both outputs."""
+    x = make_input((2, 6, 3, 4), layout).requires_grad_()
+    mean, cov = _FullMoments.apply(x, torch.float64)
+    flat = x.detach().transpose(0, 1).reshape(6, -1)
+    torch.testing.assert_close(mean, flat.mean(1))
+    torch.testing.assert_close(cov, torch.cov(flat, correction=0))
+    assert torch.autograd.gradcheck(lambda t: _FullMoments.apply(t, torch.float64), (x,))
+    if layout == "channels_last":  # the gradient keeps x's layout
+        (grad,) = torch.autograd.grad(_FullMoments.apply(x, torch.float64)[1].sum(), x)
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gram_16bit_gpu_path_emulated(monkeypatch, layout):
+    """The GPU's 16-bit path of _FullMoments (x into the GEMMs as it is, float32 output, g in two
+    16-bit parts in the backward) run on the CPU with out_dtype matmuls emulated in float32 (the
+    same values: 16-bit products are exact in float32): bfloat16 fused form within twice the
+    bfloat16 branch form's error against float64, at a widening and a narrowing shape."""
+    monkeypatch.setattr(refco_train, "STATS", "gram")
+    monkeypatch.setattr(refco_train, "_raw16", lambda x: x.dtype in (torch.float16, torch.bfloat16))
+    calls = []
+    monkeypatch.setattr(refco_train, "_mm32", lambda a, b: calls.append("mm") or a.float() @ b.float())
+    monkeypatch.setattr(refco_train, "_bmm32", lambda a, b: calls.append("bmm") or torch.bmm(a.float(), b.float()))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for config in [(64, 128, 1, 8, 3), (128, 32, 1, 4, 3)]:
+        x = (torch.randn(4, config[0], 9, 11, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
+        grad = torch.randn(4, config[1], 9, 11, dtype=torch.float64)
+        assert_within_branch_error(config, x, grad, torch.bfloat16)
+    # forward: one batched GEMM; backward (channels_last): two, g's high and low parts
+    assert calls == (["bmm", "mm", "mm"] * 2 if layout == "channels_last" else ["bmm"] * 2)
+
+
+@pytest.mark.parametrize("shape,gram", [((32, 128), True), ((64, 256), True), ((128, 512), True), ((256, 1024), False),
+                                        ((128, 32), False), ((1024, 256), False)], ids=str)
+def test_cpu_statistics_choice(monkeypatch, shape, gram):
+    """STATS = "auto" on the CPU takes x's full covariance at the widening shapes where it measured
+    faster (refco_train._gram_cheaper) and the per-group forms elsewhere; the forward says which
+    by the moments it calls."""
+    called = []
+    for cls in (_FullMoments, _GroupMoments):
+        monkeypatch.setattr(cls, "apply", lambda *a, _f=cls.apply, _n=cls.__name__: called.append(_n) or _f(*a))
+    layer = RefCO(*shape, branches=3, r=1).train()
+    layer(torch.randn(2, shape[0], 3, 3))
+    assert called == (["_FullMoments"] if gram else ["_GroupMoments"])
+
+
 def test_moments_stay_float32_under_autocast():
     """BatchNorm keeps its statistics in float32 under autocast; so do the folded ones (a
     bfloat16 Gram would carry ~3e-3 relative error into every variance)."""
@@ -207,6 +274,11 @@ def test_moments_stay_float32_under_autocast():
         cov = _HiddenCovariance.apply(x.float(), x.float().mean((0, 2, 3)), w1.float())
     assert cov.dtype == torch.float32
     torch.testing.assert_close(cov.double(), exact, rtol=1e-5, atol=1e-5)
+    exact = _FullMoments.apply(x, torch.float64)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cov = _FullMoments.apply(x.float(), torch.float32)[1]
+    assert cov.dtype == torch.float32
+    torch.testing.assert_close(cov.double(), exact, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("C,k,c_h", [(12, 4, 2), (40, 4, 4), (36, 18, 3)])
@@ -257,14 +329,19 @@ def test_option_is_checked():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_fused_matches_cpu_float64(monkeypatch, dtype):
+@pytest.mark.parametrize("config", [(128, 512, 1, 16, 3), (512, 128, 1, 8, 3)], ids=["widening", "narrowing"])
+@pytest.mark.parametrize("stats", STATS)
+def test_cuda_fused_matches_cpu_float64(monkeypatch, dtype, config, stats):
     """On the GPU (whatever backend the ops pick) against the float64 branch form on the CPU,
     within twice the GPU branch form's own error (true float32 convs: cuDNN's TF32 default
-    would set the branch form's error, not the kernels')."""
+    would set the branch form's error, not the kernels'), with either statistics form ("gram",
+    the GPU's default, takes bfloat16 x into its GEMMs as it is)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    x = torch.randn(8, 128, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(8, 512, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert_within_branch_error((128, 512, 1, 16, 3), x, grad, dtype, device="cuda", floor=1e-5)
+    monkeypatch.setattr(refco_train, "STATS", stats)
+    C_in, C_out = config[:2]
+    x = torch.randn(8, C_in, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, C_out, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert_within_branch_error(config, x, grad, dtype, device="cuda", floor=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

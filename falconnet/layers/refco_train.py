@@ -42,6 +42,31 @@ from .activation import apply_activation, split_for_fusion
 from .repso_train import _bn_update_running, _scale_shift, _uses_batch_stats, needs_sync
 
 
+# Where RefCO's batch statistics come from. "groups": per-group covariances of x (_GroupMoments,
+# C_in k multiply-adds a pixel), then for stage 2 the hidden values' covariance (_HiddenCovariance,
+# c_h G^2 + C_in c_h) where the hidden width is under M C_out, else every branch's output through
+# one more SF-Conv call (_ChannelMoments, M C_out G). "gram": x's full C_in x C_in covariance
+# (_FullMoments: one batched GEMM, C_in^2 a pixel, one read of x) and weight-side products for
+# everything else. "auto": "gram" on a GPU, whose tensor cores make C_in^2 cheap and where the
+# per-group forms' degenerate GEMMs (M, N <= 32, K = every pixel), their float32 copies of x and
+# of the hidden values, and the narrowing layers' extra SF-Conv call made the fused form 12-47x
+# slower than a dense conv + BatchNorm (H100, 2026-11-26: benchmarks/results/2026-11-26-h100-2);
+# on the CPU whichever _gram_cheaper says (measured per shape there). The GPU choice is not yet
+# measured.
+STATS = "auto"
+
+
+def _gram_cheaper(C_in: int, C_out: int, G: int, k: int, c_h: int, M: int) -> bool:
+    """The CPU's STATS = "auto" choice: "gram" where x's full covariance (C_in^2 multiply-adds a
+    pixel, in one clean GEMM each way) costs at most 3.5x the per-group forms' multiply-adds. Fused
+    training forward+backward, batch 16, 2 threads, float32, channels_last, ms (2026-11-27), groups
+    -> gram: 32->128@56 14.9 -> 8.2, 64->256@28 8.3 -> 5.3, 128->512@14 4.9 -> 4.1 (MAC ratio
+    1.6 / 1.8 / 3.2); 256->1024@7 4.0 -> 4.3, 128->32@56 50.4 -> 50.9 (3.6 / 4.6); 256->64@28
+    19.8 -> 32.1, 512->128@14 11.0 -> 23.7, 1024->256@7 8.2 -> 27.6 (8 / 9 / 16)."""
+    stage2 = c_h * G * G + C_in * c_h if c_h * G < M * C_out else M * C_out * G
+    return C_in * C_in <= 3.5 * (C_in * k + stage2)
+
+
 def fused_path_applies(x: Tensor, bns) -> bool:
     """Whether refco_train_forward can stand in for the branch form: the SF-Conv op takes the
     dtype it would compute in (x's, or autocast's) on x's device, no BatchNorm needs cross-process statistics (SyncBatchNorm under
@@ -254,6 +279,98 @@ class _HiddenCovariance(torch.autograd.Function):
         return grad_x, None, None if grad_w1 is None else grad_w1.to(w1.dtype)
 
 
+class _FullMoments(torch.autograd.Function):
+    """Per-channel mean (C,) and the full biased covariance (C, C) of x over (N, H, W), float32
+    (float64 for float64 x): one Gram matrix a image, x_n^T x_n, in one batched GEMM over the
+    images (C^2 multiply-adds a pixel), summed in float64. Every BatchNorm statistic of RefCO
+    follows from these two by weight-side products (STATS = "gram"): stage 1's variances from the
+    k x k diagonal blocks, stage 2's from cov(H[:, j]) = V_j^T S V_j. On a GPU, bfloat16/float16 x
+    goes into the GEMM as it is, with float32 output (products of 16-bit values are exact in
+    float32; uncentred, as RepSO's bf16 moments); other x is shifted by its first pixel's values
+    and widened to float32 first, so a channel's mean does not cancel against its spread. The
+    backward is one more GEMM: grad_x = (x - mean) (G + G^T) / count + grad_mean / count."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            N, C, H, W = x.shape
+            count = N * H * W
+            raw = _raw16(x)
+            if raw:
+                shift, xs = None, x
+            else:
+                shift = x[:1, :, :1, :1].to(dtype)
+                xs = x.to(dtype) - shift
+            a, b = _image_matrices(xs)
+            if raw:
+                gram = _bmm32(a, b).sum(0, dtype=torch.float64)
+            elif x.is_cuda or not b.is_contiguous():
+                gram = torch.bmm(a, b).sum(0, dtype=torch.float64)  # a GEMM an image: the GPU's parallelism
+            else:  # CPU, channels_last: one GEMM over every pixel (per image, K = H*W ran 10x slower at 7x7)
+                rows = b.reshape(count, C)
+                gram = (rows.t() @ rows).double()
+            mean_s = xs.sum((0, 2, 3), dtype=torch.float64) / count
+            cov = gram / count - mean_s[:, None] * mean_s[None, :]
+            mean = mean_s if shift is None else mean_s + shift.view(C).double()
+        mean = mean.to(dtype)
+        ctx.save_for_backward(x, mean)
+        return mean, cov.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_cov):
+        _no_double_backward()
+        x, mean = ctx.saved_tensors
+        N, C, H, W = x.shape
+        count = N * H * W
+        with torch.autocast(x.device.type, enabled=False):
+            g = mean.new_zeros(C, C) if grad_cov is None else (grad_cov + grad_cov.t()) / count
+            offset = -(mean @ g)
+            if grad_mean is not None:
+                offset = offset + grad_mean / count
+            # per image grad_n = g x_n + offset (g symmetric), in x's layout
+            if _raw16(x) and _image_matrices(x)[1].is_contiguous():
+                # 16-bit channels_last x on a GPU, as the forward took it: tensor-core GEMMs with
+                # float32 output, g as two 16-bit parts (~2^-17 relative), no float32 copy of x
+                rows = _image_matrices(x)[1].reshape(count, C)
+                g_hi = g.to(x.dtype)
+                grad = _mm32(rows, g_hi)
+                grad += _mm32(rows, (g - g_hi.to(g.dtype)).to(x.dtype))
+                grad += offset.view(1, C).float()
+                return grad.view(N, H, W, C).permute(0, 3, 1, 2).to(x.dtype), None
+            a, b = _image_matrices(x.to(mean.dtype))
+            if b.is_contiguous():  # channels_last: the (N*H*W, C) rows times g, one GEMM
+                grad = torch.addmm(offset.view(1, C), b.reshape(count, C), g)
+                grad = grad.view(N, H, W, C).permute(0, 3, 1, 2)
+            else:  # (C, C) times every image's (C, H*W); matmul broadcasts g without copying it
+                grad = (torch.matmul(g, a) + offset.view(1, C, 1)).view(N, C, H, W)
+        return grad.to(x.dtype), None
+
+
+def _raw16(x: Tensor) -> bool:
+    """16-bit x on a GPU: _FullMoments' GEMMs take it as it is, with float32 output (torch's
+    out_dtype matmuls, CUDA only; _mm32, _bmm32)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _mm32(a: Tensor, b: Tensor) -> Tensor:
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _bmm32(a: Tensor, b: Tensor) -> Tensor:
+    return torch.bmm(a, b, out_dtype=torch.float32)
+
+
+def _image_matrices(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_n as (N, C, H*W), its transpose (N, H*W, C)), views where x's layout allows (channels_last
+    or NCHW): the two operands of the per-image Gram matrices."""
+    N, C, H, W = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        rows = x.permute(0, 2, 3, 1).reshape(N, H * W, C)
+        return rows.transpose(1, 2), rows
+    cols = x.reshape(N, C, H * W)
+    return cols, cols.transpose(1, 2)
+
+
 class _ChannelMoments(torch.autograd.Function):
     """Per-channel mean and biased variance of z over (N, H, W), in float32 (float64 for float64
     z), as E[z^2] - mean^2: the caller centres z (the SF-Conv call subtracts the analytic mean as
@@ -305,13 +422,21 @@ def refco_train_forward(
     w1, w2 = weight1.to(dtype), weight2.to(dtype)
     mean_x = None
 
+    # STATS: every statistic from x's full covariance, or from the per-group forms
+    gram = STATS == "gram" or (STATS == "auto" and (x.is_cuda or _gram_cheaper(C_in, m * c_h, G, k, c_h, M)))
+    cov_full = None
+
     # stage 1: the M BatchNorms folded into W1 (G, c_h, k) and the hidden bias c (G, c_h)
     if bn1 is None:
         W1, c = w1.sum(0), None
     else:
         mean1 = var1 = None
         if _uses_batch_stats(bn1):
-            mean_x, cov_x = _GroupMoments.apply(x, k, dtype)
+            if gram:
+                mean_x, cov_full = _FullMoments.apply(x, dtype)
+                cov_x = cov_full.view(G, k, G, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, k, k) blocks
+            else:
+                mean_x, cov_x = _GroupMoments.apply(x, k, dtype)
             mean1 = (w1 * mean_x.view(1, G, 1, k)).sum(-1).reshape(-1)
             # w^T cov_g w for every row w of group g's M*c_h filters: one (M*c_h, k) @ (k, k)
             # product a group. The broadcast form (M, G, c_h, k, k) temporaries took ~10x longer
@@ -333,9 +458,19 @@ def refco_train_forward(
         mean2 = var2 = None
         if _uses_batch_stats(bn2):
             w2_all = w2.permute(1, 0, 2, 3).reshape(c_h, M * m, G)  # row j*(M*m) + b*m + t: every branch
+            if gram and cov_full is None:
+                mean_x, cov_full = _FullMoments.apply(x, dtype)
             if mean_x is None:
                 mean_x = x.to(dtype).mean(dim=(0, 2, 3))
-            if c_h * G < M * m * c_h:
+            if gram:
+                # cov(H[:, j])[g, h] = W1[g, j]^T S[g-block, h-block] W1[h, j]: c_h C_in^2 multiply-adds
+                # on the weights, whatever the batch
+                Y = _bmm(W1, cov_full.view(G, k, G * k)).view(G, c_h, G, k)
+                cov_h = (Y * W1.transpose(0, 1).unsqueeze(0)).sum(-1).permute(1, 0, 2)  # (c_h, G, G)
+                hidden_mean = (W1 * mean_x.view(G, 1, k)).sum(-1)  # (G, c_h), without c
+                mean_z = (w2_all * hidden_mean.t().unsqueeze(1)).sum(-1).reshape(-1)
+                var_z = (_bmm(w2_all, cov_h) * w2_all).sum(-1).clamp_min(0).reshape(-1)
+            elif c_h * G < M * m * c_h:
                 # the hidden width under M*C_out: the branches' output statistics from the G x G
                 # covariance of the hidden values per hidden index (c_h G^2 multiply-adds a pixel)
                 cov_h = _HiddenCovariance.apply(x, mean_x.detach(), W1)
