@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from falconnet.layers.refco import RefCO
 from falconnet.layers import refco_train
+from falconnet.layers.refco import RefCO
 from falconnet.layers.refco_train import (
     _ChannelMoments,
     _FullMoments,
