@@ -41,7 +41,6 @@ from falconnet_kernels.repso_moments import stats_dtype
 from .activation import apply_activation, split_for_fusion
 from .repso_train import _bn_update_running, _scale_shift, _uses_batch_stats, needs_sync
 
-
 # Where RefCO's batch statistics come from. "groups": per-group covariances of x (_GroupMoments,
 # C_in k multiply-adds a pixel), then for stage 2 the hidden values' covariance (_HiddenCovariance,
 # c_h G^2 + C_in c_h) where the hidden width is under M C_out, else every branch's output through
