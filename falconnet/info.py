@@ -52,7 +52,12 @@ def training_paths(info: dict) -> dict:
                       f"{repso_train.CONV!r}, its weight gradient {repso_train.WEIGHT_GRAD!r})")
         else:
             repso += ", on the GPU by PyTorch ops"
-    refco = "exact fused form: BatchNorms folded from their statistics, one or two SF-Conv calls (sf_conv above)"
+    from falconnet.layers import refco_train
+
+    stats = {"auto": "x's full covariance on the GPU and at the CPU's widening shapes, per-group covariances "
+                     "elsewhere", "gram": "x's full covariance", "groups": "per-group covariances"}[refco_train.STATS]
+    refco = (f"exact fused form: BatchNorms folded from their statistics ({stats}; STATS={refco_train.STATS!r}), "
+             "one SF-Conv call, two where the per-group forms take a narrowing layer's output statistics (sf_conv above)")
     from falconnet_kernels import _backend
 
     bn = "C++ kernels" if _backend.select("bn_act", torch.device("cpu")) == "cpp" else "torch's native_batch_norm"

@@ -465,7 +465,7 @@ def test_falconnet_info_names_the_training_forms(capsys, monkeypatch):
 
     training = json.loads(capsys.readouterr().out)["training"]
     assert set(training) == {"RepSO", "RefCO", "ConvBN"}
-    assert "one conv" in training["RepSO"] and "fused" in training["RefCO"]
+    assert "one conv" in training["RepSO"] and "fused" in training["RefCO"] and "STATS='auto'" in training["RefCO"]
     assert cli.main(["info"]) == 0
     assert "training forms" in capsys.readouterr().out
     # on a GPU with Triton: the RepSO node's kernel choices, as set
