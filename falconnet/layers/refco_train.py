@@ -346,9 +346,11 @@ class _FullMoments(torch.autograd.Function):
 
 
 def _raw16(x: Tensor) -> bool:
-    """16-bit x on a GPU: _FullMoments' GEMMs take it as it is, with float32 output (torch's
-    out_dtype matmuls, CUDA only; _mm32, _bmm32)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    """16-bit x on a GPU in eager mode: _FullMoments' GEMMs take it as it is, with float32 output
+    (torch's out_dtype matmuls, CUDA only; _mm32, _bmm32). Not while torch.compile traces: its
+    lowerings of the out_dtype matmuls have had bugs (pytorch/pytorch#163880), and it fuses the
+    float32 conversion the other path makes anyway."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling()
 
 
 def _mm32(a: Tensor, b: Tensor) -> Tensor:
