@@ -25,23 +25,28 @@ from common import (
     saved_bytes,
 )
 
+from falconnet.layers import refco_train
 from falconnet.layers.refco import RefCO
 
-IMPLS = ["dense-convbn", "refco-branches", "refco-fused"]
+# refco-fused: the default statistics route (refco_train.STATS = "auto": x's full covariance on a
+# GPU and at the CPU's widening shapes); refco-fused-groups: the per-group forms everywhere
+IMPLS = ["dense-convbn", "refco-branches", "refco-fused", "refco-fused-groups"]
 
 
 def make_layer(impl: str, C_in: int, C_out: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
     if impl == "dense-convbn":
         layer = torch.nn.Sequential(torch.nn.Conv2d(C_in, C_out, 1, bias=False), torch.nn.BatchNorm2d(C_out))
     else:
-        layer = RefCO(C_in, C_out, branches=3, r=1, fused_training=impl == "refco-fused")
+        layer = RefCO(C_in, C_out, branches=3, r=1, fused_training=impl.startswith("refco-fused"))
     return layer.to(device=device, dtype=dtype, memory_format=torch.channels_last).train()
 
 
 @pytest.mark.benchmark(group="refco_train", timer=cuda_sync_timer)
 @pytest.mark.parametrize("shape", PW_SHAPES, ids=[f"{a}->{b}@{h}" for a, b, h in PW_SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_refco_train(benchmark, device, impl, shape):
+def test_refco_train(benchmark, monkeypatch, device, impl, shape):
+    if impl == "refco-fused-groups":
+        monkeypatch.setattr(refco_train, "STATS", "groups")
     C_in, C_out, H = shape
     N, dtype = BATCH[device], DTYPE[device]
     torch.manual_seed(0)
@@ -56,7 +61,7 @@ def test_refco_train(benchmark, device, impl, shape):
 
     info = {"op": "refco_train", "pass": "fwd+bwd", "impl": impl, "device": device,
             "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last", "batch": N,
-            "shape": f"{C_in}->{C_out}@{H}", "cpu_threads": torch.get_num_threads()}
+            "shape": f"{C_in}->{C_out}@{H}", "cpu_threads": torch.get_num_threads(), "stats": refco_train.STATS}
     if device == "cuda":
         fn()
         info["peak_bytes"] = peak_cuda_bytes(fn)
