@@ -211,12 +211,16 @@ def test_group_moments_gradcheck(C, k, layout):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
-def test_full_moments_gradcheck(layout):
+@pytest.mark.parametrize("chunks", ["one", "per-image"])
+def test_full_moments_gradcheck(monkeypatch, layout, chunks):
     """_FullMoments against torch.cov over every pixel, float64, a mean far from 0; gradcheck
-    through both outputs."""
-    x = make_input((2, 6, 3, 4), layout).requires_grad_()
+    through both outputs; with the channels_last Gram matrix in one GEMM (the CPU) or in partials
+    over image chunks (a GPU's _gram_chunks)."""
+    if chunks == "per-image":
+        monkeypatch.setattr(refco_train, "_gram_chunks", lambda N, C, gpu: N)
+    x = make_input((3, 6, 3, 4), layout).requires_grad_()
     mean, cov = _FullMoments.apply(x, torch.float64)
-    flat = x.detach().transpose(0, 1).reshape(6, -1)
+    flat = x.detach().transpose(0, 1).reshape(6, -1)  # (C, every pixel)
     torch.testing.assert_close(mean, flat.mean(1))
     torch.testing.assert_close(cov, torch.cov(flat, correction=0))
     assert torch.autograd.gradcheck(lambda t: _FullMoments.apply(t, torch.float64), (x,))
@@ -243,6 +247,16 @@ def test_gram_16bit_gpu_path_emulated(monkeypatch, layout):
         assert_within_branch_error(config, x, grad, torch.bfloat16)
     # forward: one batched GEMM; backward (channels_last): two, g's high and low parts
     assert calls == (["bmm", "mm", "mm"] * 2 if layout == "channels_last" else ["bmm"] * 2)
+
+
+def test_gram_chunks():
+    """Partial Gram matrices: one on the CPU; on a GPU one an image while their float32 partials
+    fit 64 MB, else the largest divisor of the batch that fits (or one)."""
+    assert refco_train._gram_chunks(128, 1024, False) == 1
+    assert refco_train._gram_chunks(128, 32, True) == 128
+    assert refco_train._gram_chunks(128, 1024, True) == 16
+    assert refco_train._gram_chunks(6, 1024, True) == 6
+    assert refco_train._gram_chunks(7, 4096, True) == 1
 
 
 @pytest.mark.parametrize("shape,gram", [((32, 128), True), ((64, 256), True), ((128, 512), True), ((256, 1024), False),

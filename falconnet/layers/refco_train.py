@@ -301,13 +301,11 @@ class _FullMoments(torch.autograd.Function):
                 shift = x[:1, :, :1, :1].to(dtype)
                 xs = x.to(dtype) - shift
             a, b = _image_matrices(xs)
-            if raw:
-                gram = _bmm32(a, b).sum(0, dtype=torch.float64)
-            elif x.is_cuda or not b.is_contiguous():
-                gram = torch.bmm(a, b).sum(0, dtype=torch.float64)  # a GEMM an image: the GPU's parallelism
-            else:  # CPU, channels_last: one GEMM over every pixel (per image, K = H*W ran 10x slower at 7x7)
-                rows = b.reshape(count, C)
-                gram = (rows.t() @ rows).double()
+            if b.is_contiguous():  # channels_last: (pixels, C) rows, cut into chunks of whole images
+                rows = b.reshape(_gram_chunks(N, C, x.is_cuda), -1, C)
+                a, b = rows.transpose(1, 2), rows
+            # else NCHW: a Gram matrix an image
+            gram = (_bmm32(a, b) if raw else torch.bmm(a, b)).sum(0, dtype=torch.float64)
             mean_s = xs.sum((0, 2, 3), dtype=torch.float64) / count
             cov = gram / count - mean_s[:, None] * mean_s[None, :]
             mean = mean_s if shift is None else mean_s + shift.view(C).double()
@@ -343,6 +341,17 @@ class _FullMoments(torch.autograd.Function):
             else:  # (C, C) times every image's (C, H*W); matmul broadcasts g without copying it
                 grad = (torch.matmul(g, a) + offset.view(1, C, 1)).view(N, C, H, W)
         return grad.to(x.dtype), None
+
+
+def _gram_chunks(N: int, C: int, gpu: bool) -> int:
+    """How many partial Gram matrices _FullMoments forms over a channels_last x of N images: on the
+    CPU one (a single GEMM over every pixel: a GEMM an image, K = H*W, ran ~10x slower at 7x7); on
+    a GPU enough for its parallelism (one an image) while their float32 partials stay within 64 MB
+    (a divisor of N: 16 of 1024 x 1024 at C = 1024, where one an image at batch 128 would be 512
+    MB)."""
+    if not gpu:
+        return 1
+    return max(d for d in range(1, N + 1) if N % d == 0 and (d == 1 or d * C * C <= 1 << 24))
 
 
 def _raw16(x: Tensor) -> bool:
