@@ -259,6 +259,18 @@ def test_gram_chunks():
     assert refco_train._gram_chunks(7, 4096, True) == 1
 
 
+def test_out_dtype_matmul_fallback(monkeypatch):
+    """Where torch's out_dtype matmuls are refused (a CPU tensor here: CUDA only), _bmm32 / _mm32
+    warn once and multiply float32 copies: the same values."""
+    monkeypatch.setattr(refco_train, "_OUT_DTYPE_MATMUL", [True])
+    a, b = torch.randn(3, 4, 5).bfloat16(), torch.randn(3, 5, 2).bfloat16()
+    with pytest.warns(UserWarning, match="out_dtype"):
+        out = refco_train._bmm32(a, b)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.bmm(a.float(), b.float()))
+    assert refco_train._mm32(a[0], b[0]).dtype == torch.float32  # no second warning: the flag is cleared
+    assert refco_train._OUT_DTYPE_MATMUL == [False]
+
+
 @pytest.mark.parametrize("shape,gram", [((32, 128), True), ((64, 256), True), ((128, 512), True), ((256, 1024), False),
                                         ((128, 32), False), ((1024, 256), False)], ids=str)
 def test_cpu_statistics_choice(monkeypatch, shape, gram):

@@ -28,6 +28,7 @@ one SF-Conv call too.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -362,12 +363,29 @@ def _raw16(x: Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling()
 
 
+_OUT_DTYPE_MATMUL = [True]  # cleared if this torch build's CUDA matmuls refuse out_dtype
+
+
 def _mm32(a: Tensor, b: Tensor) -> Tensor:
-    return torch.mm(a, b, out_dtype=torch.float32)
+    return _matmul32(torch.mm, a, b)
 
 
 def _bmm32(a: Tensor, b: Tensor) -> Tensor:
-    return torch.bmm(a, b, out_dtype=torch.float32)
+    return _matmul32(torch.bmm, a, b)
+
+
+def _matmul32(op, a: Tensor, b: Tensor) -> Tensor:
+    """op(a, b) with float32 output from 16-bit operands (torch >= 2.8 on CUDA); where the build
+    refuses out_dtype, the same product on float32 copies (the same values, more memory traffic),
+    with one warning."""
+    if _OUT_DTYPE_MATMUL[0]:
+        try:
+            return op(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            _OUT_DTYPE_MATMUL[0] = False
+            warnings.warn(f"RefCO's statistics: {op.__name__} with out_dtype=float32 is not available here ({exc}); "
+                          "multiplying float32 copies instead", stacklevel=2)
+    return op(a.float(), b.float())
 
 
 def _image_matrices(x: Tensor) -> tuple[Tensor, Tensor]:
