@@ -301,6 +301,8 @@ class _FullMoments(torch.autograd.Function):
             else:
                 shift = x[:1, :, :1, :1].to(dtype)
                 xs = x.to(dtype) - shift
+                if not x.is_cuda:  # the CPU's one GEMM over every pixel wants (pixels, C) rows
+                    xs = xs.contiguous(memory_format=torch.channels_last)
             a, b = _image_matrices(xs)
             if b.is_contiguous():  # channels_last: (pixels, C) rows, cut into chunks of whole images
                 rows = b.reshape(_gram_chunks(N, C, x.is_cuda), -1, C)
