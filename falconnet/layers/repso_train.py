@@ -334,7 +334,7 @@ def _pack_grads(g_k: Tensor, g_gamma: Tensor, g_beta: Tensor, shapes: tuple, wit
 
 
 # Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "rows"
-# (falconnet_kernels.triton_repso_moments.conv3_weight_grad, the moments kernels' row layout),
+# (falconnet_kernels.triton_repso_moments.conv3_weight_grad_totals, the moments kernels' row layout),
 # "cudnn" (torch's convolution_backward) or "triton" (triton_dw_conv3x3's weight-gradient kernel).
 # H100, bf16, batch 128 (2026-11-26): cuDNN 48-335 us at the 4 hidden shapes (530-640 GB/s, ~20%
 # of copy; its workspace also held the layer's peak memory above a third of the seven-branch
