@@ -281,8 +281,9 @@ class _HiddenCovariance(torch.autograd.Function):
 
 class _FullMoments(torch.autograd.Function):
     """Per-channel mean (C,) and the full biased covariance (C, C) of x over (N, H, W), float32
-    (float64 for float64 x): one Gram matrix a image, x_n^T x_n, in one batched GEMM over the
-    images (C^2 multiply-adds a pixel), summed in float64. Every BatchNorm statistic of RefCO
+    (float64 for float64 x): Gram matrices of chunks of whole images (_gram_chunks; on the CPU one
+    over every pixel, NCHW x taken to channels_last rows first) in one batched GEMM (C^2
+    multiply-adds a pixel), the chunks summed in float64. Every BatchNorm statistic of RefCO
     follows from these two by weight-side products (STATS = "gram"): stage 1's variances from the
     k x k diagonal blocks, stage 2's from cov(H[:, j]) = V_j^T S V_j. On a GPU, bfloat16/float16 x
     goes into the GEMM as it is, with float32 output (products of 16-bit values are exact in
