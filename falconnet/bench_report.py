@@ -150,6 +150,16 @@ def backend_choices(rows: list[dict]) -> list[str]:
         ratio = _geomean([c / r for c, r in pairs])
         lines.append(f"repso_train.CONV = {'rows' if ratio > 1 else 'cudnn'!r}   "
                      f"# the row kernel {ratio:.2f}x cuDNN's depthwise conv, geomean of {len(pairs)} shapes")
+    # RefCO's statistics route on the GPU: refco-fused runs STATS = "auto" (the full covariance
+    # there), refco-fused-groups the per-group forms
+    refco = {shape: t for (_, shape), t in _per_shape(rows, "refco_train", "fwd+bwd").items()
+             if t.get("refco-fused") and t.get("refco-fused-groups")}
+    if refco:
+        ratios = {shape: t["refco-fused-groups"] / t["refco-fused"] for shape, t in refco.items()}  # > 1: gram faster
+        slower = [f"{shape} {r:.2f}x" for shape, r in sorted(ratios.items(), key=lambda kv: _shape_key(kv[0])) if r < 1]
+        lines.append(f"refco_train.STATS on the GPU: the full covariance {_geomean(list(ratios.values())):.2f}x the "
+                     f"per-group route's speed, geomean of {len(ratios)} shapes"
+                     + ("; slower at: " + ", ".join(slower) if slower else "; faster at every shape"))
     return lines
 
 

@@ -133,6 +133,19 @@ def test_backend_choices_from_a_gpu_run(tmp_path):
     assert "## backend choices this run supports" in out and "COMPOSED" in out
 
 
+def test_refco_statistics_route_from_a_gpu_run(tmp_path):
+    """RefCO's two statistics routes timed side by side on a GPU: the report gives the full
+    covariance's speed against the per-group route and names the shapes where it is slower."""
+    rows = []
+    for shape, gram, groups in (("32->128@56", 1e-3, 4e-3), ("1024->256@7", 2e-3, 1e-3)):
+        rows += [_bench("refco_train", "refco-fused", shape, gram, pass_="fwd+bwd"),
+                 _bench("refco_train", "refco-fused-groups", shape, groups, pass_="fwd+bwd")]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"benchmarks": rows}))
+    line = next(line for line in bench_report.backend_choices(bench_report.load_rows(str(path))[0]) if "STATS" in line)
+    assert "the full covariance 1.41x" in line and "slower at: 1024->256@7 0.50x" in line, line  # sqrt(4 * 0.5)
+
+
 def test_no_backend_choices_without_both_backends(results):
     rows, _ = bench_report.load_rows(str(results))
     assert bench_report.backend_choices(rows) == []
