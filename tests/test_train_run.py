@@ -9,7 +9,7 @@ import torch
 from test_train_fixtures import install
 
 from falconnet.train.checkpoint import CheckpointError
-from falconnet.train.recipe import TrainConfig, lr_factor
+from falconnet.train.recipe import TrainConfig, build_optimizer, lr_factor
 from falconnet.train.trainer import TrainError, train
 
 
@@ -75,6 +75,33 @@ def test_bad_inputs_fail_before_overwriting(standin, tmp_path):
     with pytest.raises(TrainError, match="training loss is nan"):  # a diverging run must not replace a good one
         train(tiny(epochs=1, lr=1e30), out, overwrite=True, progress=False, log=lambda s: None)
     assert open(tmp_path / "last.pt", "rb").read() == saved
+
+
+def test_optimizer_is_fused_sgd_with_the_loop_update():
+    """The recipe's SGD runs torch's fused kernel where every parameter allows it (CPU or CUDA,
+    floating point) and, at a fixed learning rate, updates exactly as the per-tensor loop does
+    (momentum, weight decay, channels_last parameters); an integer parameter (not trainable by
+    SGD anyway) keeps the loop."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+    model = model.to(memory_format=torch.channels_last)
+    cfg = TrainConfig(lr=0.1, momentum=0.9, wd=4e-5)
+    twin = copy.deepcopy(model)
+    fused, loop = build_optimizer(model, cfg), torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9,
+                                                               weight_decay=4e-5, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    model.register_parameter("count", torch.nn.Parameter(torch.zeros(1, dtype=torch.long), requires_grad=False))
+    assert not build_optimizer(model, cfg).defaults["fused"]
 
 
 def test_schedule_is_linear_warmup_then_cosine():
