@@ -329,10 +329,11 @@ class _FullMoments(torch.autograd.Function):
             if grad_mean is not None:
                 offset = offset + grad_mean / count
             # per image grad_n = g x_n + offset (g symmetric), in x's layout
-            if _raw16(x) and _image_matrices(x)[1].is_contiguous():
+            rows = _image_matrices(x)[1]
+            if _raw16(x) and rows.is_contiguous():
                 # 16-bit channels_last x on a GPU, as the forward took it: tensor-core GEMMs with
                 # float32 output, g as two 16-bit parts (~2^-17 relative), no float32 copy of x
-                rows = _image_matrices(x)[1].reshape(count, C)
+                rows = rows.reshape(count, C)
                 g_hi = g.to(x.dtype)
                 grad = _mm32(rows, g_hi)
                 grad += _mm32(rows, (g - g_hi.to(g.dtype)).to(x.dtype))

@@ -596,15 +596,13 @@ def repso_train_forward(
     if cpu_node or triton_node:
         # the training case: moments, fold and conv in one autograd node
         fused, after = split_for_fusion(activation)
+        shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
+        eps = _cached(_eps_on, tuple(float(bn.eps) for bn in all_bns), x.device)
         if triton_node:
-            shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
-            eps = _eps_on(tuple(float(bn.eps) for bn in all_bns), x.device)
             y, mean, var = _OneConvTrainTriton.apply(x, _flat_parameters(weights, all_bns), shapes,
                                                      identity_bn is not None, eps, K, fused)
         else:
-            flat = _flat_parameters(weights, all_bns, constants=True)
-            eps = _cached(_eps_on, tuple(float(bn.eps) for bn in all_bns), x.device)
-            y, mean, var = _OneConvTrainCPU.apply(x, flat, tuple((w.shape[2], w.shape[3]) for w in weights),
+            y, mean, var = _OneConvTrainCPU.apply(x, _flat_parameters(weights, all_bns, constants=True), shapes,
                                                   identity_bn is not None, eps, K, fused, conv == "auto")
             mean, var = _running_rows(mean, var, count)
         _update_running_batched(all_bns, mean, var)
