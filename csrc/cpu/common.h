@@ -1,9 +1,12 @@
 // Shared pieces of the CPU kernels: activation, SIMD vectors, memory layouts, pixel-tile I/O.
 //
-// Vectors are GCC/Clang vector extensions 64 bytes wide: with -march=native on an AVX-512 CPU each
-// is one zmm register, elsewhere the compiler splits it into two ymm or four xmm registers. That
-// keeps one source for every x86 and ARM build without at::vec's CPU_CAPABILITY dispatch (the
-// extension is compiled once, for the machine it runs on; setup.py passes -march=native).
+// Vectors are GCC/Clang vector extensions as wide as the build's ISA: 64 bytes (one zmm register)
+// with AVX-512, 32 bytes (ymm) with AVX/AVX2, 16 bytes elsewhere (SSE, NEON). Register blocks are
+// sized from the ISA's vector-register count (kAccRegs). That keeps one source for every x86 and
+// ARM build without at::vec's CPU_CAPABILITY dispatch (the extension is compiled once, for the
+// machine it runs on; setup.py passes -march=native). A 64-byte vector on a 16-register AVX2
+// machine, as this file had until 2026-11-27, is two ymm halves and a block of 24 accumulators
+// spills: the forward kernels then ran 2-6x slower than oneDNN there instead of faster.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,11 +22,30 @@
 #include <string_view>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 namespace falconnet::cpu {
+
+// ---------------------------------------------------------------------------------------------
+// The build's vector ISA
+
+#if defined(__AVX512F__)
+inline constexpr int kVecBytes = 64, kVecRegs = 32;
+#elif defined(__AVX__)
+inline constexpr int kVecBytes = 32, kVecRegs = 16;
+#elif defined(__aarch64__)
+inline constexpr int kVecBytes = 16, kVecRegs = 32;
+#else
+inline constexpr int kVecBytes = 16, kVecRegs = 16;
+#endif
+// Accumulators one register block may keep: three quarters of the vector registers, the rest
+// left for the loaded rows and broadcast weights of the inner loop.
+inline constexpr int kAccRegs = kVecRegs * 3 / 4;
+// 32 vector registers (AVX-512, NEON): the kernels' register-run lengths were tuned for these;
+// with 16 (AVX2) they take shorter runs so that their accumulators do not spill.
+inline constexpr bool kWideRegs = kVecRegs >= 32;
 
 // ---------------------------------------------------------------------------------------------
 // Activation
@@ -59,8 +81,8 @@ inline A activation_mask(A z, Activation act) {
 
 template <typename A>
 struct Simd {
-  typedef A vec __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / static_cast<int>(sizeof(A));
+  typedef A vec __attribute__((vector_size(kVecBytes)));
+  static constexpr int lanes = kVecBytes / static_cast<int>(sizeof(A));
   static inline vec load(const A* p) {
     vec v;
     std::memcpy(&v, p, sizeof(vec));
@@ -149,9 +171,17 @@ struct PixelView {
   Layout layout;
 };
 
+// Square float transposes in registers (the channels_last tiles' loads and stores): kTr x kTr,
+// one register a row. TrVec / tr_* name the ISA's float vector and its loads and stores.
 #if defined(__AVX512F__)
-// 16x16 float transpose in registers: rows r[i] (16 floats each) -> columns.
-inline void transpose16x16(__m512 r[16]) {
+#define FALCONNET_TRANSPOSE 1
+constexpr int kTr = 16;
+using TrVec = __m512;
+inline TrVec tr_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void tr_store(float* p, TrVec v) { _mm512_storeu_ps(p, v); }
+inline void tr_stream(float* p, TrVec v) { _mm512_stream_ps(p, v); }
+// 16x16: rows r[i] (16 floats each) -> columns.
+inline void transpose_block(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -177,6 +207,31 @@ inline void transpose16x16(__m512 r[16]) {
     r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
   }
 }
+#elif defined(__AVX__)
+#define FALCONNET_TRANSPOSE 1
+constexpr int kTr = 8;
+using TrVec = __m256;
+inline TrVec tr_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void tr_store(float* p, TrVec v) { _mm256_storeu_ps(p, v); }
+inline void tr_stream(float* p, TrVec v) { _mm256_stream_ps(p, v); }
+// 8x8: rows r[i] (8 floats each) -> columns.
+inline void transpose_block(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
 #endif
 
 // dst[c*T + p] = src pixel (p0 + p), channel c, for p < count; zero for count <= p < T.
@@ -185,15 +240,15 @@ void load_tile(const S* src, const PixelView& v, int64_t p0, int count, A* dst, 
   const int64_t C = v.C;
   if (v.layout == Layout::kNHWC) {
     const S* base = src + p0 * C;
-#if defined(__AVX512F__)
+#if defined(FALCONNET_TRANSPOSE)
     if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
-      if (count == T && T % 16 == 0 && C % 16 == 0) {
-        for (int p = 0; p < T; p += 16)
-          for (int64_t c = 0; c < C; c += 16) {
-            __m512 r[16];
-            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(base + (p + i) * C + c);
-            transpose16x16(r);
-            for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c + i) * T + p, r[i]);
+      if (count == T && T % kTr == 0 && C % kTr == 0) {
+        for (int p = 0; p < T; p += kTr)
+          for (int64_t c = 0; c < C; c += kTr) {
+            TrVec r[kTr];
+            for (int i = 0; i < kTr; ++i) r[i] = tr_load(base + (p + i) * C + c);
+            transpose_block(r);
+            for (int i = 0; i < kTr; ++i) tr_store(dst + (c + i) * T + p, r[i]);
           }
         return;
       }
@@ -227,18 +282,18 @@ void store_tile(S* dst, const PixelView& v, int64_t p0, int count, const A* src,
   const int64_t C = v.C;
   if (v.layout == Layout::kNHWC) {
     S* base = dst + p0 * C;
-#if defined(__AVX512F__)
+#if defined(FALCONNET_TRANSPOSE)
     if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
-      if (count == T && T % 16 == 0 && C % 16 == 0) {
-        for (int p = 0; p < T; p += 16)
-          for (int64_t c = 0; c < C; c += 16) {
-            __m512 r[16];
-            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (c + i) * T + p);
-            transpose16x16(r);
-            if (stream && (reinterpret_cast<uintptr_t>(base) & 63) == 0)
-              for (int i = 0; i < 16; ++i) _mm512_stream_ps(base + (p + i) * C + c, r[i]);
+      if (count == T && T % kTr == 0 && C % kTr == 0) {
+        for (int p = 0; p < T; p += kTr)
+          for (int64_t c = 0; c < C; c += kTr) {
+            TrVec r[kTr];
+            for (int i = 0; i < kTr; ++i) r[i] = tr_load(src + (c + i) * T + p);
+            transpose_block(r);
+            if (stream && (reinterpret_cast<uintptr_t>(base) & (sizeof(TrVec) - 1)) == 0)
+              for (int i = 0; i < kTr; ++i) tr_stream(base + (p + i) * C + c, r[i]);
             else
-              for (int i = 0; i < 16; ++i) _mm512_storeu_ps(base + (p + i) * C + c, r[i]);
+              for (int i = 0; i < kTr; ++i) tr_store(base + (p + i) * C + c, r[i]);
           }
         return;
       }
@@ -303,6 +358,33 @@ inline void prefetch_tile(const S* src, const PixelView& v, int64_t p0, int coun
 constexpr int64_t kLastLevelCacheBytes = int64_t{32} << 20;
 
 inline bool use_streaming_stores(int64_t footprint_bytes) { return footprint_bytes > kLastLevelCacheBytes / 4; }
+
+// One vector of A stored non-temporally where the ISA has such a store (AVX, AVX-512) and p is
+// aligned to the vector; returns false (nothing stored) otherwise. ALIGNED: the caller guarantees
+// the alignment (no test).
+template <typename A, bool ALIGNED = false>
+inline bool stream_vec(A* p, typename Simd<A>::vec v) {
+#if defined(__AVX__)
+  if (!ALIGNED && (reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) != 0) return false;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) return _mm512_stream_ps(p, reinterpret_cast<__m512>(v)), true;
+  if constexpr (std::is_same_v<A, double>) return _mm512_stream_pd(p, reinterpret_cast<__m512d>(v)), true;
+#else
+  if constexpr (std::is_same_v<A, float>) return _mm256_stream_ps(p, reinterpret_cast<__m256>(v)), true;
+  if constexpr (std::is_same_v<A, double>) return _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)), true;
+#endif
+#endif
+  (void)p;
+  (void)v;
+  return false;
+}
+
+// Streaming stores are weakly ordered: a thread that made them fences before the op returns.
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
 
 // Runs worker(grab) on each of the intra-op threads; grab(begin, end) hands out the next chunk of
 // [0, n) (false when none is left). Chunks are taken dynamically rather than split statically as

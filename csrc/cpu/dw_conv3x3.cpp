@@ -277,8 +277,10 @@ void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, 
               for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
             }
           }
+          // chunks of 2 vectors hold 18 weight vectors in registers: 1 where there are 16 (AVX2)
+          constexpr int kNVB = kWideRegs ? 2 : 1;
           int64_t c0 = 0;
-          for (; c0 + 2 * L <= s.C; c0 += 2 * L) dw_row_vectors<A, 2>(x, wt, b, s, n, oh, c0, act, out_row);
+          for (; c0 + kNVB * L <= s.C; c0 += kNVB * L) dw_row_vectors<A, kNVB>(x, wt, b, s, n, oh, c0, act, out_row);
           for (; c0 < s.C; c0 += L) dw_row_vectors<A, 1>(x, wt, b, s, n, oh, c0, act, out_row);
         }
       });

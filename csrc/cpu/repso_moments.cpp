@@ -16,7 +16,7 @@
 // docs/repso_training.md). The backward uses the same shift (the saved centre mean) so its terms
 // are centred too.
 #include <ATen/Dispatch.h>
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 #include <ATen/Parallel.h>
@@ -337,12 +337,9 @@ using falconnet::cpu::Simd;  // csrc/cpu/common.h: one 64-byte vector of A
 template <bool STREAM, typename A, typename scalar_t>
 inline void store_out(scalar_t* out, typename Simd<A>::vec v) {
   constexpr int L = Simd<A>::lanes;
-#if defined(__AVX512F__)
   if constexpr (STREAM && std::is_same_v<scalar_t, float> && std::is_same_v<A, float>) {
-    _mm512_stream_ps(out, reinterpret_cast<__m512>(v));
-    return;
+    if (falconnet::cpu::stream_vec<A, /*ALIGNED=*/true>(out, v)) return;
   }
-#endif
   if constexpr (std::is_same_v<scalar_t, A>) {
     std::memcpy(out, &v, sizeof(v));
   } else if constexpr (std::is_same_v<scalar_t, float>) {
@@ -495,18 +492,18 @@ inline void accumulate_block(const A* plane, int64_t plane_stride, int64_t n_img
   using V = typename S::vec;
   constexpr int64_t L = S::lanes;
   constexpr bool is_double = std::is_same_v<A, double>;
+  typedef double D __attribute__((vector_size(L * sizeof(double))));
   V s[kAcc];
   auto flush = [&] {
 #pragma GCC unroll 14
     for (int l = 0; l < kAcc; ++l) {
       if constexpr (is_double) {
-        store8(acc + l * kCB, load8(acc + l * kCB) + s[l]);
-      } else {
-        const Vec8 lo = __builtin_convertvector(__builtin_shufflevector(s[l], s[l], 0, 1, 2, 3, 4, 5, 6, 7), Vec8);
-        const Vec8 hi =
-            __builtin_convertvector(__builtin_shufflevector(s[l], s[l], 8, 9, 10, 11, 12, 13, 14, 15), Vec8);
-        store8(acc + l * kCB, load8(acc + l * kCB) + lo);
-        store8(acc + l * kCB + kV, load8(acc + l * kCB + kV) + hi);
+        S::store(acc + l * kCB, S::load(acc + l * kCB) + s[l]);
+      } else {  // the L float lanes widened to L doubles
+        D total;
+        std::memcpy(&total, acc + l * kCB, sizeof(D));
+        total += __builtin_convertvector(s[l], D);
+        std::memcpy(acc + l * kCB, &total, sizeof(D));
       }
       s[l] = V{};
     }
@@ -517,10 +514,11 @@ inline void accumulate_block(const A* plane, int64_t plane_stride, int64_t n_img
   for (int64_t g = 0; g < n_img; ++g)
     for (int64_t r = r0; r < r1; ++r) {
       const A* row = plane + g * plane_stride + r * row_stride;
-      // runs of 4: 4 values, 14 accumulators and a partner fit the 32 vector registers (runs of 8
-      // spilled the accumulators)
-      for (int64_t t = t0; t < t1; t += 4)
-        with_run_length<4>(t1 - t, [&](auto np) { lag_run<decltype(np)::value, A>(row + t * L, row_stride, s); });
+      // runs of 4: 4 values, 14 accumulators and a partner fit 32 vector registers (runs of 8
+      // spilled the accumulators); with 16 registers, runs of 1
+      constexpr int64_t kRun = falconnet::cpu::kWideRegs ? 4 : 1;
+      for (int64_t t = t0; t < t1; t += kRun)
+        with_run_length<kRun>(t1 - t, [&](auto np) { lag_run<decltype(np)::value, A>(row + t * L, row_stride, s); });
       pending += t1 - t0;
       if (!is_double && pending >= kFlush) {
         flush();
@@ -704,7 +702,7 @@ inline void stencil_row(const A* centre, const A* gy_centre, int64_t row_stride,
                         typename Simd<A>::vec k0, scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
   constexpr int64_t L = Simd<A>::lanes;
   // with the conv's taps, runs of 4 (runs of 8 spilled)
-  constexpr int64_t kRun = CONV ? 4 : 8;
+  constexpr int64_t kRun = falconnet::cpu::kWideRegs ? (CONV ? 4 : 8) : (CONV ? 2 : 4);  // halved for 16 registers
   for (; j < j1; j += kRun) {
     const A* u = centre + j * L;
     const A* g = CONV ? gy_centre + j * L : nullptr;
@@ -876,9 +874,7 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
             }
           }
     }
-#if defined(__AVX512F__)
-    if (stream) _mm_sfence();  // make the non-temporal stores visible before the op returns
-#endif
+    if (stream) falconnet::cpu::stream_fence();  // make the non-temporal stores visible before the op returns
   });
 }
 
@@ -925,8 +921,9 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
             const scalar_t* gy_row = grad_y + ((n * H + i) * W) * C + c0 + h;
             // x at image (i + di, j + dj): padded (i + 1 + di, j + 1 + dj)
             const A* centre = plane + (h / L) * part_stride + (i + 1) * row_stride + 3 * L;
-            for (int64_t j = 0; j < W; j += 8) {
-              const int64_t np = std::min<int64_t>(8, W - j);
+            constexpr int64_t kRun = falconnet::cpu::kWideRegs ? 8 : 4;  // 10 accumulators + kRun gy values
+            for (int64_t j = 0; j < W; j += kRun) {
+              const int64_t np = std::min<int64_t>(kRun, W - j);
               auto run = [&]<int NP>(std::integral_constant<int, NP>) {
                 V g[NP];
                 [&]<int... Q>(std::integer_sequence<int, Q...>) {
@@ -950,7 +947,7 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
                   }(std::make_integer_sequence<int, NP + 2>{});
                 }
               };
-              with_run_length<8>(np, run);
+              with_run_length<kRun>(np, run);
             }
             if (i + 1 == H || ((i + 1) * W) % kFlush < W) {  // about every kFlush positions, and at the end
               for (int64_t t = 0; t < 10; ++t) {
@@ -1122,6 +1119,12 @@ inline int64_t nonzeros(const double* k, int64_t KK, int64_t* idx) {
 inline Vec8 rsqrt_of(Vec8 v) {
 #if defined(__AVX512F__)
   return reinterpret_cast<Vec8>(_mm512_div_pd(_mm512_set1_pd(1.0), _mm512_sqrt_pd(reinterpret_cast<__m512d>(v))));
+#elif defined(__AVX__)
+  __m256d half[2];
+  std::memcpy(half, &v, sizeof(v));
+  for (auto& h : half) h = _mm256_div_pd(_mm256_set1_pd(1.0), _mm256_sqrt_pd(h));
+  std::memcpy(&v, half, sizeof(v));
+  return v;
 #endif
   double t[kLanes];
   store8(t, v);

@@ -27,7 +27,8 @@
 //   It is G*c_h*T values (<= 128 KiB for C_in = 1024), L1/L2-resident, never written to memory.
 // * NCHW rows are pixel-contiguous already: a float32/float64 tile that lies in one image is
 //   read and written in place (no copy); other tiles go through the buffers.
-// * channels_last: the input tile is transposed with 16x16 in-register transposes (AVX-512).
+// * channels_last: the input tile is transposed with 16x16 (AVX-512) or 8x8 (AVX2) in-register
+//   transposes (common.h).
 //   The output is written without a transpose when m is a multiple of the vector width and G is
 //   small (<= 16): stage 2 then runs with lanes over output channels ("lanes" kernels below),
 //   which costs 1 broadcast per FMA but saves the transpose that dominates when each output
@@ -47,6 +48,13 @@
 //
 // Measured (scripts/cpu_kernel_timing.py, float32, batch 16, 2 threads, shared machine; see the
 // final report of issue 3 for the table): forward geomean ~2x dense in both layouts.
+//
+// Vector width and register blocks follow the build's ISA (common.h: kVecBytes, kAccRegs). Until
+// 2026-11-27 they were AVX-512's everywhere; on a 2-core AVX2 machine (AMD EPYC, Zen 3, 16 ymm
+// registers) the 64-byte vectors split in two and the 24-accumulator blocks spilled: the forward
+// ran 0.15-0.49x dense oneDNN (channels_last, batch 16). With 32-byte vectors, 12-accumulator
+// blocks, 8x8 transposes and AVX streaming stores: benchmarks/results/2026-11-27-cpu-avx2/.
+// The measurements below are from the AVX-512 machine (Zen 4/5 class) and its builds.
 //
 // Issue 3's channels_last floor (>= 1.2x dense at every shape), 2026-11-26 03:20-03:36 UTC, 2-core
 // AMD EPYC (oneDNN's 128 -> 32 time implies ~7 zmm FMA/ns/core), load average ~0.9, no other job
@@ -147,17 +155,7 @@ struct Epilogue {
 // evicting the input: worth it only when the output is bigger than the caches anyway.
 template <typename A>
 inline void store_vec(A* p, typename Simd<A>::vec v, bool stream) {
-#if defined(__AVX512F__)
-  if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-    if constexpr (std::is_same_v<A, float>) {
-      _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
-      return;
-    } else if constexpr (std::is_same_v<A, double>) {
-      _mm512_stream_pd(p, reinterpret_cast<__m512d>(v));
-      return;
-    }
-  }
-#endif
+  if (stream && stream_vec<A>(p, v)) return;
   Simd<A>::store(p, v);
 }
 
@@ -221,7 +219,8 @@ inline void gemm_block(const A* __restrict a, int64_t a_rs, int64_t a_cs, const 
 template <typename A, int NV>
 void gemm_rows(int R, const A* a, int64_t a_rs, int64_t a_cs, const A* b, int64_t b_rs, int K, A* c, int64_t c_rs,
                const Epilogue<A>* epi = nullptr) {
-  constexpr int RB = NV >= 4 ? 6 : (NV >= 2 ? 8 : 12);  // accumulators RB*NV <= 24 of the 32 registers
+  // accumulators RB*NV <= kAccRegs (24 of AVX-512's 32 registers)
+  constexpr int RB = std::min(kAccRegs / NV, NV >= 4 ? 6 : (NV >= 2 ? 8 : 12));
   int r = 0;
   Epilogue<A> shifted;
   for (; r + RB <= R; r += RB) {
@@ -316,7 +315,7 @@ void lanes_tile(int64_t cols, const A* h, int64_t h_ps, int64_t h_qs, const A* w
     }
     const LaneEpilogue<A>* ep = epi ? &e : nullptr;
     if (two) {
-      constexpr int PB = 8;  // 8 pixels x 2 vectors = 16 accumulators
+      constexpr int PB = std::min(T, kAccRegs >= 16 ? 8 : 4);  // 8 (AVX-512) pixels x 2 vectors = 16 accumulators
       static_assert(T % PB == 0);
       for (int p = 0; p < T; p += PB) {
         LaneEpilogue<A> ep_p;
@@ -329,7 +328,7 @@ void lanes_tile(int64_t cols, const A* h, int64_t h_ps, int64_t h_qs, const A* w
       }
       c0 += 2 * L;
     } else {
-      constexpr int PB = T >= 16 ? 16 : T;  // 16 pixels x 1 vector
+      constexpr int PB = std::min(T, kAccRegs >= 16 ? 16 : 8);  // 16 (AVX-512) pixels x 1 vector
       static_assert(T % PB == 0);
       for (int p = 0; p < T; p += PB) {
         LaneEpilogue<A> ep_p;
@@ -373,10 +372,17 @@ inline void outer_block(const A* __restrict x, int64_t x_rs, const A* __restrict
     }
 }
 
+// outer_acc's register block: RA x rows and RB y rows of NV vectors each, (RA + RB) * NV <=
+// kAccRegs (24 of AVX-512's 32 registers: 4 + 2 rows at NV = 4, 4 + 4 below)
+template <int NV>
+constexpr int outer_x_rows() { return kAccRegs >= 24 || NV < 4 ? 4 : 2; }
+template <int NV>
+constexpr int outer_y_rows() { return std::clamp(kAccRegs / NV - outer_x_rows<NV>(), 1, 4); }
+
 template <typename A, int NV, int RA>
 inline void outer_row_block(int Q, const A* x, int64_t x_rs, const A* y, int64_t y_rs, A* acc, int64_t o_rs,
                             int64_t o_cs) {
-  constexpr int RB = NV >= 4 ? 2 : 4;  // (RA + RB) * NV vectors held: <= 24 of the 32 registers
+  constexpr int RB = outer_y_rows<NV>();
   int q = 0;
   for (; q + RB <= Q; q += RB) outer_block<A, NV, RA, RB>(x, x_rs, y + q * y_rs, y_rs, acc + q * o_cs * Simd<A>::lanes, o_rs, o_cs);
   A* o = acc + q * o_cs * Simd<A>::lanes;
@@ -393,8 +399,9 @@ inline void outer_row_block(int Q, const A* x, int64_t x_rs, const A* y, int64_t
 template <typename A, int NV>
 void outer_acc(int R, int Q, const A* x, int64_t x_rs, const A* y, int64_t y_rs, A* acc, int64_t o_rs, int64_t o_cs) {
   constexpr int L = Simd<A>::lanes;
+  constexpr int RA = outer_x_rows<NV>();
   int r = 0;
-  for (; r + 4 <= R; r += 4) outer_row_block<A, NV, 4>(Q, x + r * x_rs, x_rs, y, y_rs, acc + r * o_rs * L, o_rs, o_cs);
+  for (; r + RA <= R; r += RA) outer_row_block<A, NV, RA>(Q, x + r * x_rs, x_rs, y, y_rs, acc + r * o_rs * L, o_rs, o_cs);
   const A* xr = x + r * x_rs;
   A* o = acc + r * o_rs * L;
   switch (R - r) {
@@ -450,7 +457,7 @@ inline void gemm_groups_block(const A* __restrict a, int64_t a_gs, int64_t a_rs,
 template <typename A, int NV, int R>
 void gemm_groups(int64_t G, const A* a, int64_t a_gs, int64_t a_rs, const A* b, int64_t b_gs, int64_t b_rs, int K,
                  A* c, int64_t c_gs, int64_t c_rs) {
-  constexpr int GB = std::max(1, 24 / (R * NV));
+  constexpr int GB = std::max(1, kAccRegs / (R * NV));
   int64_t g = 0;
   for (; g + GB <= G; g += GB)
     gemm_groups_block<A, NV, R, GB>(a + g * a_gs, a_gs, a_rs, b + g * b_gs, b_gs, b_rs, K, c + g * c_gs, c_gs, c_rs);
@@ -475,7 +482,7 @@ void stage1(const SfShape& s, const A* w1, const A* x, int64_t x_rs, A* hidden) 
   constexpr int T = NV * Simd<A>::lanes;
   const int k = static_cast<int>(s.k);
   const int64_t a_gs = s.c_h * s.k, b_gs = s.k * x_rs, c_rs = s.G * T;
-  switch (s.c_h * NV <= 8 ? s.c_h : 0) {
+  switch (s.c_h * NV <= kAccRegs / 3 ? s.c_h : 0) {
     case 1: gemm_groups<A, NV, 1>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
     case 2: gemm_groups<A, NV, 2>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
     case 3: gemm_groups<A, NV, 3>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
@@ -619,9 +626,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
       }
       if (!out_in_place) store_tile(yp, yout, p0, count, out.data(), T, stream);
     }
-#if defined(__AVX512F__)
-    if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
-#endif
+    if (stream) stream_fence();
   });
 }
 
