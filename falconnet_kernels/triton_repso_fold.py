@@ -34,6 +34,7 @@ tens. Only Triton 3.6 APIs are used; both kernels run under TRITON_INTERPRET=1 (
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -240,11 +241,25 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch_shape(KK_PAD: int, per_channel: int) -> tuple[int, int]:
+# Under TRITON_INTERPRET=1 (the tests on a CPU) each program is a pass of numpy calls whose cost is
+# their count, not their size: one channel a program made a 256-channel fold backward take a minute
+# there (2026-11-27). The interpreter takes this many channels a program instead; None gives it
+# the GPU's launch shapes (tests that check those set it so).
+INTERPRETER_BLOCK_C: int | None = 64
+# K = 3 fold backward: from this many channels, 4 channels a program (see fold_backward)
+WIDE_C = 512
+
+
+def _launch_shape(KK_PAD: int, per_channel: int, wide: bool = False) -> tuple[int, int]:
     """(BLOCK_C, num_warps): about 4096 values of per-channel state per program (32-64 registers a
-    thread at 4 warps); one channel on 8 warps when one channel's state is larger (K = 5, 7).
-    Compiled for sm_90 with triton 3.6 (no GPU here): no spills at K <= 3; the backward at K = 5
-    and 7 spills a little (0.5 KB a thread; 4, 16 or 32 warps spilled more)."""
+    thread at 4 warps); one channel on 8 warps when one channel's state is larger (K = 5, 7);
+    `wide`: 4 channels on 8 warps. Compiled for sm_90 with triton 3.6 (no GPU here): no spills at
+    K <= 3; the backward at K = 5 and 7 spills a little (0.5 KB a thread; 4, 16 or 32 warps
+    spilled more)."""
+    if INTERPRETER_BLOCK_C and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return INTERPRETER_BLOCK_C, 4
+    if wide:
+        return 4, 8
     if per_channel <= 1024:
         return 4096 // per_channel, 4
     return 1, 8
@@ -388,12 +403,10 @@ def fold_backward(grad_weight, grad_bias, mean, cov, params: Params, eps, K: int
         a_lo = torch.empty_like(a_hi) if split else a_hi
         tab = tcst = bd = bc = cst  # not written
     # per channel: (cov + cov^T) and a product temporary in float64, the lag matrix and its gather
-    block_c, warps = _launch_shape(KK_PAD, 2 * KK_PAD * KK_PAD + 2 * LAG_PAD * KK_PAD)
-    if K == 3 and C >= 512:
-        # one channel a program made C programs: 64 us at C = 1024 on an H100 (2026-11-26), about
-        # 4 waves of a few microseconds' dependent float64 steps. 4 channels on 8 warps: 218
-        # registers, no spills (sm_90, triton 3.6); a quarter of the programs (unmeasured)
-        block_c, warps = 4, 8
+    # wide: one channel a program made C programs: 64 us at C = 1024 on an H100 (2026-11-26), about
+    # 4 waves of a few microseconds' dependent float64 steps. 4 channels on 8 warps: 218
+    # registers, no spills (sm_90, triton 3.6); a quarter of the programs (unmeasured)
+    block_c, warps = _launch_shape(KK_PAD, 2 * KK_PAD * KK_PAD + 2 * LAG_PAD * KK_PAD, K == 3 and C >= WIDE_C)
     _fold_bwd_kernel[(triton.cdiv(C, block_c),)](
         grad_weight, *grad_weight.stride(), grad_bias, grad_bias.stride(0), mean, cov,
         params.data, params.taps, params.chan_stride, params.gamma, *params.g_strides, eps,

@@ -633,9 +633,11 @@ def test_triton_fold_kernels_match_reference(monkeypatch, K, x_dtype):
     from falconnet_kernels import triton_repso_moments as tm
 
     monkeypatch.setenv("FALCONNET_TRITON_AUTOTUNE", "0")  # on a GPU: one tile, not every config compiled
-    # C = 514 at K = 3 (float32 x; ~25 s in the interpreter): the fold backward's 4-channel
-    # programs (C >= 512), the last one partial
-    C, B, KK, dev = 514 if K == 3 and x_dtype == torch.float32 else 6, 5, K * K, TRITON_DEVICE
+    # the GPU's launch shapes in the interpreter too (1 or 8 channels a program), and at K = 3 for
+    # float32 x the fold backward's 4-channel programs (C >= WIDE_C, 512 by default), the last partial
+    monkeypatch.setattr(tf, "INTERPRETER_BLOCK_C", None)
+    monkeypatch.setattr(tf, "WIDE_C", 8)
+    C, B, KK, dev = 10 if K == 3 and x_dtype == torch.float32 else 6, 5, K * K, TRITON_DEVICE
     x = torch.randn(3, C, 7, 5) * 2 + 1
     sums, prods, shift = tm.forward_partials(x.to(dev), K)
     kernels = torch.randn(C, B, KK)
