@@ -78,7 +78,9 @@ def _extensions():
         and CUDA_HOME is not None
         and (_flag("FORCE_CUDA") or torch.cuda.is_available())
     )
-    cxx = ["-O3", "-fopenmp"]
+    # -g0: Python's default CFLAGS carry -g, whose debug info for torch's headers was half of each
+    # C++ file's compile time (bn_act.cpp 54 s -> 24 s on 2026-11-27's 2-core CI-like machine)
+    cxx = ["-O3", "-g0", "-fopenmp"]
     if not _flag("FALCONNET_PORTABLE"):
         cxx.append("-march=native")  # the package is built where it runs; set FALCONNET_PORTABLE=1 for wheels
     include_dirs = [os.path.join(ROOT, "csrc")]

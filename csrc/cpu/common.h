@@ -9,7 +9,15 @@
 // spills: the forward kernels then ran 2-6x slower than oneDNN there instead of faster.
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the headers used (not <ATen/ATen.h>, every op's declaration: half of each file's compile)
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>

@@ -2,7 +2,15 @@
 #pragma once
 
 // Not ATen/cuda/CUDAContext.h: it pulls in cusolverDn.h, which this machine's toolkit lacks.
-#include <ATen/ATen.h>
+// Only the headers used (not <ATen/ATen.h>, every op's declaration, parsed twice by nvcc)
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
