@@ -26,6 +26,13 @@ _FAILURE_LOG: str | None = None
 
 
 def pytest_configure(config):
+    # pytest-xdist (`-n auto`): each worker gets its share of the cores. At torch's default (every
+    # core per process) two workers on two cores oversubscribed them, and OpenMP's waiting threads
+    # made runs of small parallel regions ~20x slower (test_reparam's ShuffleNet models: 3 s -> 76 s).
+    # tests/test_threads.py runs the kernels at several threads.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
     # xdist's controller receives every worker's reports too: only the process that ran a test writes
     global _FAILURE_LOG
     controller = not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
