@@ -50,4 +50,10 @@ def pytest_runtest_logreport(report):
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Each test starts from seed 0 and leaves torch's thread count as it found it (some tests
+    run at one thread: the next test in their worker must not inherit that)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
