@@ -34,7 +34,6 @@ tens. Only Triton 3.6 APIs are used; both kernels run under TRITON_INTERPRET=1 (
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .repso_moments import flat_layout
+from .triton_repso_moments import _interpreting
 
 
 @triton.jit
@@ -256,7 +256,7 @@ def _launch_shape(KK_PAD: int, per_channel: int, wide: bool = False) -> tuple[in
     `wide`: 4 channels on 8 warps. Compiled for sm_90 with triton 3.6 (no GPU here): no spills at
     K <= 3; the backward at K = 5 and 7 spills a little (0.5 KB a thread; 4, 16 or 32 warps
     spilled more)."""
-    if INTERPRETER_BLOCK_C and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if INTERPRETER_BLOCK_C and _interpreting():
         return INTERPRETER_BLOCK_C, 4
     if wide:
         return 4, 8

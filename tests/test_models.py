@@ -8,6 +8,7 @@ import torch
 
 import falconnet
 from falconnet.models import registry
+from grad_step import rel_error, step_grads
 
 REQUIRED = {
     "lightnet_dsc", "lightnet_rdsc", "lightnet_shufflev1", "lightnet_shufflev2", "lightnet_irb",
@@ -129,13 +130,8 @@ def test_gpu_training_path(monkeypatch):
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     target = torch.tensor([1, 4])
 
-    def step(m, x, autocast=False):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = torch.nn.functional.cross_entropy(m(x), target.to(x.device))
-        return [g.detach() for g in torch.autograd.grad(loss, list(m.parameters()))]
-
-    exact = step(copy.deepcopy(model).double(), x.double())
-    cpu32 = step(copy.deepcopy(model), x)  # the CPU's own paths (C++ kernels, BN node)
+    exact = step_grads(copy.deepcopy(model).double(), x.double(), target)
+    cpu32 = step_grads(copy.deepcopy(model), x, target)  # the CPU's own paths (C++ kernels, BN node)
 
     monkeypatch.setenv("FALCONNET_BACKEND", "triton")
     # the composed GEMM for float32 too (by default 16-bit only): the float32 step checks its numerics
@@ -149,18 +145,11 @@ def test_gpu_training_path(monkeypatch):
     real = repso_train._OneConvTrainTriton.apply
     monkeypatch.setattr(repso_train._OneConvTrainTriton, "apply", staticmethod(lambda *a: used.append(1) or real(*a)))
     gpu_model = copy.deepcopy(model).to(device, memory_format=torch.channels_last)
-    gpu32 = step(copy.deepcopy(gpu_model), x.to(device))
+    gpu32 = step_grads(copy.deepcopy(gpu_model), x.to(device), target)
     assert used, "RepSO's Triton one-node path did not run"
 
-    def rel(a, b):
-        # over all gradients at once: some are 0 in exact arithmetic (a BatchNorm's beta feeding
-        # another BatchNorm), where a per-tensor relative error means nothing
-        a = torch.cat([u.to("cpu", torch.float64).flatten() for u in a])
-        b = torch.cat([v.flatten() for v in b])
-        return ((a - b).norm() / b.norm()).item()
-
-    cpu_err, gpu_err = rel(cpu32, exact), rel(gpu32, exact)
+    cpu_err, gpu_err = rel_error(cpu32, exact), rel_error(gpu32, exact)
     assert gpu_err <= 4 * cpu_err + 1e-6, f"GPU path {gpu_err:.2e} vs the CPU path's {cpu_err:.2e}"
 
-    grads = step(copy.deepcopy(gpu_model), x.to(device), autocast=True)
+    grads = step_grads(copy.deepcopy(gpu_model), x.to(device), target, autocast=True)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

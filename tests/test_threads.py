@@ -12,18 +12,7 @@ import pytest
 import torch
 
 from falconnet.models import registry
-
-
-def _step(model, x, target):
-    loss = torch.nn.functional.cross_entropy(model(x), target)
-    return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
-
-
-def _rel(a, b):
-    # over all gradients at once (some are 0 in exact arithmetic: a per-tensor error means nothing)
-    a = torch.cat([u.double().flatten() for u in a])
-    b = torch.cat([v.flatten() for v in b])
-    return ((a - b).norm() / b.norm()).item()
+from grad_step import rel_error, step_grads
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -36,16 +25,12 @@ def test_threaded_kernels_match_one_thread(channels_last):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.tensor([1, 4, 7])
-    exact = _step(copy.deepcopy(model).double(), x.double(), target)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _step(copy.deepcopy(model), x, target)
-        torch.set_num_threads(3)
-        three = _step(copy.deepcopy(model), x, target)
-    finally:
-        torch.set_num_threads(threads)
-    one_err, three_err = _rel(one, exact), _rel(three, exact)
+    exact = step_grads(copy.deepcopy(model).double(), x.double(), target)
+    torch.set_num_threads(1)  # conftest's autouse fixture restores the count afterwards
+    one = step_grads(copy.deepcopy(model), x, target)
+    torch.set_num_threads(3)
+    three = step_grads(copy.deepcopy(model), x, target)
+    one_err, three_err = rel_error(one, exact), rel_error(three, exact)
     # float32 rounding differs with the split (other summation orders); a wrongly split or
     # dropped partial sum gives an error of order 1
     assert three_err <= 4 * one_err + 1e-6, f"3 threads {three_err:.2e} vs 1 thread {one_err:.2e}"
