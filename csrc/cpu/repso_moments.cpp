@@ -596,17 +596,20 @@ void forward_as(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, s
                                   rr[1], cr[0], cr[1], acc + (rr[2] * n_cs + cr[2]) * kAcc * kCB + h);
       }
       // sum of accumulator l over the classes inside the window with top-left padded corner (pi, pj)
-      // (the slot lists per window are fixed: in_rows / in_cols; 16 lanes as two vectors)
+      // (the slot lists per window are fixed: in_rows / in_cols)
+      // (the ISA's own vectors: a loop-carried 8-double vector went through the stack with AVX2)
       auto window_sum = [&](int64_t l, int64_t pi, int64_t pj) {
-        Vec8 lo = {}, hi = {};
+        using SD = Simd<double>;
+        constexpr int64_t LD = SD::lanes;
+        typename SD::vec part[kCB / LD] = {};
         for (const int64_t rs : in_rows[pi])
           for (const int64_t cs : in_cols[pj]) {
             const double* v = acc + ((rs * n_cs + cs) * kAcc + l) * kCB;
-            lo += load8(v);
-            hi += load8(v + kV);
+#pragma GCC unroll 8
+            for (int64_t h = 0; h < kCB / LD; ++h) part[h] += SD::load(v + h * LD);
           }
-        store8(total.data(), lo);
-        store8(total.data() + kV, hi);
+#pragma GCC unroll 8
+        for (int64_t h = 0; h < kCB / LD; ++h) SD::store(total.data() + h * LD, part[h]);
       };
       for (int64_t p = 0; p < 9; ++p) {
         window_sum(kLags, p / 3, p % 3);
@@ -1082,16 +1085,20 @@ bool use_cl3(const at::Tensor& x, int64_t K) {
 // of the dense work. KK is a template constant for K = 3 (fixed trip counts the compiler unrolls).
 namespace fold {
 
-// Eight channels at a time, one per lane of a vector of doubles: the per-channel math is a few
-// hundred dependent scalar operations (9x9 quadratic forms, a square root per branch), which run
+// A vector's lanes of channels at a time, one per lane of a vector of doubles: the per-channel
+// math is a few hundred dependent scalar operations (9x9 quadratic forms, a square root per branch), which run
 // at a fraction of the FMA rate one channel at a time. Per group the inputs are gathered into
 // [index][lane] arrays (lanes past C stay 0 and are never stored); a branch's products run over
 // the taps that are nonzero in any lane (the embedded 1x3, 3x1, 1x1 and identity kernels have 3
 // or 1 of 9: a third of the dense work at K = 3 with the default branches).
-using cl3::Vec8;
-using cl3::load8;
-using cl3::store8;
-constexpr int64_t kLanes = 8;
+// The ISA's own vector of doubles (4 lanes with AVX2, 8 with AVX-512): the former fixed 8-lane
+// (64-byte) vector, with only AVX2, went through the stack at every loop-carried sum (GCC moved
+// it in 128-bit pieces through general registers): 25k cycles per group of 8 channels in the
+// backward, against ~1k of arithmetic.
+using VecD = falconnet::cpu::Simd<double>::vec;
+constexpr int64_t kLanes = falconnet::cpu::Simd<double>::lanes;
+inline VecD loadv(const double* p) { return falconnet::cpu::Simd<double>::load(p); }
+inline void storev(double* p, VecD v) { falconnet::cpu::Simd<double>::store(p, v); }
 
 template <typename T>
 inline void gather(const T* src, int64_t stride, int64_t n, int64_t lanes, double* dst) {  // dst[i][lane]
@@ -1105,7 +1112,7 @@ inline void scatter(const double* src, int64_t n, int64_t lanes, T* dst, int64_t
     for (int64_t i = 0; i < n; ++i) dst[l * stride + i] = static_cast<T>(src[i * kLanes + l]);
 }
 
-// the taps of k ([KK][8]) that are nonzero in some lane
+// the taps of k ([KK][kLanes]) that are nonzero in some lane
 inline int64_t nonzeros(const double* k, int64_t KK, int64_t* idx) {
   int64_t n = 0;
   for (int64_t p = 0; p < KK; ++p) {
@@ -1116,20 +1123,17 @@ inline int64_t nonzeros(const double* k, int64_t KK, int64_t* idx) {
   return n;
 }
 
-inline Vec8 rsqrt_of(Vec8 v) {
+inline VecD rsqrt_of(VecD v) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<Vec8>(_mm512_div_pd(_mm512_set1_pd(1.0), _mm512_sqrt_pd(reinterpret_cast<__m512d>(v))));
+  return reinterpret_cast<VecD>(_mm512_div_pd(_mm512_set1_pd(1.0), _mm512_sqrt_pd(reinterpret_cast<__m512d>(v))));
 #elif defined(__AVX__)
-  __m256d half[2];
-  std::memcpy(half, &v, sizeof(v));
-  for (auto& h : half) h = _mm256_div_pd(_mm256_set1_pd(1.0), _mm256_sqrt_pd(h));
-  std::memcpy(&v, half, sizeof(v));
-  return v;
-#endif
+  return reinterpret_cast<VecD>(_mm256_div_pd(_mm256_set1_pd(1.0), _mm256_sqrt_pd(reinterpret_cast<__m256d>(v))));
+#else
   double t[kLanes];
-  store8(t, v);
+  storev(t, v);
   for (int64_t l = 0; l < kLanes; ++l) t[l] = 1.0 / std::sqrt(t[l]);
-  return load8(t);
+  return loadv(t);
+#endif
 }
 
 template <typename T>
@@ -1150,30 +1154,30 @@ void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, cons
       gather(gamma + c0 * B, B, B, lanes, gm.data());
       gather(beta + c0 * B, B, B, lanes, bt.data());
       std::fill(f.begin(), f.end(), 0.0);
-      Vec8 shift = {};
+      VecD shift = {};
       for (int64_t b = 0; b < B; ++b) {
         const double* kb = k.data() + b * KK * kLanes;
         const int64_t n = nonzeros(kb, KK, idx.data());
-        Vec8 m = {}, v = {};
+        VecD m = {}, v = {};
         for (int64_t i = 0; i < n; ++i) {
           const int64_t p = idx[i];
-          Vec8 row = {};
-          for (int64_t j = 0; j < n; ++j) row += load8(cv.data() + (p * KK + idx[j]) * kLanes) * load8(kb + idx[j] * kLanes);
-          m += load8(kb + p * kLanes) * load8(mu.data() + p * kLanes);
-          v += load8(kb + p * kLanes) * row;
+          VecD row = {};
+          for (int64_t j = 0; j < n; ++j) row += loadv(cv.data() + (p * KK + idx[j]) * kLanes) * loadv(kb + idx[j] * kLanes);
+          m += loadv(kb + p * kLanes) * loadv(mu.data() + p * kLanes);
+          v += loadv(kb + p * kLanes) * row;
         }
-        const Vec8 zero = {};
+        const VecD zero = {};
         v = v < zero ? zero : v;
-        const Vec8 s = load8(gm.data() + b * kLanes) * rsqrt_of(v + eps[b]);
+        const VecD s = loadv(gm.data() + b * kLanes) * rsqrt_of(v + eps[b]);
         for (int64_t i = 0; i < n; ++i) {
           double* fp = f.data() + idx[i] * kLanes;
-          store8(fp, load8(fp) + s * load8(kb + idx[i] * kLanes));
+          storev(fp, loadv(fp) + s * loadv(kb + idx[i] * kLanes));
         }
-        shift += load8(bt.data() + b * kLanes) - m * s;
-        store8(out_m.data() + b * kLanes, m);
-        store8(out_v.data() + b * kLanes, v);
+        shift += loadv(bt.data() + b * kLanes) - m * s;
+        storev(out_m.data() + b * kLanes, m);
+        storev(out_v.data() + b * kLanes, v);
       }
-      store8(sh.data(), shift);
+      storev(sh.data(), shift);
       scatter(f.data(), KK, lanes, folded + c0 * KK, KK);
       scatter(sh.data(), 1, lanes, bias + c0, 1);
       scatter(out_m.data(), B, lanes, bmean + c0 * B, B);
@@ -1208,46 +1212,46 @@ void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* 
       gather(grad_bias + c0, 1, 1, lanes, gb.data());
       for (int64_t p = 0; p < KK; ++p)
         for (int64_t q = 0; q < KK; ++q)
-          store8(sym.data() + (p * KK + q) * kLanes,
-                 load8(cv.data() + (p * KK + q) * kLanes) + load8(cv.data() + (q * KK + p) * kLanes));
-      const Vec8 g_bias = load8(gb.data()), zero = {};
+          storev(sym.data() + (p * KK + q) * kLanes,
+                 loadv(cv.data() + (p * KK + q) * kLanes) + loadv(cv.data() + (q * KK + p) * kLanes));
+      const VecD g_bias = loadv(gb.data()), zero = {};
       for (int64_t b = 0; b < B; ++b) {
         const double* kb = k.data() + b * KK * kLanes;
         const int64_t n = nonzeros(kb, KK, idx.data());
         for (int64_t p = 0; p < KK; ++p) {
-          Vec8 t = {};
-          for (int64_t j = 0; j < n; ++j) t += load8(sym.data() + (p * KK + idx[j]) * kLanes) * load8(kb + idx[j] * kLanes);
-          store8(sk.data() + p * kLanes, t);
+          VecD t = {};
+          for (int64_t j = 0; j < n; ++j) t += loadv(sym.data() + (p * KK + idx[j]) * kLanes) * loadv(kb + idx[j] * kLanes);
+          storev(sk.data() + p * kLanes, t);
         }
-        Vec8 m = {}, v = {}, gFk = {};
+        VecD m = {}, v = {}, gFk = {};
         for (int64_t i = 0; i < n; ++i) {
           const int64_t p = idx[i];
-          const Vec8 kp = load8(kb + p * kLanes);
-          m += kp * load8(mu.data() + p * kLanes);
-          v += kp * load8(sk.data() + p * kLanes);
-          gFk += kp * load8(gF.data() + p * kLanes);
+          const VecD kp = loadv(kb + p * kLanes);
+          m += kp * loadv(mu.data() + p * kLanes);
+          v += kp * loadv(sk.data() + p * kLanes);
+          gFk += kp * loadv(gF.data() + p * kLanes);
         }
         v *= 0.5;
         const auto clamped = v < zero;  // clamp_min's gradient is 0 below the bound
         v = clamped ? zero : v;
-        const Vec8 g = load8(gm.data() + b * kLanes), rs = rsqrt_of(v + eps[b]), s = g * rs;
-        const Vec8 g_s = gFk - g_bias * m, g_m = -g_bias * s;
-        const Vec8 g_v = clamped ? zero : -0.5 * g_s * g * rs * rs * rs;
-        store8(o_gamma.data() + b * kLanes, g_s * rs);
-        store8(o_beta.data() + b * kLanes, g_bias);
+        const VecD g = loadv(gm.data() + b * kLanes), rs = rsqrt_of(v + eps[b]), s = g * rs;
+        const VecD g_s = gFk - g_bias * m, g_m = -g_bias * s;
+        const VecD g_v = clamped ? zero : -0.5 * g_s * g * rs * rs * rs;
+        storev(o_gamma.data() + b * kLanes, g_s * rs);
+        storev(o_beta.data() + b * kLanes, g_bias);
         double* gkb = gk.data() + b * KK * kLanes;
         for (int64_t p = 0; p < KK; ++p)
-          store8(gkb + p * kLanes, s * load8(gF.data() + p * kLanes) + g_m * load8(mu.data() + p * kLanes) +
-                                       g_v * load8(sk.data() + p * kLanes));
+          storev(gkb + p * kLanes, s * loadv(gF.data() + p * kLanes) + g_m * loadv(mu.data() + p * kLanes) +
+                                       g_v * loadv(sk.data() + p * kLanes));
         for (int64_t i = 0; i < n; ++i) {
           double* o = o_mean.data() + idx[i] * kLanes;
-          store8(o, load8(o) + g_m * load8(kb + idx[i] * kLanes));
+          storev(o, loadv(o) + g_m * loadv(kb + idx[i] * kLanes));
         }
         for (int64_t i = 0; i < n; ++i) {
-          const Vec8 gvk = g_v * load8(kb + idx[i] * kLanes);
+          const VecD gvk = g_v * loadv(kb + idx[i] * kLanes);
           for (int64_t j = 0; j < n; ++j) {
             double* o = o_cov.data() + (idx[i] * KK + idx[j]) * kLanes;
-            store8(o, load8(o) + gvk * load8(kb + idx[j] * kLanes));
+            storev(o, loadv(o) + gvk * loadv(kb + idx[j] * kLanes));
           }
         }
       }
