@@ -298,22 +298,11 @@ void moments_backward_kernel(const stat_t* grad_mean, const stat_t* grad_cov, co
 namespace cl3 {
 
 constexpr int64_t kCB = 16;    // channels per block: one cache line of float32
-constexpr int64_t kV = 8;      // doubles per vector
+constexpr int64_t kV = 8;      // doubles per 64-byte line
 constexpr int64_t kLags = 13;  // (D, d) with D in 0..2, d in -2..2, D == 0 only for d >= 0
 constexpr int64_t kAcc = kLags + 1;  // plus the plain sum
 constexpr int kLagD[kLags] = {0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2};
 constexpr int kLagd[kLags] = {0, 1, 2, -2, -1, 0, 1, 2, -2, -1, 0, 1, 2};
-typedef double Vec8 __attribute__((vector_size(64)));
-
-inline Vec8 load8(const double* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof(Vec8));
-  return v;
-}
-inline void store8(double* p, Vec8 v) { std::memcpy(p, &v, sizeof(Vec8)); }
-
-typedef float Vec8f __attribute__((vector_size(32)));
-
 // A zeroed buffer of n doubles starting on a 64-byte boundary: every 8-double load and store of
 // the planes, accumulators and stencils then stays within one cache line.
 struct Aligned {
@@ -723,8 +712,10 @@ inline void round_to(const double* src, int64_t n, A* dst) {
     std::memcpy(dst, src, n * sizeof(double));
   } else {
     int64_t i = 0;
-    for (; i + kV <= n; i += kV) {
-      const Vec8f f = __builtin_convertvector(load8(src + i), Vec8f);
+    using SD = Simd<double>;
+    typedef A F __attribute__((vector_size(SD::lanes * sizeof(A))));
+    for (; i + SD::lanes <= n; i += SD::lanes) {
+      const F f = __builtin_convertvector(SD::load(src + i), F);
       std::memcpy(dst + i, &f, sizeof(f));
     }
     for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
@@ -780,6 +771,7 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
   A* const cls_csts = reinterpret_cast<A*>(cls_cst_buf.data);
   A* const cws = reinterpret_cast<A*>(cw_buf.data);  // [block][9][16]: conv weight tap, channel
   A* const shifts = reinterpret_cast<A*>(shift_buf.data);
+  using SD = Simd<double>;
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> G(81 * kCB), cst(9 * kCB), st_d(st_size), cc_d(cc_size);
     for (int64_t b = b0; b < b1; ++b) {
@@ -811,7 +803,7 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
               for (int64_t q = 0; q < 9; ++q) {
                 double* st = st_d.data() + (k * 25 + (q / 3 - pi + 2) * 5 + (q % 3 - pj + 2)) * kCB;
                 const double* g = G.data() + (p * 9 + q) * kCB;
-                for (int64_t c = 0; c < kCB; c += kV) store8(st + c, load8(st + c) + load8(g + c));
+                for (int64_t c = 0; c < kCB; c += SD::lanes) SD::store(st + c, SD::load(st + c) + SD::load(g + c));
               }
             }
         }
