@@ -249,6 +249,42 @@ inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s
   }
 }
 
+// With 16 registers (AVX2) a chunk of dw_row_vectors is one vector, half a 64-byte line: the other
+// half is read by the next chunk, after the row's other lines have passed. When C * 4 bytes is a
+// multiple of 4 KB every line of a chunk (3 input rows x W pixels, C apart) falls in one L1 set,
+// so that half comes from L2 again. This variant takes a whole line (2 vectors) per chunk: the
+// first vector's 9 weights in registers, the second's loaded from wc, a chunk-major copy ((C / L,
+// 9, L): 9 contiguous vectors). 1024@7 (batch 16, 1 thread): 0.63 -> see NOTES x oneDNN + ReLU.
+template <typename A>
+inline void dw_row_line(const A* x, const A* wt, const A* wc, const A* b, const DwShape& s, int64_t n, int64_t oh,
+                        int64_t c0, Activation act, A* out_row) {
+  using V = Simd<A>;
+  using vec = typename V::vec;
+  constexpr int L = V::lanes;
+  const int64_t C = s.C;
+  vec w0[9];
+  for (int t = 0; t < 9; ++t) w0[t] = V::load(wt + t * C + c0);
+  const A* w1 = wc + (c0 / L + 1) * 9 * L;
+  const vec b0 = b ? V::load(b + c0) : V::zero(), b1 = b ? V::load(b + c0 + L) : V::zero();
+  for (int64_t ow = 0; ow < s.Wo; ++ow) {
+    vec acc0 = b0, acc1 = b1;
+    for (int dy = 0; dy < 3; ++dy) {
+      const int64_t ih = oh * s.stride + dy - 1;
+      if (ih < 0 || ih >= s.H) continue;
+      const A* xrow = x + (n * s.H + ih) * s.W * C + c0;
+      for (int dx = 0; dx < 3; ++dx) {
+        const int64_t iw = ow * s.stride + dx - 1;
+        if (iw < 0 || iw >= s.W) continue;
+        const A* xp = xrow + iw * C;
+        acc0 += w0[dy * 3 + dx] * V::load(xp);
+        acc1 += V::load(w1 + (dy * 3 + dx) * L) * V::load(xp + L);
+      }
+    }
+    V::store(out_row + ow * C + c0, activate_vec<A>(acc0, act));
+    V::store(out_row + ow * C + c0 + L, activate_vec<A>(acc1, act));
+  }
+}
+
 template <typename S>
 void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, S* y, const DwShape& s,
                      Activation act) {
@@ -264,6 +300,12 @@ void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, 
       // inputs): 32@112 0.50 -> 0.47, 128@56 0.55 -> 0.50; cache-resident inputs (batch 8 at 256@28
       // and below, batch 1) 2-8% slower with it, hence the threshold.
       const bool prefetch_rows = s.N * s.H * s.W * s.C * static_cast<int64_t>(sizeof(A)) > kLastLevelCacheBytes / 4;
+      std::vector<A> wc;  // (C / L, 9, L): dw_row_line's chunk-major weights
+      if constexpr (!kWideRegs) {
+        wc.resize(9 * s.C);
+        for (int64_t c = 0; c < s.C; ++c)
+          for (int t = 0; t < 9; ++t) wc[(c / L) * 9 * L + t * L + c % L] = wt[t * s.C + c];
+      }
       at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / s.Ho, oh = row % s.Ho;
@@ -277,10 +319,12 @@ void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, 
               for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
             }
           }
-          // chunks of 2 vectors hold 18 weight vectors in registers: 1 where there are 16 (AVX2)
-          constexpr int kNVB = kWideRegs ? 2 : 1;
+          // chunks of 2 vectors hold 18 weight vectors in registers; with 16 registers (AVX2), 9
           int64_t c0 = 0;
-          for (; c0 + kNVB * L <= s.C; c0 += kNVB * L) dw_row_vectors<A, kNVB>(x, wt, b, s, n, oh, c0, act, out_row);
+          if constexpr (kWideRegs)
+            for (; c0 + 2 * L <= s.C; c0 += 2 * L) dw_row_vectors<A, 2>(x, wt, b, s, n, oh, c0, act, out_row);
+          else
+            for (; c0 + 2 * L <= s.C; c0 += 2 * L) dw_row_line<A>(x, wt, wc.data(), b, s, n, oh, c0, act, out_row);
           for (; c0 < s.C; c0 += L) dw_row_vectors<A, 1>(x, wt, b, s, n, oh, c0, act, out_row);
         }
       });
