@@ -87,6 +87,17 @@ def forcing(name: str | None):
             os.environ["FALCONNET_BACKEND"] = old
 
 
+def triton_interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: the Triton kernels run as numpy on the CPU (the tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_autotune_enabled() -> bool:
+    """Whether the Triton kernels time their candidate configs: not under the interpreter, nor with
+    FALCONNET_TRITON_AUTOTUNE=0 (the GPU tests set it: every config compiles anew for every shape)."""
+    return not triton_interpreting() and os.environ.get("FALCONNET_TRITON_AUTOTUNE", "1") != "0"
+
+
 def forced_backend() -> str | None:
     value = os.environ.get("FALCONNET_BACKEND", "").strip().lower()
     if not value:

@@ -20,7 +20,6 @@ FALCONNET_BACKEND=torch forces the reference.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +189,7 @@ def _backend_for(x: Tensor) -> str:
         x.device.type == "cpu"
         and x.dtype != torch.float64
         and _backend.forced_backend() == "triton"
-        and os.environ.get("TRITON_INTERPRET") == "1"
+        and _backend.triton_interpreting()
     ):
         return "triton"
     return _select(x.device, x.dtype)

@@ -34,12 +34,12 @@ Accumulation is in fp32 for every dtype.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._backend import triton_autotune_enabled as _autotune_enabled
 from .reference import out_format as _out_format
 
 _ACTIVATION_CODE = {"none": 0, "relu": 1, "relu6": 2}
@@ -205,10 +205,6 @@ def _dw_bwd_input_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Autotuning
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("FALCONNET_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _block_c(C: int) -> int:

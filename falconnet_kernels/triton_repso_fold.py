@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import triton_interpreting as _interpreting
 from .repso_moments import flat_layout
-from .triton_repso_moments import _interpreting
 
 
 @triton.jit

@@ -24,11 +24,13 @@ Only Triton 3.6 APIs are used.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._backend import triton_autotune_enabled as _autotune_enabled
+from ._backend import triton_interpreting as _interpreting
 
 # Tile sizes are autotuned on a GPU among the configurations that fit (the 3-D index and pointer
 # tensors of a tile live in registers, and the batched products' operands in shared memory); the
@@ -42,16 +44,6 @@ _BWD_TILES = [(16, 32, 8), (16, 32, 4), (8, 32, 4), (8, 64, 8), (4, 32, 4), (4, 
 
 def _configs(tiles) -> list:
     return [triton.Config({"BLOCK_C": c, "BLOCK_P": p}, num_warps=w) for c, p, w in tiles]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _autotune_enabled() -> bool:
-    # FALCONNET_TRITON_AUTOTUNE=0, as for the other Triton kernels: the GPU tests set it, since
-    # every fitting config compiles anew for every shape (2-5 s each, ~3 minutes over the tests)
-    return not _interpreting() and os.environ.get("FALCONNET_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _fitting(configs, fits) -> list:

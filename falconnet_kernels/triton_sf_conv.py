@@ -68,12 +68,13 @@ reference to ~1e-6; fp32 is not the benchmarked path.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._backend import triton_autotune_enabled as _autotune_enabled
+from ._backend import triton_interpreting as _interpreting
 from .reference import out_format as _out_format
 
 _ACTIVATION_CODE = {"none": 0, "relu": 1, "relu6": 2}
@@ -353,10 +354,6 @@ def _tile_floats_per_thread(meta: dict, block_p: int, num_warps: int, backward: 
 _REG_BUDGET = {False: 384, True: 200}  # forward, backward
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("FALCONNET_TRITON_AUTOTUNE", "1") != "0"
-
-
 _SMEM_BUDGET = 200 * 1024  # bytes; an H100/H200 block may use up to 227 KB
 
 
@@ -378,7 +375,7 @@ def _default_config(meta: dict, backward: bool, itemsize: int) -> tuple[int, int
     """(BLOCK_P, num_warps) without autotuning: the largest pixel tile that fits the budget.
     Under the interpreter: the smallest tile, so that the tests' small shapes still give each
     persistent program several tiles (the loop and the cross-tile accumulation get exercised)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _interpreting():
         return 16, 4
     for block_p, num_warps in ((64, 8), (32, 8), (16, 8)):
         if _fits(meta, block_p, num_warps, backward, itemsize):

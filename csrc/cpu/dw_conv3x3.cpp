@@ -254,7 +254,10 @@ inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s
 // multiple of 4 KB every line of a chunk (3 input rows x W pixels, C apart) falls in one L1 set,
 // so that half comes from L2 again. This variant takes a whole line (2 vectors) per chunk: the
 // first vector's 9 weights in registers, the second's loaded from wc, a chunk-major copy ((C / L,
-// 9, L): 9 contiguous vectors). 1024@7 (batch 16, 1 thread): 0.63 -> see NOTES x oneDNN + ReLU.
+// 9, L): 9 contiguous vectors). Against oneDNN's depthwise conv + ReLU (2026-11-27, the AVX2
+// machine, batch 16, min of 25 alternated rounds, before -> after): 2 threads 512@14 0.76 -> 0.85x,
+// 1024@7 0.73 -> 1.02x; 1 thread 0.72 -> 0.83x, 0.65 -> 0.90x. 512@14 still loses: at C = 512 a
+// chunk's lines fall in two sets, and part of a pixel's 9 taps still come from L2.
 template <typename A>
 inline void dw_row_line(const A* x, const A* wt, const A* wc, const A* b, const DwShape& s, int64_t n, int64_t oh,
                         int64_t c0, Activation act, A* out_row) {
@@ -319,7 +322,7 @@ void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, 
               for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
             }
           }
-          // chunks of 2 vectors hold 18 weight vectors in registers; with 16 registers (AVX2), 9
+          // chunks of 2 vectors: 18 weight vectors in registers, or 9 with 16 registers (dw_row_line)
           int64_t c0 = 0;
           if constexpr (kWideRegs)
             for (; c0 + 2 * L <= s.C; c0 += 2 * L) dw_row_vectors<A, 2>(x, wt, b, s, n, oh, c0, act, out_row);

@@ -585,8 +585,8 @@ void forward_as(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, s
                                   rr[1], cr[0], cr[1], acc + (rr[2] * n_cs + cr[2]) * kAcc * kCB + h);
       }
       // sum of accumulator l over the classes inside the window with top-left padded corner (pi, pj)
-      // (the slot lists per window are fixed: in_rows / in_cols)
-      // (the ISA's own vectors: a loop-carried 8-double vector went through the stack with AVX2)
+      // (the slot lists per window are fixed: in_rows / in_cols), in the ISA's own vectors: a
+      // loop-carried 8-double vector went through the stack with AVX2
       auto window_sum = [&](int64_t l, int64_t pi, int64_t pj) {
         using SD = Simd<double>;
         constexpr int64_t LD = SD::lanes;
