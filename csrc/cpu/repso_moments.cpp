@@ -656,55 +656,77 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
 // NP adjacent positions of one row and one part, sharing the stencil st ([25][16], that part's
 // lanes): per stencil row, NP + 4 plane loads and 5 weight loads feed 5 NP products (the same
 // plane value serves five positions), instead of two loads per product.
-template <int NP, bool CONV, bool STREAM, typename A, typename scalar_t>
-__attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp, int64_t row_stride, const A* st,
-                                                       const A* cw, typename Simd<A>::vec k0, scalar_t* out,
-                                                       int64_t out_stride) {
+template <int NP, int NPART, bool CONV, bool STREAM, typename A, typename scalar_t>
+__attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp, int64_t row_stride,
+                                                       int64_t part_stride, const A* st, const A* cw, const A* k0,
+                                                       scalar_t* out, int64_t out_stride) {
   using S = Simd<A>;
   using V = typename S::vec;
   constexpr int64_t L = S::lanes;
-  V acc[NP];
+  V acc[NPART][NP];
   // every index below is a compile-time constant (index sequences, not loops), so acc stays in
   // registers: a loop the compiler does not fully unroll spills it
-  [&]<int... Q>(std::integer_sequence<int, Q...>) { ((acc[Q] = k0), ...); }(std::make_integer_sequence<int, NP>{});
-  // one row of a (2R+1)-wide stencil w over the plane row src (its column -R at src): plane value t
-  // feeds positions q = t - d for every d, one plane register live at a time
-  auto row_pass = [&]<int R>(std::integral_constant<int, R>, const A* src, const V* w) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {  // I = part * NP + position
+    ((acc[I / NP][I % NP] = S::load(k0 + (I / NP) * L)), ...);
+  }(std::make_integer_sequence<int, NPART * NP>{});
+  // one row of a (2R+1)-wide stencil w over the plane row src (its column -R at src) for part P:
+  // plane value t feeds positions q = t - d for every d, one plane register live at a time
+  auto row_pass = [&]<int R, int P>(std::integral_constant<int, R>, std::integral_constant<int, P>, const A* src,
+                                    const V* w) {
     auto feed = [&]<int T>(std::integral_constant<int, T>) {
       const V v = S::load(src + T * L);
       [&]<int... D>(std::integer_sequence<int, D...>) {
-        ((T - D >= 0 && T - D < NP ? (void)(acc[(T - D >= 0 && T - D < NP) ? T - D : 0] += w[D] * v) : (void)0), ...);
+        ((T - D >= 0 && T - D < NP ? (void)(acc[P][(T - D >= 0 && T - D < NP) ? T - D : 0] += w[D] * v) : (void)0),
+         ...);
       }(std::make_integer_sequence<int, 2 * R + 1>{});
     };
     [&]<int... T>(std::integer_sequence<int, T...>) {
       (feed(std::integral_constant<int, T>{}), ...);
     }(std::make_integer_sequence<int, NP + 2 * R>{});
   };
-  for (int di = -2; di <= 2; ++di) {
-    const A* wrow = st + (di + 2) * 5 * kCB;
-    const V w[5] = {S::load(wrow), S::load(wrow + kCB), S::load(wrow + 2 * kCB), S::load(wrow + 3 * kCB),
-                    S::load(wrow + 4 * kCB)};
-    row_pass(std::integral_constant<int, 2>{}, u + di * row_stride - 2 * L, w);
-  }
+  auto for_parts = [&](auto&& f) {
+    [&]<int... P>(std::integer_sequence<int, P...>) {
+      (f(std::integral_constant<int, P>{}), ...);
+    }(std::make_integer_sequence<int, NPART>{});
+  };
+  for (int di = -2; di <= 2; ++di)
+    for_parts([&](auto part) {
+      constexpr int P = decltype(part)::value;
+      const A* wrow = st + (di + 2) * 5 * kCB + P * L;
+      const V w[5] = {S::load(wrow), S::load(wrow + kCB), S::load(wrow + 2 * kCB), S::load(wrow + 3 * kCB),
+                      S::load(wrow + 4 * kCB)};
+      row_pass(std::integral_constant<int, 2>{}, part, u + P * part_stride + di * row_stride - 2 * L, w);
+    });
   if constexpr (CONV) {
     // gy(v - tap) for tap (ki - 1, kj - 1): plane row di = 1 - ki, column offset 1 - kj
-    for (int di = -1; di <= 1; ++di) {
-      const A* wrow = cw + (1 - di) * 3 * kCB;
-      const V w[3] = {S::load(wrow + 2 * kCB), S::load(wrow + kCB), S::load(wrow)};
-      row_pass(std::integral_constant<int, 1>{}, gyp + di * row_stride - L, w);
-    }
+    for (int di = -1; di <= 1; ++di)
+      for_parts([&](auto part) {
+        constexpr int P = decltype(part)::value;
+        const A* wrow = cw + (1 - di) * 3 * kCB + P * L;
+        const V w[3] = {S::load(wrow + 2 * kCB), S::load(wrow + kCB), S::load(wrow)};
+        row_pass(std::integral_constant<int, 1>{}, part, gyp + P * part_stride + di * row_stride - L, w);
+      });
   }
-  [&]<int... Q>(std::integer_sequence<int, Q...>) {
-    (store_out<STREAM, A>(out + Q * out_stride, acc[Q]), ...);
-  }(std::make_integer_sequence<int, NP>{});
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (store_out<STREAM, A>(out + (I % NP) * out_stride + (I / NP) * L, acc[I / NP][I % NP]), ...);
+  }(std::make_integer_sequence<int, NPART * NP>{});
 }
+
+// Parts (Simd<A>::lanes channels of a 16-channel block) per stencil call: with 32 vector registers
+// one; with 16 (AVX2), two. A position's 34 products are one chain of dependent FMAs, and with 16
+// registers the runs hold 1-2 positions, so one part's chains left the FMA units waiting; two
+// parts double the independent chains and halve the calls (at 7 x 7 the column classes cut each
+// row into runs of 1, 2, 2, 1, 1). Measured (AVX2, batch 16, 2 threads, min of 20 alternated
+// calls, one part -> two): 1024@7 4.22 -> 2.70 ms, 512@14 6.10 -> 4.08, 128@56 17.0 -> 14.7.
+constexpr int64_t kStencilParts = falconnet::cpu::kWideRegs ? 1 : 2;
 
 // positions [j, j1) of one row: runs of at most 8 (8 accumulators, 12 plane values and 5 weights
 // fill 25 of the 32 vector registers)
 template <bool CONV, bool STREAM, typename A, typename scalar_t>
-inline void stencil_row(const A* centre, const A* gy_centre, int64_t row_stride, const A* st, const A* cw,
-                        typename Simd<A>::vec k0, scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
+inline void stencil_row(const A* centre, const A* gy_centre, int64_t row_stride, int64_t part_stride, const A* st,
+                        const A* cw, const A* k0, scalar_t* out_row, int64_t C, int64_t j, int64_t j1) {
   constexpr int64_t L = Simd<A>::lanes;
+  constexpr int NPART = std::min<int64_t>(kStencilParts, kCB / L);
   // with the conv's taps, runs of 4 (runs of 8 spilled)
   constexpr int64_t kRun = falconnet::cpu::kWideRegs ? (CONV ? 4 : 8) : (CONV ? 2 : 4);  // halved for 16 registers
   for (; j < j1; j += kRun) {
@@ -712,7 +734,7 @@ inline void stencil_row(const A* centre, const A* gy_centre, int64_t row_stride,
     const A* g = CONV ? gy_centre + j * L : nullptr;
     scalar_t* out = out_row + j * C;
     with_run_length<kRun>(j1 - j, [&](auto np) {
-      stencil_run<decltype(np)::value, CONV, STREAM>(u, g, row_stride, st, cw, k0, out, C);
+      stencil_run<decltype(np)::value, NPART, CONV, STREAM>(u, g, row_stride, part_stride, st, cw, k0, out, C);
     });
   }
 }
@@ -857,8 +879,9 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
         prefetch_image(x + next, C, H, W);
         if (with_conv) prefetch_image(grad_y + next, C, H, W);
       }
-      // one part at a time: its five stencil rows stay in L1
-      for (int64_t h = 0; h < kCB; h += L)
+      // kStencilParts parts at a time: their five stencil rows stay in L1
+      constexpr int64_t kStep = std::min<int64_t>(kStencilParts, kCB / L) * L;
+      for (int64_t h = 0; h < kCB; h += kStep)
         for (int64_t rc = 0; rc < n_rc; ++rc)
           for (int64_t i = rcls[rc][2]; i < rcls[rc][3]; ++i) {
             // image (i, 0): padded (i + 1, 1), below the guard row
@@ -867,12 +890,13 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
             for (int64_t cc = 0; cc < n_cc; ++cc) {
               const int64_t k = rc * n_cc + cc;
               const A* st = stencil + k * 25 * kCB + h;
-              const typename S::vec k0 = S::load(cls_cst + k * kCB + h);
+              const A* k0 = cls_cst + k * kCB + h;
               // the full 5 x 5 at every position (constant bounds, fully unrolled): branchy loops
               // over each border class's own tap rectangle cost more at small maps than the zero taps
               auto row = [&]<bool CONV, bool STREAM>() {
                 stencil_row<CONV, STREAM, A>(plane + centre_at, CONV ? gy_plane + centre_at : nullptr, row_stride,
-                                             st, CONV ? cw + h : nullptr, k0, out_row, C, ccls[cc][2], ccls[cc][3]);
+                                             part_stride, st, CONV ? cw + h : nullptr, k0, out_row, C, ccls[cc][2],
+                                             ccls[cc][3]);
               };
               if (with_conv)
                 stream ? row.template operator()<true, true>() : row.template operator()<true, false>();
