@@ -856,8 +856,10 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
   // alternated (2026-11-26 11:58 UTC, batch 16, channels_last, 2 threads, with the conv's
   // gradient), block-major -> image-major: 128@56 4.85 -> 3.89 ms, 256@28 1.86 -> 1.72, 512@14
   // 0.88 -> 0.74, 1024@7 0.53 -> 0.57 (medians of 6); a whole FalconNet step at 224 px did not
-  // move beyond the noise (0.99x).
-  const bool image_major = H * W >= 196;
+  // move beyond the noise (0.99x). On the AVX2 machine (16 registers, two parts a stencil call)
+  // image-major wins at 1024@7 as well: 3.29 -> 2.97 ms and 3.51 -> 2.95 (2 threads, medians of 30
+  // alternated calls, both orders; 2026-11-27 11:35 UTC); why the two machines differ is unmeasured.
+  const bool image_major = H * W >= 196 || !falconnet::cpu::kWideRegs;
   at::parallel_for(0, N * n_blocks, 1, [&](int64_t i0, int64_t i1) {
     Aligned plane_buf((kCB / L) * part_stride / per_double + 1),
         gy_buf(with_conv ? (kCB / L) * part_stride / per_double + 1 : 0);
