@@ -653,9 +653,10 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
 // grad_x(v) = cst_k + sum_taps st_k[tap] w(v + tap) for the class k of v (see
 // moments_backward_kernel; 1/M is folded into cst and st), with per-channel stencils as [25][16]
 // values; with the conv (CONV), plus its input gradient sum_taps cw[tap] gy(v - tap).
-// NP adjacent positions of one row and one part, sharing the stencil st ([25][16], that part's
-// lanes): per stencil row, NP + 4 plane loads and 5 weight loads feed 5 NP products (the same
-// plane value serves five positions), instead of two loads per product.
+// NP adjacent positions of one row and NPART parts (part_stride apart in the planes, lanes apart in
+// st, cw, k0 and out), each part sharing its stencil ([25][16], that part's lanes): per stencil row
+// and part, NP + 4 plane loads and 5 weight loads feed 5 NP products (the same plane value serves
+// five positions), instead of two loads per product.
 template <int NP, int NPART, bool CONV, bool STREAM, typename A, typename scalar_t>
 __attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp, int64_t row_stride,
                                                        int64_t part_stride, const A* st, const A* cw, const A* k0,
@@ -1116,15 +1117,15 @@ bool use_cl3(const at::Tensor& x, int64_t K) {
 namespace fold {
 
 // A vector's lanes of channels at a time, one per lane of a vector of doubles: the per-channel
-// math is a few hundred dependent scalar operations (9x9 quadratic forms, a square root per branch), which run
-// at a fraction of the FMA rate one channel at a time. Per group the inputs are gathered into
-// [index][lane] arrays (lanes past C stay 0 and are never stored); a branch's products run over
-// the taps that are nonzero in any lane (the embedded 1x3, 3x1, 1x1 and identity kernels have 3
-// or 1 of 9: a third of the dense work at K = 3 with the default branches).
-// The ISA's own vector of doubles (4 lanes with AVX2, 8 with AVX-512): the former fixed 8-lane
-// (64-byte) vector, with only AVX2, went through the stack at every loop-carried sum (GCC moved
-// it in 128-bit pieces through general registers): 25k cycles per group of 8 channels in the
-// backward, against ~1k of arithmetic.
+// math is a few hundred dependent scalar operations (9x9 quadratic forms, a square root per
+// branch), which run at a fraction of the FMA rate one channel at a time. Per group the inputs are
+// gathered into [index][lane] arrays (lanes past C stay 0 and are never stored); a branch's
+// products run over the taps that are nonzero in any lane (the embedded 1x3, 3x1, 1x1 and identity
+// kernels have 3 or 1 of 9: a third of the dense work at K = 3 with the default branches).
+// The vector is the ISA's own (4 doubles with AVX2, 8 with AVX-512, 2 with SSE): the former fixed
+// 8-double (64-byte) vector, without AVX-512, went through the stack at every loop-carried sum (GCC
+// moved it in 128-bit pieces through general registers): ~25k cycles per group of 8 channels in
+// the backward against ~1k of arithmetic; 2.3-3x faster since, the same results bit for bit.
 using VecD = falconnet::cpu::Simd<double>::vec;
 constexpr int64_t kLanes = falconnet::cpu::Simd<double>::lanes;
 inline VecD loadv(const double* p) { return falconnet::cpu::Simd<double>::load(p); }
