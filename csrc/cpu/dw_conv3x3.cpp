@@ -254,10 +254,12 @@ inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s
 // multiple of 4 KB every line of a chunk (3 input rows x W pixels, C apart) falls in one L1 set,
 // so that half comes from L2 again. This variant takes a whole line (2 vectors) per chunk: the
 // first vector's 9 weights in registers, the second's loaded from wc, a chunk-major copy ((C / L,
-// 9, L): 9 contiguous vectors). Against oneDNN's depthwise conv + ReLU (2026-11-27, the AVX2
-// machine, batch 16, min of 25 alternated rounds, before -> after): 2 threads 512@14 0.76 -> 0.85x,
-// 1024@7 0.73 -> 1.02x; 1 thread 0.72 -> 0.83x, 0.65 -> 0.90x. 512@14 still loses: at C = 512 a
-// chunk's lines fall in two sets, and part of a pixel's 9 taps still come from L2.
+// 9, L): 9 contiguous vectors). Against oneDNN's depthwise conv + ReLU (the AVX2 machine, batch
+// 16, 2 threads, min of 25 alternated rounds; benchmarks/results/2026-11-27-cpu-avx2-2/): one
+// vector a chunk 0.76x at 512@14 and 0.73x at 1024@7, this 0.85-0.93x and 0.85-1.17x over four
+// runs. 512@14 still loses: at C = 512 a chunk's lines fall in two sets, and part of a pixel's 9
+// taps still come from L2. (Folded into dw_row_vectors as a template flag, the same arithmetic
+// measured 0.73x / 0.81x at 1024@7 in two runs, so it stays a function of its own.)
 template <typename A>
 inline void dw_row_line(const A* x, const A* wt, const A* wc, const A* b, const DwShape& s, int64_t n, int64_t oh,
                         int64_t c0, Activation act, A* out_row) {
