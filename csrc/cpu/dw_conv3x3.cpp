@@ -256,7 +256,7 @@ inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s
 // first vector's 9 weights in registers, the second's loaded from wc, a chunk-major copy ((C / L,
 // 9, L): 9 contiguous vectors). Against oneDNN's depthwise conv + ReLU (the AVX2 machine, batch
 // 16, 2 threads, min of 25 alternated rounds; benchmarks/results/2026-11-27-cpu-avx2-2/): one
-// vector a chunk 0.76x at 512@14 and 0.73x at 1024@7, this 0.85-0.93x and 0.85-1.17x over four
+// vector a chunk 0.76x at 512@14 and 0.73x at 1024@7, this 0.84-0.93x and 0.85-1.17x over five
 // runs. 512@14 still loses: at C = 512 a chunk's lines fall in two sets, and part of a pixel's 9
 // taps still come from L2. (Folded into dw_row_vectors as a template flag, the same arithmetic
 // measured 0.73x / 0.81x at 1024@7 in two runs, so it stays a function of its own.)
