@@ -53,7 +53,10 @@
 // 2026-11-27 they were AVX-512's everywhere; on a 2-core AVX2 machine (AMD EPYC, Zen 3, 16 ymm
 // registers) the 64-byte vectors split in two and the 24-accumulator blocks spilled: the forward
 // ran 0.15-0.49x dense oneDNN (channels_last, batch 16). With 32-byte vectors, 12-accumulator
-// blocks, 8x8 transposes and AVX streaming stores: benchmarks/results/2026-11-27-cpu-avx2/.
+// blocks, 8x8 transposes and AVX streaming stores: benchmarks/results/2026-11-27-cpu-avx2/. There
+// the channels_last input tile alone (load_tile) took half the forward at 128->32@56, stalled on
+// memory; a sequential pass over its lines before the transposes (common.h: touch_lines) made the
+// forward 1.1-1.3x and the backward 1.05-1.3x faster (benchmarks/results/2026-11-27-cpu-avx2-3/).
 // The measurements below are from the AVX-512 machine (Zen 4/5 class) and its builds.
 //
 // Issue 3's channels_last floor (>= 1.2x dense at every shape), 2026-11-26 03:20-03:36 UTC, 2-core
