@@ -37,8 +37,9 @@ for i in sel:
     r = {n: [] for n in fs}
     for _ in range(2):
         for f in fs.values(): f()
-    for _ in range(R):
-        for n,f in fs.items():
+    items = list(fs.items())
+    for i in range(R):
+        for n,f in items[i % len(items):] + items[:i % len(items)]:  # rotated: no op always follows the same one
             t=time.perf_counter(); f(); r[n].append(time.perf_counter()-t)
     d = min(r['dense'])
     line = f"{C_in}->{C_out}@{hw}: dense {d*1e3:.3f}"
