@@ -224,6 +224,7 @@ void gemm_rows(int R, const A* a, int64_t a_rs, int64_t a_cs, const A* b, int64_
                const Epilogue<A>* epi = nullptr) {
   // accumulators RB*NV <= kAccRegs (24 of AVX-512's 32 registers)
   constexpr int RB = std::min(kAccRegs / NV, NV >= 4 ? 6 : (NV >= 2 ? 8 : 12));
+  static_assert(RB <= 12, "gemm_rows dispatches blocks of 1 to 12 rows");
   Epilogue<A> shifted;
   for (int r = 0; r < R;) {
     // The last two blocks split the rows left evenly when the last would be short: its few
