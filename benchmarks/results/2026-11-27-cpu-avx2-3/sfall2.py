@@ -1,35 +1,55 @@
-# SF-Conv (installed op) vs dense oneDNN 1x1, alternated calls (order flipped every round), min of 21 rounds: python sfall2.py cl,nchw THREADS [bwd]
-import sys, time, math, torch, torch.nn.functional as F, statistics as st
+# The installed falconnet_kernels.sf_conv against dense oneDNN 1x1 (F.conv2d with the composed
+# weight, same layout), the 8 shapes of SPEC section 6, float32 batch 16; the two calls alternated
+# with their order flipped every round, minimum of 21 rounds (this machine's speed drifts within
+# minutes, so both sides of a ratio are timed in the same seconds).
+#   python sfall2.py cl,nchw THREADS [bwd]
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
 import falconnet_kernels as fk
 from falconnet import malloc_tuning
+
 malloc_tuning.apply()
-torch.set_num_threads(int(sys.argv[2]) if len(sys.argv)>2 else 2)
-bwd = 'bwd' in sys.argv
-SH=[(32,128,56,8),(128,32,56,4),(64,256,28,16),(256,64,28,8),(128,512,14,16),(512,128,14,8),(256,1024,7,32),(1024,256,7,16)]
-layouts = sys.argv[1].split(',') if len(sys.argv)>1 else ['cl']
-for lay in layouts:
-  fmt = torch.channels_last if lay=='cl' else torch.contiguous_format
-  rs=[]
-  for C_in,C_out,hw,k in SH:
-    c_h,G=k,C_in//k; m=C_out//c_h
-    x=torch.randn(16,C_in,hw,hw).contiguous(memory_format=fmt)
-    w1=torch.randn(G,c_h,k)/math.sqrt(k); w2=torch.randn(c_h,m,G)/math.sqrt(G)
-    wd=fk.sf_conv_dense_weight(w1,w2).reshape(C_out,C_in,1,1).contiguous(memory_format=fmt)
-    if bwd:
-        x.requires_grad_(); w1.requires_grad_(); w2.requires_grad_(); wd.requires_grad_()
-        gy=torch.randn(16,C_out,hw,hw).contiguous(memory_format=fmt)
-        sf=lambda: fk.sf_conv(x,w1,w2).backward(gy)
-        dense=lambda: F.conv2d(x,wd).backward(gy)
-    else:
-        sf=lambda: fk.sf_conv(x,w1,w2); dense=lambda: F.conv2d(x,wd)
-    for f in (sf,dense):
-        for _ in range(3): f()
-    r={'sf':[], 'dense':[]}
-    for i in range(21):
-        for name,f in ((('sf',sf),('dense',dense)) if i%2==0 else (('dense',dense),('sf',sf))):
-            t=time.perf_counter(); f(); r[name].append(time.perf_counter()-t)
-    a,b=min(r['sf'])*1e3, min(r['dense'])*1e3
-    gb=16*hw*hw*(C_in+C_out)*4/a/1e6
-    rs.append(b/a)
-    print(f"{lay} {C_in}->{C_out}@{hw} sf {a:.3f} dense {b:.3f} ms  {b/a:.2f}x  sf {gb:.1f} GB/s", flush=True)
-  print(lay, 'geomean %.2fx min %.2fx'%(math.exp(sum(map(math.log,rs))/len(rs)), min(rs)))
+torch.set_num_threads(int(sys.argv[2]))
+TRAIN = "bwd" in sys.argv
+PW = [(32, 128, 56, 8), (128, 32, 56, 4), (64, 256, 28, 16), (256, 64, 28, 8),
+      (128, 512, 14, 16), (512, 128, 14, 8), (256, 1024, 7, 32), (1024, 256, 7, 16)]
+
+
+def pair(c_in, c_out, hw, k, fmt):
+    """(fused, dense) callables for one shape: forward, or forward + backward with TRAIN."""
+    groups, m = c_in // k, c_out // k
+    x = torch.randn(16, c_in, hw, hw).contiguous(memory_format=fmt).requires_grad_(TRAIN)
+    w1 = (torch.randn(groups, k, k) / math.sqrt(k)).requires_grad_(TRAIN)
+    w2 = (torch.randn(k, m, groups) / math.sqrt(groups)).requires_grad_(TRAIN)
+    wd = fk.sf_conv_dense_weight(w1.detach(), w2.detach()).reshape(c_out, c_in, 1, 1)
+    wd = wd.contiguous(memory_format=fmt).requires_grad_(TRAIN)
+    gy = torch.randn(16, c_out, hw, hw).contiguous(memory_format=fmt)
+    if TRAIN:
+        return (lambda: fk.sf_conv(x, w1, w2).backward(gy)), (lambda: F.conv2d(x, wd).backward(gy))
+    return (lambda: fk.sf_conv(x, w1, w2)), (lambda: F.conv2d(x, wd))
+
+
+for lay in sys.argv[1].split(","):
+    fmt = torch.channels_last if lay == "cl" else torch.contiguous_format
+    ratios = []
+    for c_in, c_out, hw, k in PW:
+        calls = pair(c_in, c_out, hw, k, fmt)
+        best = [float("inf"), float("inf")]
+        for f in calls * 3:  # warm-up
+            f()
+        for i in range(21):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                t = time.perf_counter()
+                calls[j]()
+                best[j] = min(best[j], time.perf_counter() - t)
+        ratios.append(best[1] / best[0])
+        gbs = 16 * hw * hw * (c_in + c_out) * 4 / best[0] / 1e9
+        print(f"{lay} {c_in}->{c_out}@{hw} sf {best[0] * 1e3:.3f} dense {best[1] * 1e3:.3f} ms  "
+              f"{ratios[-1]:.2f}x  sf {gbs:.1f} GB/s", flush=True)
+    geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    print(lay, "geomean %.2fx min %.2fx" % (geo, min(ratios)))
