@@ -246,9 +246,9 @@ inline void transpose_block(__m256 r[8]) {
 // Reads one vector of every 64-byte line of [p, p + bytes) in address order, so that the
 // transposing loads after it (8 or 16 pixel rows read a column block at a time, C * 4 bytes
 // apart) find the lines in the cache. On the 2-core AVX2 machine (Zen 3, 2026-11-27) the
-// transposing loads stalled on memory even with the tile prefetched: a channels_last input tile
-// alone took 7.4 ms at 128->32@56 (1 thread) against 2.8 ms for a sequential read of the same
-// bytes; with this pass first the fused SF-Conv forward ran 1.1-1.3x faster at 7 of the 8 shapes
+// transposing loads stalled on memory even with the tile prefetched: loading the channels_last
+// input tiles alone took 7.4 ms at 128->32@56 (1 thread) against 2.8 ms for a sequential read of
+// the same bytes; with this pass first the fused SF-Conv forward ran 1.05-1.33x faster at 7 of the 8 shapes
 // (benchmarks/results/2026-11-27-cpu-avx2-3/). AVX-512 builds leave it out: there it gained 3-6%
 // at 2 threads but lost 5-8% where the input is cache-resident (2026-11-26, 1024->256@7, 512->128@14).
 inline void touch_lines(const void* p, int64_t bytes) {

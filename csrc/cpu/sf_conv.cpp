@@ -56,7 +56,8 @@
 // blocks, 8x8 transposes and AVX streaming stores: benchmarks/results/2026-11-27-cpu-avx2/. There
 // the channels_last input tile alone (load_tile) took half the forward at 128->32@56, stalled on
 // memory; a sequential pass over its lines before the transposes (common.h: touch_lines) made the
-// forward 1.1-1.3x and the backward 1.05-1.3x faster (benchmarks/results/2026-11-27-cpu-avx2-3/).
+// forward 1.05-1.33x and the backward 1.04-1.31x faster at 7 or 8 of the 8 shapes
+// (benchmarks/results/2026-11-27-cpu-avx2-3/; 0.94-0.95x at one shape in the 2-thread runs).
 // The measurements below are from the AVX-512 machine (Zen 4/5 class) and its builds.
 //
 // Issue 3's channels_last floor (>= 1.2x dense at every shape), 2026-11-26 03:20-03:36 UTC, 2-core
