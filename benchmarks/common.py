@@ -6,6 +6,7 @@ device before it reads the clock (cuda_sync_timer), so each round covers finishe
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -54,8 +55,28 @@ def graphed(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = None, rounds: int | None = None):
-    """Time fn with pytest-benchmark; fn is captured in a CUDA graph on GPU."""
+def paired_times(fn, baseline, rounds: int) -> dict:
+    """fn and baseline called alternately, their order flipped every round: the medians and minima
+    of both. pytest-benchmark times each case on its own, minutes apart from its baseline's case; on
+    a machine whose speed drifts within minutes (the 2-core AVX2 dev machine: dense oneDNN's time for
+    one shape 3.5 ms in one minute and 6.6 ms in another, 2026-11-27) a ratio of two such cases
+    drifts with it, while calls interleaved in the same seconds see the same machine."""
+    times = ([], [])
+    for i in range(rounds):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t = time.perf_counter()
+            (fn, baseline)[j]()
+            times[j].append(time.perf_counter() - t)
+    return {"rounds": rounds, "median_s": statistics.median(times[0]), "min_s": min(times[0]),
+            "baseline_median_s": statistics.median(times[1]), "baseline_min_s": min(times[1])}
+
+
+def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = None, rounds: int | None = None,
+                  paired=None):
+    """Time fn with pytest-benchmark; fn is captured in a CUDA graph on GPU. On CPU, with paired (the
+    baseline's own function), fn and the baseline are then also timed alternately for as many rounds
+    (paired_times), into extra_info["paired"]: `falconnet bench` shows that ratio beside the one of
+    the separate cases."""
     benchmark.extra_info.update(info)
     with forced_backend(backend):
         if device == "cuda":
@@ -77,6 +98,9 @@ def run_benchmark(benchmark, fn, device: str, info: dict, backend: str | None = 
                     graph.reset()
         else:
             benchmark.pedantic(fn, rounds=rounds or 10, warmup_rounds=2, iterations=1)
+            if paired is not None:
+                paired()  # its warm-up
+                benchmark.extra_info["paired"] = paired_times(fn, paired, rounds or 10)
 
 
 def saved_bytes(forward, x: torch.Tensor) -> int:

@@ -2,6 +2,8 @@
 widths of SPEC section 6, stride 1. GPU: bfloat16 channels_last batch 128; CPU: float32 batch 16."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,21 +29,22 @@ def test_dw_conv3x3(benchmark, device, impl, shape, train):
     w = torch.randn(C, 1, 3, 3, device=device, dtype=dtype)
     b = torch.randn(C, device=device, dtype=dtype)
     x.requires_grad_(train), w.requires_grad_(train), b.requires_grad_(train)
+    torch_dw = lambda: F.relu(F.conv2d(x, w, b, padding=1, groups=C))  # noqa: E731
     if impl == "torch-dw":
-        forward = lambda: F.relu(F.conv2d(x, w, b, padding=1, groups=C))  # noqa: E731
+        forward = torch_dw
     else:
         forward = lambda: falconnet_kernels.dw_conv3x3(x, w, b, 1, "relu")  # noqa: E731
     P, elem = N * H * H, x.element_size()
     if train:
         gy = torch.randn_like(x)
 
-        def fn():
+        def fn(forward=forward):
             return torch.autograd.grad(forward(), (x, w, b), gy)
 
         bytes_min, flops = P * C * 5 * elem, 3 * 2 * 9 * P * C  # fwd: x, y; bwd: grad_y, x, grad_x
     else:
 
-        def fn():
+        def fn(forward=forward):
             with torch.no_grad():
                 return forward()
 
@@ -52,4 +55,6 @@ def test_dw_conv3x3(benchmark, device, impl, shape, train):
         "shape": f"{C}@{H}", "bytes_min": bytes_min, "flops": flops,
     }
     backend = impl.split("-")[1] if impl in ("falconnet-cuda", "falconnet-triton") else None
-    run_benchmark(benchmark, fn, device, info, backend=backend)
+    # on CPU also timed alternately with PyTorch's depthwise conv (run_benchmark's paired ratio)
+    paired = functools.partial(fn, forward=torch_dw) if device == "cpu" and impl != "torch-dw" else None
+    run_benchmark(benchmark, fn, device, info, backend=backend, paired=paired)

@@ -127,4 +127,6 @@ def test_sf_conv(benchmark, device, impl, shape, layout, train):
     elif impl not in impls(device) or layout not in LAYOUTS[device]:
         pytest.skip(f"{impl} / {layout} is not benchmarked on {device}")
     fn, info, backend = _case(device, impl, shape, layout, train)
-    run_benchmark(benchmark, fn, device, info, backend=backend)
+    # on CPU also timed alternately with the dense conv (run_benchmark's paired ratio)
+    paired = _case(device, "dense", shape, layout, train)[0] if device == "cpu" and impl != "dense" else None
+    run_benchmark(benchmark, fn, device, info, backend=backend, paired=paired)

@@ -2,7 +2,9 @@
 
 Every row: median and minimum time, achieved GB/s (the op's minimum bytes over the median), that as a share of
 the plain copy measured in the same run, and the speedup over the baseline measured in the same
-run (dense 1x1 conv for sf_conv, PyTorch's depthwise conv for dw_conv3x3).
+run (dense 1x1 conv for sf_conv, PyTorch's depthwise conv for dw_conv3x3). CPU runs also carry a
+paired speedup: the op and its baseline called alternately within one case (benchmarks/common.py:
+paired_times), which a machine whose speed drifts between cases does not skew.
 """
 from __future__ import annotations
 
@@ -54,6 +56,9 @@ def load_rows(path: str) -> tuple[list[dict], dict]:
             info["layout"] = f"{info['layout'] or ''} {info['cpu_threads']} thread(s)".strip()
         info["median_s"] = b["stats"]["median"]
         info["min_s"] = b["stats"]["min"]
+        paired = info.get("paired") or {}
+        info["paired_speedup"] = (paired["baseline_median_s"] / paired["median_s"]
+                                  if paired.get("median_s") and paired.get("baseline_median_s") else None)
         info["gbps"] = info["bytes_min"] / info["median_s"] / 1e9 if info.get("bytes_min") else None
         rows.append(info)
     return rows, data.get("machine_info", {})
@@ -75,14 +80,17 @@ def analyse(rows: list[dict]) -> dict:
             r["speedup"] = base["median_s"] / r["median_s"] if base else None
             r["copy_share"] = r["gbps"] / copy_gbps if copy_gbps and r["gbps"] else None
             tables[(op, pas, device, layout)].append(r)
-    geomeans = {}
+    geomeans, paired_geomeans = {}, {}
     for key, rs in tables.items():
-        per_impl = defaultdict(list)
+        per_impl, per_impl_paired = defaultdict(list), defaultdict(list)
         for r in rs:
             if r["speedup"]:
                 per_impl[r["impl"]].append(r["speedup"])
-        geomeans[key] = {i: math.exp(sum(map(math.log, v)) / len(v)) for i, v in per_impl.items()}
-    return {"copy_gbps": copy_gbps, "tables": tables, "geomeans": geomeans}
+            if r.get("paired_speedup"):
+                per_impl_paired[r["impl"]].append(r["paired_speedup"])
+        geomeans[key] = {i: _geomean(v) for i, v in per_impl.items()}
+        paired_geomeans[key] = {i: _geomean(v) for i, v in per_impl_paired.items()}
+    return {"copy_gbps": copy_gbps, "tables": tables, "geomeans": geomeans, "paired_geomeans": paired_geomeans}
 
 
 def _geomean(values: list[float]) -> float:
@@ -173,20 +181,27 @@ def render(analysis: dict, machine: dict) -> str:
         lines.append(f"plain copy (roofline, same run): {analysis['copy_gbps']:.0f} GB/s")
     for key in sorted(analysis["tables"], key=str):
         op, pas, device, layout = key
+        paired = any(r.get("paired_speedup") for r in analysis["tables"][key])
         lines += ["", f"## {op} {pas} on {device}" + (f", {layout}" if layout else ""), "",
-                  f"| shape | impl | median us | min us | GB/s | % copy | {_speedup_header(op)} |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  f"| shape | impl | median us | min us | GB/s | % copy | {_speedup_header(op)} |"
+                  + (" paired speedup |" if paired else ""),
+                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if paired else "")]
         for r in sorted(analysis["tables"][key], key=lambda r: (_shape_key(r["shape"]), r["impl"])):
             share = f"{100 * r['copy_share']:.0f}" if r["copy_share"] else "-"
             speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
             gbps = f"{r['gbps']:.0f}" if r["gbps"] else "-"
             lines.append(
                 f"| {r['shape']} | {r['impl']} | {1e6 * r['median_s']:.1f} | {1e6 * r['min_s']:.1f} | {gbps} | {share} | {speed} |"
+                + (f" {r['paired_speedup']:.2f}x |" if r.get("paired_speedup") else " - |" if paired else "")
             )
         gm = analysis["geomeans"][key]
         if gm:
             lines.append("")
             lines.append("geomean speedup: " + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(gm.items())))
+        pgm = analysis["paired_geomeans"].get(key)
+        if pgm:
+            lines.append("geomean paired speedup (op and baseline alternated in one case): "
+                         + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(pgm.items())))
     return "\n".join(lines)
 
 

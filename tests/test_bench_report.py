@@ -56,6 +56,34 @@ def test_table_speedups_bandwidth_and_copy_share(results):
     assert "| 128@56 | fold | 10.0 | 9.0 | - | - | - |" in pieces
 
 
+def test_paired_speedup_column_on_cpu_runs(tmp_path):
+    """A CPU case that also timed itself alternately with its baseline (extra_info["paired"]) gets a
+    paired-speedup column and geomean beside the separate cases' ratio; rows without it show a dash."""
+    paired = {"rounds": 10, "median_s": 1e-3, "min_s": 9e-4, "baseline_median_s": 3e-3, "baseline_min_s": 2.8e-3}
+    rows = [
+        _bench("sf_conv", "dense", "128->32@56", 4e-3, device="cpu"),
+        _bench("sf_conv", "falconnet-cpp", "128->32@56", 1e-3, device="cpu", paired=paired),
+        _bench("sf_conv", "dense", "32->128@56", 2e-3, device="cpu"),
+        _bench("sf_conv", "falconnet-cpp", "32->128@56", 1e-3, device="cpu",
+               paired={**paired, "baseline_median_s": 1.2e-3}),
+    ]
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"benchmarks": rows, "machine_info": {}}))
+    loaded, machine = bench_report.load_rows(str(path))
+    analysis = bench_report.analyse(loaded)
+    key = ("sf_conv", "fwd", "cpu", "channels_last")
+    by = {(r["shape"], r["impl"]): r for r in analysis["tables"][key]}
+    assert by[("128->32@56", "falconnet-cpp")]["speedup"] == pytest.approx(4.0)  # separate cases
+    assert by[("128->32@56", "falconnet-cpp")]["paired_speedup"] == pytest.approx(3.0)  # alternated
+    assert by[("128->32@56", "dense")]["paired_speedup"] is None
+    assert analysis["paired_geomeans"][key]["falconnet-cpp"] == pytest.approx((3.0 * 1.2) ** 0.5)
+    text = bench_report.render(analysis, machine)
+    assert "| speedup vs dense | paired speedup |" in text
+    assert "| 128->32@56 | falconnet-cpp | 1000.0 | 900.0 | - | - | 4.00x | 3.00x |" in text
+    assert "| 128->32@56 | dense | 4000.0 | 3600.0 | - | - | 1.00x | - |" in text
+    assert "geomean paired speedup (op and baseline alternated in one case): falconnet-cpp 1.90x" in text
+
+
 def test_cli_writes_markdown_and_chart(results, tmp_path):
     md, png = tmp_path / "t.md", tmp_path / "t.png"
     out = subprocess.run([sys.executable, "-m", "falconnet.cli", "bench", str(results), "--markdown", str(md),
