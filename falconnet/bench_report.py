@@ -181,24 +181,23 @@ def render(analysis: dict, machine: dict) -> str:
         lines.append(f"plain copy (roofline, same run): {analysis['copy_gbps']:.0f} GB/s")
     for key in sorted(analysis["tables"], key=str):
         op, pas, device, layout = key
-        paired = any(r.get("paired_speedup") for r in analysis["tables"][key])
+        pgm = analysis["paired_geomeans"].get(key)  # non-empty when any row of the table was paired
+        header = ["shape", "impl", "median us", "min us", "GB/s", "% copy", _speedup_header(op)]
+        header += ["paired speedup"] if pgm else []
         lines += ["", f"## {op} {pas} on {device}" + (f", {layout}" if layout else ""), "",
-                  f"| shape | impl | median us | min us | GB/s | % copy | {_speedup_header(op)} |"
-                  + (" paired speedup |" if paired else ""),
-                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if paired else "")]
+                  "| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
         for r in sorted(analysis["tables"][key], key=lambda r: (_shape_key(r["shape"]), r["impl"])):
-            share = f"{100 * r['copy_share']:.0f}" if r["copy_share"] else "-"
-            speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-            gbps = f"{r['gbps']:.0f}" if r["gbps"] else "-"
-            lines.append(
-                f"| {r['shape']} | {r['impl']} | {1e6 * r['median_s']:.1f} | {1e6 * r['min_s']:.1f} | {gbps} | {share} | {speed} |"
-                + (f" {r['paired_speedup']:.2f}x |" if r.get("paired_speedup") else " - |" if paired else "")
-            )
+            cells = [r["shape"], r["impl"], f"{1e6 * r['median_s']:.1f}", f"{1e6 * r['min_s']:.1f}",
+                     f"{r['gbps']:.0f}" if r["gbps"] else "-",
+                     f"{100 * r['copy_share']:.0f}" if r["copy_share"] else "-",
+                     f"{r['speedup']:.2f}x" if r["speedup"] else "-"]
+            if pgm:
+                cells.append(f"{r['paired_speedup']:.2f}x" if r.get("paired_speedup") else "-")
+            lines.append("| " + " | ".join(cells) + " |")
         gm = analysis["geomeans"][key]
         if gm:
             lines.append("")
             lines.append("geomean speedup: " + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(gm.items())))
-        pgm = analysis["paired_geomeans"].get(key)
         if pgm:
             lines.append("geomean paired speedup (op and baseline alternated in one case): "
                          + ", ".join(f"{i} {v:.2f}x" for i, v in sorted(pgm.items())))
