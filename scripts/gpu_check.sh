@@ -7,7 +7,7 @@
 #   SKIP_TESTS=1 skips the tests; TRAIN_CHECKS=1 adds issue 4's GPU training runs, alongside them
 #   (TRAIN_ONLY="3" picks checks by number; TRAIN_TIMEOUT, TRAIN_COMPILE_TIMEOUT cap each);
 #   PROFILE=1 adds an Nsight Compute profile of the slowest kernels (scripts/gpu_profile.py).
-#   BENCH_K='pytest -k expression' limits the benchmarks; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s);
+#   BENCH_K='pytest -k expression' limits every group's benchmarks; SKIP_BUILD=1 reuses a warm machine's build; TEST_TIMEOUT/BENCH_TIMEOUT cap each stage (s);
 #   BUDGET (default 540 s) caps the whole script: a stage gets at most what is left of it, and
 #   stages are skipped once it is spent, so the logs and JSONs written so far always come back
 #   within one device call.
@@ -22,11 +22,16 @@ stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 stage_time() { local left=$(( ${BUDGET:-540} - 20 - ($(date +%s) - start) )); (( left < $1 )) && echo $left || echo $1; }
 
 { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
-stamp "building the extension"
-if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -50 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
-fi
-stamp "built"; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
+# SKIP_BUILD=1 on a machine still warm from an earlier call: keep the extension built there, if it imports
+if [ "${SKIP_BUILD:-0}" = "1" ] && $PY -c "import falconnet_kernels._C" 2>/dev/null; then
+  stamp "build skipped (SKIP_BUILD=1; the extension built by an earlier call imports)"
+else
+  stamp "building the extension"
+  if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    tail -50 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
+  fi
+  stamp "built"
+fi; $PY -m falconnet.cli info | tee -a "$OUT/env.txt"
 
 # Issue 4's GPU paths, each a short run on the digits (bf16 autocast and channels_last are the
 # GPU defaults): data held on the GPU, DDP through torchrun (NCCL), torch.compile. Opt-in
@@ -125,6 +130,7 @@ for group in ${BENCH_GROUPS:-repso models copy_and_sf_fwd sf_fwdbwd dw}; do
             k="model or refco or act_train";;
     repso) files=benchmarks/test_bench_repso_train.py; k="repso or train";;
   esac
+  [ -n "${BENCH_K:-}" ] && k="($k) and ($BENCH_K)"
   t=$(stage_time ${BENCH_TIMEOUT:-150}); (( t < 30 )) && { stamp "budget spent: skipping benchmarks $group"; continue; }
   stamp "benchmarks: $group (up to ${t}s)"
   # per case at most 90 s (pytest-timeout: one hang costs one case, not the group); SIGINT at the
