@@ -72,6 +72,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._backend import triton_autotune_enabled as _autotune_enabled
 from ._backend import triton_interpreting as _interpreting
@@ -371,16 +372,35 @@ def _fits(meta: dict, block_p: int, num_warps: int, backward: bool, itemsize: in
     return backward or _forward_smem_bytes(meta, block_p, itemsize) <= _SMEM_BUDGET
 
 
-def _default_config(meta: dict, backward: bool, itemsize: int) -> tuple[int, int]:
-    """(BLOCK_P, num_warps) without autotuning: the largest pixel tile that fits the budget.
-    Under the interpreter: the smallest tile, so that the tests' small shapes still give each
-    persistent program several tiles (the loop and the cross-tile accumulation get exercised)."""
+def _default_configs(meta: dict, backward: bool, itemsize: int) -> list[tuple[int, int]]:
+    """(BLOCK_P, num_warps) candidates without autotuning, largest pixel tile first: those that fit
+    the budget, then the smallest. Under the interpreter: the smallest tile only, so that the
+    tests' small shapes still give each persistent program several tiles (the loop and the
+    cross-tile accumulation get exercised)."""
     if _interpreting():
-        return 16, 4
-    for block_p, num_warps in ((64, 8), (32, 8), (16, 8)):
-        if _fits(meta, block_p, num_warps, backward, itemsize):
-            return block_p, num_warps
-    return 16, 8
+        return [(16, 4)]
+    fitting = [(bp, w) for bp, w in ((64, 8), (32, 8), (16, 8)) if _fits(meta, bp, w, backward, itemsize)]
+    return fitting if (16, 8) in fitting else fitting + [(16, 8)]
+
+
+def _launch_default(kernel, P: int, device, meta: dict, backward: bool, itemsize: int, args, flags) -> None:
+    """Launch without autotuning: the first candidate of _default_configs that the device takes.
+    The shared-memory estimate is only checked for the forward, and a compiled kernel can need
+    more than it: the float32 backward at 512->128 (G = 8) asked for 237,568 bytes on the H100
+    (2026-11-27), over the 232,448 a block may use. Triton raises OutOfResources at launch,
+    before the kernel runs (the zeroed accumulators are untouched), so the next, smaller tile is
+    tried, as the autotuner does when it times a config that does not fit.
+    num_stages=2 as in _FWD_CONFIGS / _BWD_CONFIGS (the tested kernel is one autotuning could
+    pick): Triton's default of 3 needs 262,144 bytes at 1024->256 forward (BLOCK_P = 32)."""
+    candidates = _default_configs(meta, backward, itemsize)
+    for i, (block_p, num_warps) in enumerate(candidates):
+        grid = _grid(P, device, meta, backward)({"BLOCK_P": block_p})
+        try:
+            kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps, num_stages=2)
+            return
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
 
 
 def _prune(backward: bool):
@@ -496,12 +516,7 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
     if _autotune_enabled():
         _sf_conv_fwd_tuned[_grid(P, x.device, meta, False)](*args, **flags)
     else:
-        block_p, num_warps = _default_config(meta, backward=False, itemsize=x.element_size())
-        grid = _grid(P, x.device, meta, False)({"BLOCK_P": block_p})
-        # num_stages=2 as in _FWD_CONFIGS: _forward_smem_bytes counts two x-tile stages; Triton's
-        # default of 3 needs 262144 bytes of shared memory at 1024->256 (BLOCK_P=32), over the
-        # 232448 an H100/H200 block may use (OutOfResources at launch)
-        _sf_conv_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps, num_stages=2)
+        _launch_default(_sf_conv_fwd_kernel, P, x.device, meta, False, x.element_size(), args, flags)
     return y
 
 
@@ -531,8 +546,5 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         if _autotune_enabled():
             _sf_conv_bwd_tuned[_grid(P, x.device, meta, True)](*args, **flags)
         else:
-            block_p, num_warps = _default_config(meta, backward=True, itemsize=x.element_size())
-            grid = _grid(P, x.device, meta, True)({"BLOCK_P": block_p})
-            # num_stages=2 as in _BWD_CONFIGS (the tested kernel is the one autotuning would pick)
-            _sf_conv_bwd_kernel[grid](*args, **flags, BLOCK_P=block_p, num_warps=num_warps, num_stages=2)
+            _launch_default(_sf_conv_bwd_kernel, P, x.device, meta, True, x.element_size(), args, flags)
     return grad_x, *(g.to(w1.dtype, copy=True) for g in (gw1, gw2, gb))

@@ -172,6 +172,44 @@ def test_sf_conv_mixed_layouts():
     assert rel_err(gx, g64[0]) < FP32_TOL
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_sf_conv_default_launch_falls_back_on_out_of_resources(monkeypatch, backward):
+    """Without autotuning, a tile that the device refuses (Triton's OutOfResources at launch: the
+    float32 backward at 512->128 on the H100, 2026-11-27) gives way to the next, smaller one, and
+    the result is still right; a refusal of the last candidate is raised."""
+    from triton.runtime.errors import OutOfResources
+
+    name = "_sf_conv_bwd_kernel" if backward else "_sf_conv_fwd_kernel"
+    real, tried = getattr(tsf, name), []
+
+    class Refusing:  # the big tile "needs too much shared memory"; others launch the real kernel
+        def __init__(self, refuse):
+            self.refuse = refuse
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_P, **kwargs):
+                tried.append(BLOCK_P)
+                if BLOCK_P in self.refuse:
+                    raise OutOfResources(237568, 232448, "shared memory")
+                return real[grid](*args, BLOCK_P=BLOCK_P, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tsf, "_default_configs", lambda *a, **k: [(32, 4), (16, 4)])
+    monkeypatch.setattr(tsf, name, Refusing({32}))
+    x, w1, w2, b, res, gy = _sf_inputs(2, 32, 8, 8, 128, 3, 4, True, False, torch.float32, torch.channels_last)
+    if backward:
+        out = tsf.sf_conv_backward(gy, x, w1, w2, b, "relu")[0]
+        exact = ref.sf_conv_backward_ref(_f64(gy), _f64(x), _f64(w1), _f64(w2), _f64(b), "relu")[0]
+    else:
+        out = tsf.sf_conv_forward(x, w1, w2, b, None, "relu")
+        exact = ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), None, "relu")
+    assert tried == [32, 16]
+    assert rel_err(out, exact) < FP32_TOL
+    monkeypatch.setattr(tsf, name, Refusing({32, 16}))
+    with pytest.raises(OutOfResources):
+        tsf.sf_conv_backward(gy, x, w1, w2, b, "relu") if backward else tsf.sf_conv_forward(x, w1, w2, b, None, "relu")
+
+
 def check_sf_conv_batch_zero(impl=tsf):
     x, w1, w2, b, _, _ = _sf_inputs(0, 32, 8, 8, 128, 5, 7, True, False, torch.float32, torch.channels_last)
     y = impl.sf_conv_forward(x, w1, w2, b, None, "relu")
