@@ -495,6 +495,26 @@ def test_dw_conv3x3_bad_input(change, match):
             torch.ops.falconnet_C.dw_conv3x3_forward(*args.values())
 
 
+def test_cpp_error_messages_spell_numbers_and_shapes():
+    """The C++ checks build their messages without std::ostream's number formatting (csrc/check.h:
+    streaming an integer crashed the process on the H100 machine's torch 2.11); the numbers and
+    shapes they name must still come out right."""
+    if not _backend.cpp_available("sf_conv"):
+        pytest.skip("the C++ CPU kernels are not built")
+    x, w1, w2, b, r, gy = _sf_args()
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(10,\), got \[5\]"):
+        torch.ops.falconnet_C.sf_conv_forward(x, w1, w2, b[:5], r, "none")
+    with pytest.raises(RuntimeError, match=r"grad_y must have the output's shape \(2, 10, 3, 4\), got \[2, 4, 3, 4\]"):
+        torch.ops.falconnet_C.sf_conv_backward(gy[:, :4], x, w1, w2, b, "none")
+    x = torch.randn(2, 6, 5, 5)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(6, 1, 3, 3\) for x with 6 channels, got \[4, 1, 3, 3\]"):
+        torch.ops.falconnet_C.dw_conv3x3_forward(x, torch.randn(4, 1, 3, 3), None, 1, "none")
+    with pytest.raises(RuntimeError, match=r"stride must be 1 or 2, got -3"):
+        torch.ops.falconnet_C.dw_conv3x3_forward(x, torch.randn(6, 1, 3, 3), None, -3, "none")
+    with pytest.raises(RuntimeError, match=r"weight must have the same dtype as x \(Float\), got Double"):
+        torch.ops.falconnet_C.dw_conv3x3_forward(x, torch.randn(6, 1, 3, 3).double(), None, 1, "none")
+
+
 @pytest.mark.parametrize("op", ["sf_conv", "dw_conv3x3"])
 def test_double_backward_matches_reference(op):
     """A backward with create_graph=True recomputes the op's gradients through its PyTorch

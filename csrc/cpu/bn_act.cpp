@@ -103,17 +103,17 @@ inline typename Simd<A>::vec mask_vec(typename Simd<A>::vec z, Activation act) {
 
 void check_input(const at::Tensor& x, const char* op) {
   check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x must be channels_last-contiguous");
-  TORCH_CHECK(x.numel() > x.size(1), op, ": expected more than 1 value per channel, got ", x.sizes());
+  FALCONNET_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  FALCONNET_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                  ": x must be float32 or float64, got ", x.scalar_type());
+  FALCONNET_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x must be channels_last-contiguous");
+  FALCONNET_CHECK(x.numel() > x.size(1), op, ": expected more than 1 value per channel, got ", x.sizes());
 }
 
 void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t.has_value() || !t->defined()) return;
   check_cpu(*t, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), name, " must be (", x.size(1), ",), got ", t->sizes());
+  FALCONNET_CHECK(t->dim() == 1 && t->size(0) == x.size(1), name, " must be (", x.size(1), ",), got ", t->sizes());
 }
 
 // Both ops' argument checks; returns the parsed activation.
@@ -195,12 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(const at::Tensor&
                                                                 const at::Tensor& mean_in, const at::Tensor& invstd_in,
                                                                 c10::string_view activation, bool need_x) {
   const Activation act = check_args(x, weight, bias, activation, "bn_act_backward");
-  TORCH_CHECK(grad_y_in.sizes() == x.sizes() && grad_y_in.scalar_type() == x.scalar_type(),
-              "bn_act_backward: grad_y must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
-              grad_y_in.sizes(), " ", grad_y_in.scalar_type());
+  FALCONNET_CHECK(grad_y_in.sizes() == x.sizes() && grad_y_in.scalar_type() == x.scalar_type(),
+                  "bn_act_backward: grad_y must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
+                  grad_y_in.sizes(), " ", grad_y_in.scalar_type());
   const int64_t C = x.size(1), P = x.numel() / C;
-  TORCH_CHECK(mean_in.numel() == C && invstd_in.numel() == C, "bn_act_backward: mean and invstd must have ", C,
-              " values");
+  FALCONNET_CHECK(mean_in.numel() == C && invstd_in.numel() == C, "bn_act_backward: mean and invstd must have ", C,
+                  " values");
   const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor mean = mean_in.to(at::kDouble).contiguous(), invstd = invstd_in.to(at::kDouble).contiguous();
   const at::Tensor w = weight.has_value() && weight->defined() ? *weight : at::Tensor();

@@ -22,6 +22,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 
+#include "../check.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -64,7 +66,7 @@ inline Activation parse_activation(std::string_view name) {
   if (name == "none") return Activation::kNone;
   if (name == "relu") return Activation::kRelu;
   if (name == "relu6") return Activation::kRelu6;
-  TORCH_CHECK(false, "activation must be one of 'none', 'relu', 'relu6', got '", name, "'");
+  FALCONNET_CHECK(false, "activation must be one of 'none', 'relu', 'relu6', got '", name, "'");
 }
 
 // NaN-propagating, as torch.relu / relu6.
@@ -151,20 +153,20 @@ inline at::MemoryFormat output_format(const at::Tensor& x) {
 
 inline void check_float_dtype(const at::Tensor& x, const char* name) {
   auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, name,
-              " must be float32, float64 or bfloat16 on the CPU, got ", dt);
+  FALCONNET_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, name,
+                  " must be float32, float64 or bfloat16 on the CPU, got ", dt);
 }
 
 inline void check_like(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == x.device(), name, " must be on the same device as x (", x.device(), "), got ",
-              t->device());
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), name, " must have the same dtype as x (", x.scalar_type(),
-              "), got ", t->scalar_type());
+  FALCONNET_CHECK(t->device() == x.device(), name, " must be on the same device as x (", x.device(), "), got ",
+                  t->device());
+  FALCONNET_CHECK(t->scalar_type() == x.scalar_type(), name, " must have the same dtype as x (", x.scalar_type(),
+                  "), got ", t->scalar_type());
 }
 
 inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the C++ CPU kernel, got ", t.device());
+  FALCONNET_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the C++ CPU kernel, got ", t.device());
 }
 
 // ---------------------------------------------------------------------------------------------

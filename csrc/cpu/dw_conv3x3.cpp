@@ -424,15 +424,15 @@ DwShape check_dw_inputs(const at::Tensor& x, const at::Tensor& weight, const c10
                         int64_t stride) {
   check_cpu(x, "x");
   check_float_dtype(x, "x");
-  TORCH_CHECK(x.dim() == 4, "x must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
+  FALCONNET_CHECK(x.dim() == 4, "x must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
   const int64_t C = x.size(1);
-  TORCH_CHECK(weight.sizes() == at::IntArrayRef({C, 1, 3, 3}), "weight must have shape (", C,
-              ", 1, 3, 3) for x with ", C, " channels, got ", weight.sizes());
-  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  FALCONNET_CHECK(weight.sizes() == at::IntArrayRef({C, 1, 3, 3}), "weight must have shape (", C,
+                  ", 1, 3, 3) for x with ", C, " channels, got ", weight.sizes());
+  FALCONNET_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
   check_like(weight, x, "weight");
   check_like(bias, x, "bias");
   if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "bias must have shape (", C, ",), got ", bias->sizes());
+    FALCONNET_CHECK(bias->dim() == 1 && bias->size(0) == C, "bias must have shape (", C, ",), got ", bias->sizes());
   DwShape s;
   s.N = x.size(0);
   s.C = C;
@@ -483,10 +483,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_conv3x3_backward_cpu(const at:
   const DwShape s = check_dw_inputs(x_in, weight, bias, stride);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   check_cpu(grad_y_in, "grad_y");
-  TORCH_CHECK(grad_y_in.scalar_type() == x_in.scalar_type(), "grad_y must have the same dtype as x (",
-              x_in.scalar_type(), "), got ", grad_y_in.scalar_type());
-  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({s.N, s.C, s.Ho, s.Wo}), "grad_y must have the output's shape (",
-              s.N, ", ", s.C, ", ", s.Ho, ", ", s.Wo, "), got ", grad_y_in.sizes());
+  FALCONNET_CHECK(grad_y_in.scalar_type() == x_in.scalar_type(), "grad_y must have the same dtype as x (",
+                  x_in.scalar_type(), "), got ", grad_y_in.scalar_type());
+  FALCONNET_CHECK(grad_y_in.sizes() == at::IntArrayRef({s.N, s.C, s.Ho, s.Wo}), "grad_y must have the output's shape (",
+                  s.N, ", ", s.C, ", ", s.Ho, ", ", s.Wo, "), got ", grad_y_in.sizes());
   const at::Tensor x = collapsible(x_in);
   const Layout layout = layout_of(x);
   // The kernels want grad_y and grad_x in x's layout.

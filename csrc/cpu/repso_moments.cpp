@@ -1297,18 +1297,18 @@ void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* 
 
 void check(const at::Tensor& mean, const at::Tensor& cov, const at::Tensor& kernels, const at::Tensor& gamma,
            const at::Tensor& eps) {
-  TORCH_CHECK(mean.dim() == 2, "repso_fold: mean must be (C, K*K), got ", mean.sizes());
+  FALCONNET_CHECK(mean.dim() == 2, "repso_fold: mean must be (C, K*K), got ", mean.sizes());
   const int64_t C = mean.size(0), KK = mean.size(1);
-  TORCH_CHECK(cov.sizes() == at::IntArrayRef({C, KK, KK}), "repso_fold: cov must be (C, K*K, K*K), got ", cov.sizes());
-  TORCH_CHECK(kernels.dim() == 3 && kernels.size(0) == C && kernels.size(2) == KK,
-              "repso_fold: kernels must be (C, B, K*K), got ", kernels.sizes());
+  FALCONNET_CHECK(cov.sizes() == at::IntArrayRef({C, KK, KK}), "repso_fold: cov must be (C, K*K, K*K), got ", cov.sizes());
+  FALCONNET_CHECK(kernels.dim() == 3 && kernels.size(0) == C && kernels.size(2) == KK,
+                  "repso_fold: kernels must be (C, B, K*K), got ", kernels.sizes());
   const int64_t B = kernels.size(1);
-  TORCH_CHECK(gamma.sizes() == at::IntArrayRef({C, B}), "repso_fold: gamma and beta must be (C, B), got ",
-              gamma.sizes());
-  TORCH_CHECK(eps.numel() == B, "repso_fold: eps must have B entries, got ", eps.numel());
+  FALCONNET_CHECK(gamma.sizes() == at::IntArrayRef({C, B}), "repso_fold: gamma and beta must be (C, B), got ",
+                  gamma.sizes());
+  FALCONNET_CHECK(eps.numel() == B, "repso_fold: eps must have B entries, got ", eps.numel());
   for (const at::Tensor* t : {&cov, &kernels, &gamma})
-    TORCH_CHECK(t->scalar_type() == mean.scalar_type() && t->device().is_cpu(),
-                "repso_fold: every tensor must be a CPU tensor of mean's dtype");
+    FALCONNET_CHECK(t->scalar_type() == mean.scalar_type() && t->device().is_cpu(),
+                    "repso_fold: every tensor must be a CPU tensor of mean's dtype");
 }
 
 }  // namespace fold
@@ -1320,8 +1320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fold_forward(co
                                                                             const at::Tensor& beta,
                                                                             const at::Tensor& eps) {
   fold::check(mean, cov, kernels, gamma, eps);
-  TORCH_CHECK(beta.sizes() == gamma.sizes() && beta.scalar_type() == mean.scalar_type(),
-              "repso_fold: beta must be like gamma");
+  FALCONNET_CHECK(beta.sizes() == gamma.sizes() && beta.scalar_type() == mean.scalar_type(),
+                  "repso_fold: beta must be like gamma");
   const int64_t C = mean.size(0), KK = mean.size(1), B = kernels.size(1);
   const at::Tensor mu = mean.contiguous(), cv = cov.contiguous(), k = kernels.contiguous(), g = gamma.contiguous(),
                    bt = beta.contiguous(), e = eps.to(at::kDouble).contiguous();
@@ -1343,7 +1343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fol
   const int64_t C = mean.size(0), KK = mean.size(1), B = kernels.size(1);
   const auto dt = mean.scalar_type();
   const at::Tensor gF = grad_folded.to(dt).contiguous(), gb = grad_bias.to(dt).contiguous();
-  TORCH_CHECK(gF.sizes() == mean.sizes() && gb.numel() == C, "repso_fold_backward: gradient shapes");
+  FALCONNET_CHECK(gF.sizes() == mean.sizes() && gb.numel() == C, "repso_fold_backward: gradient shapes");
   const at::Tensor mu = mean.contiguous(), cv = cov.contiguous(), k = kernels.contiguous(), g = gamma.contiguous(),
                    e = eps.to(at::kDouble).contiguous();
   at::Tensor g_mean = at::empty_like(mu), g_cov = at::empty_like(cv), g_k = at::empty_like(k),
@@ -1359,11 +1359,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fol
 }
 
 void check_x(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 4, "repso_moments: x must be a 4-D (N, C, H, W) tensor, got ", x.sizes());
-  TORCH_CHECK(K >= 1 && K % 2 == 1, "repso_moments: K must be a positive odd integer, got ", K);
-  TORCH_CHECK(x.device().is_cpu(), "repso_moments (C++): x must be a CPU tensor");
-  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 0,
-              "repso_moments: x must have at least one position per channel, got ", x.sizes());
+  FALCONNET_CHECK(x.dim() == 4, "repso_moments: x must be a 4-D (N, C, H, W) tensor, got ", x.sizes());
+  FALCONNET_CHECK(K >= 1 && K % 2 == 1, "repso_moments: K must be a positive odd integer, got ", K);
+  FALCONNET_CHECK(x.device().is_cpu(), "repso_moments (C++): x must be a CPU tensor");
+  FALCONNET_CHECK(x.size(0) * x.size(2) * x.size(3) > 0,
+                  "repso_moments: x must have at least one position per channel, got ", x.sizes());
 }
 
 at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -1403,12 +1403,12 @@ at::Tensor repso_moments_backward(const at::Tensor& grad_mean_in, const at::Tens
   check_x(x_in, K);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), KK = K * K;
   const auto st = stat_type(x_in.scalar_type());
-  TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({C, KK}), "repso_moments_backward: mean must have shape (", C, ", ",
-              KK, "), got ", mean_in.sizes());
-  TORCH_CHECK(grad_cov_in.sizes() == at::IntArrayRef({C, KK, KK}), "repso_moments_backward: grad_cov must have shape (",
-              C, ", ", KK, ", ", KK, "), got ", grad_cov_in.sizes());
-  TORCH_CHECK(grad_mean_in.sizes() == at::IntArrayRef({C, KK}), "repso_moments_backward: grad_mean must have shape (",
-              C, ", ", KK, "), got ", grad_mean_in.sizes());
+  FALCONNET_CHECK(mean_in.sizes() == at::IntArrayRef({C, KK}), "repso_moments_backward: mean must have shape (", C, ", ",
+                  KK, "), got ", mean_in.sizes());
+  FALCONNET_CHECK(grad_cov_in.sizes() == at::IntArrayRef({C, KK, KK}), "repso_moments_backward: grad_cov must have shape (",
+                  C, ", ", KK, ", ", KK, "), got ", grad_cov_in.sizes());
+  FALCONNET_CHECK(grad_mean_in.sizes() == at::IntArrayRef({C, KK}), "repso_moments_backward: grad_mean must have shape (",
+                  C, ", ", KK, "), got ", grad_mean_in.sizes());
   const at::Tensor grad_mean = grad_mean_in.to(st).contiguous(), grad_cov = grad_cov_in.to(st).contiguous();
   const at::Tensor mean = mean_in.to(st).contiguous();
   if (use_cl3(x_in, K)) {
@@ -1447,11 +1447,11 @@ at::Tensor repso_moments_backward(const at::Tensor& grad_mean_in, const at::Tens
 // (use_cl3: K = 3, C a multiple of 16): the conv's weight and bias gradients, and the whole grad_x
 // (moments backward plus the conv's input gradient) in one pass.
 void check_cl3_pair(const char* op, const at::Tensor& x, const at::Tensor& grad_y) {
-  TORCH_CHECK(use_cl3(x, 3), op, ": x must be a channels_last (N, C, H, W) CPU tensor with C a multiple of 16, got ",
-              x.sizes(), x.is_contiguous(at::MemoryFormat::ChannelsLast) ? "" : " (not channels_last)");
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor");
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), op,
-              ": grad_y must have x's shape and dtype, got ", grad_y.sizes(), " ", grad_y.scalar_type());
+  FALCONNET_CHECK(use_cl3(x, 3), op, ": x must be a channels_last (N, C, H, W) CPU tensor with C a multiple of 16, got ",
+                  x.sizes(), x.is_contiguous(at::MemoryFormat::ChannelsLast) ? "" : " (not channels_last)");
+  FALCONNET_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor");
+  FALCONNET_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), op,
+                  ": grad_y must have x's shape and dtype, got ", grad_y.sizes(), " ", grad_y.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> repso_conv_weight_grad(const at::Tensor& grad_y_in, const at::Tensor& x) {
@@ -1477,13 +1477,13 @@ at::Tensor repso_train_backward_x(const at::Tensor& grad_mean_in, const at::Tens
   check_cl3_pair("repso_train_backward_x", x, grad_y_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto st = stat_type(x.scalar_type());
-  TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({C, 9}) && grad_mean_in.sizes() == mean_in.sizes() &&
-                  grad_cov_in.sizes() == at::IntArrayRef({C, 9, 9}),
-              "repso_train_backward_x: mean and grad_mean must be (", C, ", 9), grad_cov (", C, ", 9, 9), got ",
-              mean_in.sizes(), ", ", grad_mean_in.sizes(), ", ", grad_cov_in.sizes());
-  TORCH_CHECK(weight_in.sizes() == at::IntArrayRef({C, 1, 3, 3}) && weight_in.scalar_type() == x.scalar_type(),
-              "repso_train_backward_x: weight must be (", C, ", 1, 3, 3) of x's dtype ", x.scalar_type(), ", got ",
-              weight_in.sizes(), " ", weight_in.scalar_type());
+  FALCONNET_CHECK(mean_in.sizes() == at::IntArrayRef({C, 9}) && grad_mean_in.sizes() == mean_in.sizes() &&
+                      grad_cov_in.sizes() == at::IntArrayRef({C, 9, 9}),
+                  "repso_train_backward_x: mean and grad_mean must be (", C, ", 9), grad_cov (", C, ", 9, 9), got ",
+                  mean_in.sizes(), ", ", grad_mean_in.sizes(), ", ", grad_cov_in.sizes());
+  FALCONNET_CHECK(weight_in.sizes() == at::IntArrayRef({C, 1, 3, 3}) && weight_in.scalar_type() == x.scalar_type(),
+                  "repso_train_backward_x: weight must be (", C, ", 1, 3, 3) of x's dtype ", x.scalar_type(), ", got ",
+                  weight_in.sizes(), " ", weight_in.scalar_type());
   const at::Tensor grad_mean = grad_mean_in.to(st).contiguous(), grad_cov = grad_cov_in.to(st).contiguous();
   const at::Tensor mean = mean_in.to(st).contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);

@@ -505,21 +505,21 @@ void check_sf_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
                      const c10::optional<at::Tensor>& bias) {
   check_cpu(x, "x");
   check_float_dtype(x, "x");
-  TORCH_CHECK(x.dim() == 4, "x must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
-  TORCH_CHECK(w1.dim() == 3, "w1 must have shape (G, c_h, k), got ", w1.sizes());
-  TORCH_CHECK(w2.dim() == 3, "w2 must have shape (c_h, m, G), got ", w2.sizes());
+  FALCONNET_CHECK(x.dim() == 4, "x must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
+  FALCONNET_CHECK(w1.dim() == 3, "w1 must have shape (G, c_h, k), got ", w1.sizes());
+  FALCONNET_CHECK(w2.dim() == 3, "w2 must have shape (c_h, m, G), got ", w2.sizes());
   check_like(w1, x, "w1");
   check_like(w2, x, "w2");
   check_like(bias, x, "bias");
   const int64_t G = w1.size(0), c_h = w1.size(1), k = w1.size(2);
-  TORCH_CHECK(w2.size(0) == c_h && w2.size(2) == G, "w2 must have shape (c_h=", c_h, ", m, G=", G,
-              ") to match w1 ", w1.sizes(), ", got ", w2.sizes());
-  TORCH_CHECK(x.size(1) == G * k, "x must have C_in = G*k = ", G * k, " channels (w1 is ", w1.sizes(), "), got ",
-              x.size(1));
+  FALCONNET_CHECK(w2.size(0) == c_h && w2.size(2) == G, "w2 must have shape (c_h=", c_h, ", m, G=", G,
+                  ") to match w1 ", w1.sizes(), ", got ", w2.sizes());
+  FALCONNET_CHECK(x.size(1) == G * k, "x must have C_in = G*k = ", G * k, " channels (w1 is ", w1.sizes(), "), got ",
+                  x.size(1));
   const int64_t C_out = c_h * w2.size(1);
   if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C_out, "bias must have shape (", C_out, ",), got ",
-                bias->sizes());
+    FALCONNET_CHECK(bias->dim() == 1 && bias->size(0) == C_out, "bias must have shape (", C_out, ",), got ",
+                    bias->sizes());
 }
 
 // NV = vectors per tile row: 2 gives T = 32 float / 16 double pixels, enough reuse of each
@@ -649,8 +649,8 @@ at::Tensor sf_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& w1, con
   c10::optional<at::Tensor> residual;
   if (residual_in.has_value()) {
     check_like(residual_in, x, "residual");
-    TORCH_CHECK(residual_in->sizes() == at::IntArrayRef({N, s.C_out, H, W}), "residual must have the output's shape (",
-                N, ", ", s.C_out, ", ", H, ", ", W, "), got ", residual_in->sizes());
+    FALCONNET_CHECK(residual_in->sizes() == at::IntArrayRef({N, s.C_out, H, W}), "residual must have the output's shape (",
+                    N, ", ", s.C_out, ", ", H, ", ", W, "), got ", residual_in->sizes());
     residual = collapsible(*residual_in);
   }
   at::Tensor y = at::empty({N, s.C_out, H, W}, x.options().memory_format(output_format(x_in)));
@@ -762,10 +762,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cpu(
   const at::Tensor x = collapsible(x_in);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   check_cpu(grad_y_in, "grad_y");
-  TORCH_CHECK(grad_y_in.scalar_type() == x.scalar_type(), "grad_y must have the same dtype as x (", x.scalar_type(),
-              "), got ", grad_y_in.scalar_type());
-  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({N, s.C_out, H, W}), "grad_y must have the output's shape (", N,
-              ", ", s.C_out, ", ", H, ", ", W, "), got ", grad_y_in.sizes());
+  FALCONNET_CHECK(grad_y_in.scalar_type() == x.scalar_type(), "grad_y must have the same dtype as x (", x.scalar_type(),
+                  "), got ", grad_y_in.scalar_type());
+  FALCONNET_CHECK(grad_y_in.sizes() == at::IntArrayRef({N, s.C_out, H, W}), "grad_y must have the output's shape (", N,
+                  ", ", s.C_out, ", ", H, ", ", W, "), got ", grad_y_in.sizes());
   const at::Tensor grad_y = collapsible(grad_y_in);
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(output_format(x_in)));
   at::Tensor gw1 = at::zeros(w1.sizes(), w1.options());

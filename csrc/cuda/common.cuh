@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "../check.h"
+
 #include <cstdint>
 #include <string>
 
@@ -31,7 +33,7 @@ inline int parse_activation(const std::string& activation) {
   if (activation == "none") return kActNone;
   if (activation == "relu") return kActRelu;
   if (activation == "relu6") return kActRelu6;
-  TORCH_CHECK(false, "activation must be one of ('none', 'relu', 'relu6'), got '", activation, "'");
+  FALCONNET_CHECK(false, "activation must be one of ('none', 'relu', 'relu6'), got '", activation, "'");
   return kActNone;
 }
 
@@ -109,35 +111,25 @@ inline at::MemoryFormat memory_format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// Errors name devices and shapes without c10's operator<< for Device and IntArrayRef: compiled by
-// nvcc against torch 2.11 (H100 runs of 2026-11-26), a TORCH_CHECK message that streamed either
-// crashed the process with SIGSEGV instead of raising (every crashing check printed one, every
-// check beside it that printed neither raised cleanly).
-inline std::string shape_str(at::IntArrayRef sizes) {
-  std::string out = "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + (sizes.size() == 1 ? ",)" : ")");
-}
-
 inline const char* device_type_name(const at::Tensor& t) {
   return t.is_cuda() ? "cuda" : t.is_cpu() ? "cpu" : t.is_meta() ? "meta" : "a non-CUDA device";
 }
 
 // Boundary checks: every tensor on x's CUDA device with x's dtype; errors name the argument.
 inline void check_input(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", device_type_name(t));
-  TORCH_CHECK(t.get_device() == x.get_device(), name, " must be on x's device (cuda:", static_cast<int>(x.get_device()),
-              "), got cuda:", static_cast<int>(t.get_device()));
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype (", x.scalar_type(), "), got ",
-              t.scalar_type());
+  FALCONNET_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", device_type_name(t));
+  FALCONNET_CHECK(t.get_device() == x.get_device(), name, " must be on x's device (cuda:", static_cast<int>(x.get_device()),
+                  "), got cuda:", static_cast<int>(t.get_device()));
+  FALCONNET_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype (", x.scalar_type(), "), got ",
+                  t.scalar_type());
 }
 
 inline void check_x(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", device_type_name(x));
-  TORCH_CHECK(x.dim() == 4, name, " must be a 4-D (N, C, H, W) tensor, got shape ", shape_str(x.sizes()));
+  FALCONNET_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", device_type_name(x));
+  FALCONNET_CHECK(x.dim() == 4, name, " must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
-              " must be float32, float16 or bfloat16 on CUDA, got ", st);
+  FALCONNET_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
+                  " must be float32, float16 or bfloat16 on CUDA, got ", st);
 }
 
 inline int device_attribute(cudaDeviceAttr attr, int device) {
@@ -174,6 +166,6 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
         return __VA_ARGS__();                                                          \
       }                                                                                \
       default:                                                                         \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", TYPE);                        \
+        FALCONNET_CHECK(false, NAME, ": unsupported dtype ", TYPE);                        \
     }                                                                                  \
   }()

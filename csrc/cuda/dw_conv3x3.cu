@@ -436,13 +436,13 @@ void check_dw_args(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   check_x(x, "x");
   check_input(weight, "weight", x);
   const int64_t C = x.size(1);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == 3 &&
-                  weight.size(3) == 3,
-              "weight must have shape (", C, ", 1, 3, 3) for x with ", C, " channels, got ", shape_str(weight.sizes()));
-  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  FALCONNET_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == 3 &&
+                      weight.size(3) == 3,
+                  "weight must have shape (", C, ", 1, 3, 3) for x with ", C, " channels, got ", weight.sizes());
+  FALCONNET_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
   if (bias.has_value()) {
     check_input(*bias, "bias", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "bias must have shape (", C, ",), got ", shape_str(bias->sizes()));
+    FALCONNET_CHECK(bias->dim() == 1 && bias->size(0) == C, "bias must have shape (", C, ",), got ", bias->sizes());
   }
 }
 
@@ -592,8 +592,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_conv3x3_backward_cuda(
   const auto fmt = memory_format_of(cl);
   const at::Tensor x = x_in.contiguous(fmt);
   const DwShape s = make_dw_shape(x, static_cast<int>(stride), cl);
-  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({s.N, s.C, s.Ho, s.Wo}), "grad_y must have the output's shape (",
-              s.N, ", ", s.C, ", ", s.Ho, ", ", s.Wo, "), got ", shape_str(grad_y_in.sizes()));
+  FALCONNET_CHECK(grad_y_in.sizes() == at::IntArrayRef({s.N, s.C, s.Ho, s.Wo}), "grad_y must have the output's shape (",
+                  s.N, ", ", s.C, ", ", s.Ho, ", ", s.Wo, "), got ", grad_y_in.sizes());
   const at::Tensor gy = grad_y_in.contiguous(fmt);  // indexed with the output strides of x's layout
 
   at::Tensor gx = at::empty_like(x, x.options().memory_format(fmt));

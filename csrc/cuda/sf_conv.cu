@@ -516,7 +516,7 @@ void launch_forward_tiled(FwdArgs<T> a, const FastConfig& cfg, int sms, cudaStre
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, cfg.smem));
-  TORCH_CHECK(per_sm > 0, "sf_conv_forward: the tiled kernel cannot be resident (", cfg.smem, " bytes of shared memory)");
+  FALCONNET_CHECK(per_sm > 0, "sf_conv_forward: the tiled kernel cannot be resident (", cfg.smem, " bytes of shared memory)");
   const int64_t grid = std::min<int64_t>(a.tiles, static_cast<int64_t>(per_sm) * sms);
   kernel<<<static_cast<unsigned>(grid), kThreads, cfg.smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -570,17 +570,17 @@ bool forward_fast(FwdArgs<T>& a, size_t smem_limit, int sms, cudaStream_t stream
 void check_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const c10::optional<at::Tensor>& bias) {
   check_input(w1, "w1", x);
   check_input(w2, "w2", x);
-  TORCH_CHECK(w1.dim() == 3, "w1 must have shape (G, c_h, k), got ", shape_str(w1.sizes()));
-  TORCH_CHECK(w2.dim() == 3, "w2 must have shape (c_h, m, G), got ", shape_str(w2.sizes()));
-  TORCH_CHECK(w2.size(0) == w1.size(1) && w2.size(2) == w1.size(0), "w2 must have shape (c_h=", w1.size(1),
-              ", m, G=", w1.size(0), ") to match w1 ", shape_str(w1.sizes()), ", got ", shape_str(w2.sizes()));
-  TORCH_CHECK(x.size(1) == w1.size(0) * w1.size(2), "x must have C_in = G*k = ", w1.size(0) * w1.size(2),
-              " channels (w1 is ", shape_str(w1.sizes()), "), got ", x.size(1));
-  TORCH_CHECK(w1.numel() > 0 && w2.numel() > 0, "w1 and w2 must be non-empty");
+  FALCONNET_CHECK(w1.dim() == 3, "w1 must have shape (G, c_h, k), got ", w1.sizes());
+  FALCONNET_CHECK(w2.dim() == 3, "w2 must have shape (c_h, m, G), got ", w2.sizes());
+  FALCONNET_CHECK(w2.size(0) == w1.size(1) && w2.size(2) == w1.size(0), "w2 must have shape (c_h=", w1.size(1),
+                  ", m, G=", w1.size(0), ") to match w1 ", w1.sizes(), ", got ", w2.sizes());
+  FALCONNET_CHECK(x.size(1) == w1.size(0) * w1.size(2), "x must have C_in = G*k = ", w1.size(0) * w1.size(2),
+                  " channels (w1 is ", w1.sizes(), "), got ", x.size(1));
+  FALCONNET_CHECK(w1.numel() > 0 && w2.numel() > 0, "w1 and w2 must be non-empty");
   if (bias.has_value()) {
     check_input(*bias, "bias", x);
     const int64_t C_out = w2.size(0) * w2.size(1);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C_out, "bias must have shape (", C_out, ",), got ", shape_str(bias->sizes()));
+    FALCONNET_CHECK(bias->dim() == 1 && bias->size(0) == C_out, "bias must have shape (", C_out, ",), got ", bias->sizes());
   }
 }
 
@@ -635,9 +635,9 @@ at::Tensor sf_conv_forward_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
   at::Tensor residual;
   if (residual_in.has_value()) {
     check_input(*residual_in, "residual", x);
-    TORCH_CHECK(residual_in->sizes() == at::IntArrayRef({x.size(0), C_out, x.size(2), x.size(3)}),
-                "residual must have the output's shape (", x.size(0), ", ", C_out, ", ", x.size(2), ", ", x.size(3),
-                "), got ", shape_str(residual_in->sizes()));
+    FALCONNET_CHECK(residual_in->sizes() == at::IntArrayRef({x.size(0), C_out, x.size(2), x.size(3)}),
+                    "residual must have the output's shape (", x.size(0), ", ", C_out, ", ", x.size(2), ", ", x.size(3),
+                    "), got ", residual_in->sizes());
     residual = residual_in->contiguous(fmt);
   }
   at::Tensor y = at::empty({x.size(0), C_out, x.size(2), x.size(3)}, x.options().memory_format(fmt));
@@ -718,9 +718,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sf_conv_backward_cuda
   check_input(grad_y_in, "grad_y", x_in);
   const int act = parse_activation(std::string(activation.data(), activation.size()));
   const int64_t C_out = w2.size(0) * w2.size(1);
-  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({x_in.size(0), C_out, x_in.size(2), x_in.size(3)}),
-              "grad_y must have the output's shape (", x_in.size(0), ", ", C_out, ", ", x_in.size(2), ", ",
-              x_in.size(3), "), got ", shape_str(grad_y_in.sizes()));
+  FALCONNET_CHECK(grad_y_in.sizes() == at::IntArrayRef({x_in.size(0), C_out, x_in.size(2), x_in.size(3)}),
+                  "grad_y must have the output's shape (", x_in.size(0), ", ", C_out, ", ", x_in.size(2), ", ",
+                  x_in.size(3), "), got ", grad_y_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool cl = is_channels_last(x_in);
   const auto fmt = memory_format_of(cl);
