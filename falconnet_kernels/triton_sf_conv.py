@@ -328,14 +328,16 @@ def _pow2(n: int) -> int:
 _CHUNK_CHANNELS = {False: 1024, True: 512}
 
 
-def _plan(G: int, c_h: int, k: int, m: int, backward: bool) -> dict:
-    """Padded block sizes for (G, c_h, k, m); every tl.dot dimension comes out >= 16."""
+def _plan(G: int, c_h: int, k: int, m: int, backward: bool, chunk_channels: int | None = None) -> dict:
+    """Padded block sizes for (G, c_h, k, m); every tl.dot dimension comes out >= 16.
+    chunk_channels: input channels per group chunk (default _CHUNK_CHANNELS; _launch lowers it
+    when the device refuses a chunk's tiles)."""
     KP, CHP, MP = _pow2(k), _pow2(c_h), max(16, _pow2(m))
     GPK = max(1, 16 // min(KP, CHP))  # groups packed per stage-1 product: GPK*k, GPK*c_h >= 16
     # groups per chunk: at most _CHUNK_CHANNELS input channels so that the tiles fit registers
     # and shared memory; one chunk keeps the weights resident (every FalconNet shape in the
     # forward, all but 1024->256 in the backward)
-    GC = max(GPK, min(_pow2(G), _CHUNK_CHANNELS[backward] // KP))
+    GC = max(GPK, min(_pow2(G), (chunk_channels or _CHUNK_CHANNELS[backward]) // KP))
     GS = max(1, 16 // GC)  # stage 2's reduction dimension GC*GS >= 16 (see _to_stage2)
     return dict(KP=KP, CHP=CHP, MP=MP, GPK=GPK, NB1=GC // GPK, GS=GS, ONE_CHUNK=GC >= G)
 
@@ -383,15 +385,40 @@ def _default_configs(meta: dict, backward: bool, itemsize: int) -> list[tuple[in
     return fitting if (16, 8) in fitting else fitting + [(16, 8)]
 
 
+def _launch(backward: bool, shape: tuple, P: int, device, itemsize: int, args, flags) -> None:
+    """Launch the forward or backward kernel for shape = (G, c_h, k, m), autotuned or not.
+    The shared-memory estimate is only checked for the forward's tiles, and a compiled kernel can
+    need more than any estimate: on the H100 (2026-11-27) the float32 backward of a RefCO layer
+    512->128 (G = 64, k = 8, m = 48 or 16) asked for 237,568 bytes even at the smallest pixel tile,
+    over the 232,448 a block may use. The chunk's weights and accumulators set it, not the pixel
+    tile: compiled for sm_90 without a GPU (triton 3.6), m = 48 at BLOCK_P = 16 needs 327,680 /
+    196,608 / 131,072 bytes at 64 / 32 / 16 groups a chunk. Triton raises OutOfResources at launch, before the kernel runs (the zeroed accumulators
+    are untouched), so the plan is made again with half the groups a chunk, down to one packed
+    product, and launched again."""
+    chunk = _CHUNK_CHANNELS[backward]
+    while True:
+        meta = _plan(*shape, backward, chunk)
+        try:
+            if _autotune_enabled():
+                tuned = _sf_conv_bwd_tuned if backward else _sf_conv_fwd_tuned
+                tuned[_grid(P, device, meta, backward)](*args, **flags, **meta)
+            else:
+                kernel = _sf_conv_bwd_kernel if backward else _sf_conv_fwd_kernel
+                _launch_default(kernel, P, device, meta, backward, itemsize, args, {**flags, **meta})
+            return
+        except OutOfResources:
+            GC = meta["NB1"] * meta["GPK"]
+            if GC <= meta["GPK"]:
+                raise
+            chunk = GC // 2 * meta["KP"]
+
+
 def _launch_default(kernel, P: int, device, meta: dict, backward: bool, itemsize: int, args, flags) -> None:
-    """Launch without autotuning: the first candidate of _default_configs that the device takes.
-    The shared-memory estimate is only checked for the forward, and a compiled kernel can need
-    more than it: the float32 backward at 512->128 (G = 8) asked for 237,568 bytes on the H100
-    (2026-11-27), over the 232,448 a block may use. Triton raises OutOfResources at launch,
-    before the kernel runs (the zeroed accumulators are untouched), so the next, smaller tile is
-    tried, as the autotuner does when it times a config that does not fit.
-    num_stages=2 as in _FWD_CONFIGS / _BWD_CONFIGS (the tested kernel is one autotuning could
-    pick): Triton's default of 3 needs 262,144 bytes at 1024->256 forward (BLOCK_P = 32)."""
+    """Launch without autotuning: the first candidate of _default_configs that the device takes
+    (OutOfResources at launch moves on to the next, smaller tile, as the autotuner skips a config
+    that does not fit). num_stages=2 as in _FWD_CONFIGS / _BWD_CONFIGS (the tested kernel is one
+    autotuning could pick): Triton's default of 3 needs 262,144 bytes at 1024->256 forward
+    (BLOCK_P = 32)."""
     candidates = _default_configs(meta, backward, itemsize)
     for i, (block_p, num_warps) in enumerate(candidates):
         grid = _grid(P, device, meta, backward)({"BLOCK_P": block_p})
@@ -508,15 +535,11 @@ def sf_conv_forward(x, w1, w2, bias, residual, activation):
         return y
     x, residual, strides, x_lin, y_lin, r_lin = _forward_strides(x, y, residual)
     s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw = strides
-    meta = _plan(G, c_h, k, m, backward=False)
     args = (x, w1, w2, bias if bias is not None else x, residual if residual is not None else x, y,
             P, H * W, G, c_h, k, m, s_xn, s_xc, s_xhw, s_yn, s_yc, s_yhw, s_rn, s_rc, s_rhw)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTIVATION_CODE[activation],
-                 X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
-    if _autotune_enabled():
-        _sf_conv_fwd_tuned[_grid(P, x.device, meta, False)](*args, **flags)
-    else:
-        _launch_default(_sf_conv_fwd_kernel, P, x.device, meta, False, x.element_size(), args, flags)
+                 X_LINEAR=x_lin, Y_LINEAR=y_lin, R_LINEAR=r_lin, DOT_PRECISION=_dot_precision(x.dtype))
+    _launch(False, (G, c_h, k, m), P, x.device, x.element_size(), args, flags)
     return y
 
 
@@ -538,13 +561,9 @@ def sf_conv_backward(grad_y, x, w1, w2, bias, activation):
         grad_y, s_gyn, s_gyc, s_gyhw, gy_lin = _pixel_strides(grad_y)
         x, s_xn, s_xc, s_xhw, x_lin = _pixel_strides(x)
         _, s_gxn, s_gxc, s_gxhw, gx_lin = _pixel_strides(grad_x)
-        meta = _plan(G, c_h, k, m, backward=True)
         args = (grad_y, x, w1, w2, bias if bias is not None else x, grad_x, gw1, gw2, gb,
                 P, H * W, G, c_h, k, m, s_gyn, s_gyc, s_gyhw, s_xn, s_xc, s_xhw, s_gxn, s_gxc, s_gxhw)
         flags = dict(HAS_BIAS=bias is not None, ACT=_ACTIVATION_CODE[activation],
-                     GY_LINEAR=gy_lin, X_LINEAR=x_lin, GX_LINEAR=gx_lin, DOT_PRECISION=_dot_precision(x.dtype), **meta)
-        if _autotune_enabled():
-            _sf_conv_bwd_tuned[_grid(P, x.device, meta, True)](*args, **flags)
-        else:
-            _launch_default(_sf_conv_bwd_kernel, P, x.device, meta, True, x.element_size(), args, flags)
+                     GY_LINEAR=gy_lin, X_LINEAR=x_lin, GX_LINEAR=gx_lin, DOT_PRECISION=_dot_precision(x.dtype))
+        _launch(True, (G, c_h, k, m), P, x.device, x.element_size(), args, flags)
     return grad_x, *(g.to(w1.dtype, copy=True) for g in (gw1, gw2, gb))

@@ -172,30 +172,26 @@ def test_sf_conv_mixed_layouts():
     assert rel_err(gx, g64[0]) < FP32_TOL
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_sf_conv_default_launch_falls_back_on_out_of_resources(monkeypatch, backward):
-    """Without autotuning, a tile that the device refuses (Triton's OutOfResources at launch: the
-    float32 backward at 512->128 on the H100, 2026-11-27) gives way to the next, smaller one, and
-    the result is still right; a refusal of the last candidate is raised."""
-    from triton.runtime.errors import OutOfResources
+class _Refusing:
+    """Stands in for a Triton kernel: launches the real one unless refuse(launch kwargs) says the
+    device would not take it (OutOfResources, as Triton raises at launch); records each launch."""
 
-    name = "_sf_conv_bwd_kernel" if backward else "_sf_conv_fwd_kernel"
-    real, tried = getattr(tsf, name), []
+    def __init__(self, real, refuse, tried):
+        self.real, self.refuse, self.tried = real, refuse, tried
 
-    class Refusing:  # the big tile "needs too much shared memory"; others launch the real kernel
-        def __init__(self, refuse):
-            self.refuse = refuse
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.errors import OutOfResources
 
-        def __getitem__(self, grid):
-            def launch(*args, BLOCK_P, **kwargs):
-                tried.append(BLOCK_P)
-                if BLOCK_P in self.refuse:
-                    raise OutOfResources(237568, 232448, "shared memory")
-                return real[grid](*args, BLOCK_P=BLOCK_P, **kwargs)
-            return launch
+            self.tried.append((kwargs["BLOCK_P"], kwargs["NB1"]))
+            if self.refuse(kwargs):
+                raise OutOfResources(237568, 232448, "shared memory")
+            return self.real[grid](*args, **kwargs)
+        return launch
 
-    monkeypatch.setattr(tsf, "_default_configs", lambda *a, **k: [(32, 4), (16, 4)])
-    monkeypatch.setattr(tsf, name, Refusing({32}))
+
+def _sf_run(backward):
+    """The Triton op and its float64 reference on one small case (C_in 32 in 4 groups of k = 8)."""
     x, w1, w2, b, res, gy = _sf_inputs(2, 32, 8, 8, 128, 3, 4, True, False, torch.float32, torch.channels_last)
     if backward:
         out = tsf.sf_conv_backward(gy, x, w1, w2, b, "relu")[0]
@@ -203,11 +199,46 @@ def test_sf_conv_default_launch_falls_back_on_out_of_resources(monkeypatch, back
     else:
         out = tsf.sf_conv_forward(x, w1, w2, b, None, "relu")
         exact = ref.sf_conv_ref(_f64(x), _f64(w1), _f64(w2), _f64(b), None, "relu")
-    assert tried == [32, 16]
+    return out, exact
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_sf_conv_launch_falls_back_on_out_of_resources(monkeypatch, backward):
+    """A launch the device refuses (Triton's OutOfResources: the float32 backward of a RefCO
+    512->128 layer on the H100, 2026-11-27) gives way to a smaller one and the result is still
+    right: without autotuning first the next pixel tile, then half the groups a chunk; a refusal
+    of everything is raised."""
+    from triton.runtime.errors import OutOfResources
+
+    name = "_sf_conv_bwd_kernel" if backward else "_sf_conv_fwd_kernel"
+    real, tried = getattr(tsf, name), []
+    monkeypatch.setattr(tsf, "_default_configs", lambda *a, **k: [(32, 4), (16, 4)])
+    # every tile refused at the first plan (4 groups, NB1 = 2 packed products of 2 groups): the
+    # chunk halves to 2 groups (NB1 = 1), whose big tile is refused too
+    monkeypatch.setattr(tsf, name, _Refusing(real, lambda kw: kw["NB1"] > 1 or kw["BLOCK_P"] == 32, tried))
+    out, exact = _sf_run(backward)
+    assert tried == [(32, 2), (16, 2), (32, 1), (16, 1)]
     assert rel_err(out, exact) < FP32_TOL
-    monkeypatch.setattr(tsf, name, Refusing({32, 16}))
+    monkeypatch.setattr(tsf, name, _Refusing(real, lambda kw: True, tried))
     with pytest.raises(OutOfResources):
-        tsf.sf_conv_backward(gy, x, w1, w2, b, "relu") if backward else tsf.sf_conv_forward(x, w1, w2, b, None, "relu")
+        _sf_run(backward)
+
+
+def test_sf_conv_autotuned_launch_falls_back_on_out_of_resources(monkeypatch):
+    """With autotuning, a refused launch of the tuned kernel re-plans with half the groups a chunk."""
+    tried = []
+    real = tsf._sf_conv_bwd_kernel
+
+    class Tuned(_Refusing):  # the autotuner picks the tile itself
+        def __getitem__(self, grid):
+            launch = super().__getitem__(grid)
+            return lambda *args, **kwargs: launch(*args, BLOCK_P=16, num_warps=4, **kwargs)
+
+    monkeypatch.setattr(tsf, "_autotune_enabled", lambda: True)
+    monkeypatch.setattr(tsf, "_sf_conv_bwd_tuned", Tuned(real, lambda kw: kw["NB1"] > 1, tried))
+    out, exact = _sf_run(True)
+    assert tried == [(16, 2), (16, 1)]
+    assert rel_err(out, exact) < FP32_TOL
 
 
 def check_sf_conv_batch_zero(impl=tsf):
