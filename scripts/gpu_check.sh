@@ -117,10 +117,10 @@ fi
 stamp "benchmarks"
 # One pytest run per group, each with its own JSON, so a stage cut off by its timeout loses only itself.
 jsons=()
-# Order = what the open issues need first if the budget runs out: RepSO training (issue 5; never
-# measured on a GPU since the one-node path: the 2026-11-26 H100 run lost it), the whole models,
-# then SF-Conv (with the copy roofline) and dw_conv3x3, measured on that H100. BENCH_TIMEOUT caps
-# each group.
+# Order = what the open issues need first if the budget runs out: RepSO training (issue 5; H100
+# 2026-11-27: 6.9-11.4x, 1024@7 short of 8x; ~175 s with BENCH_K dropping the op-path variants),
+# the whole models, then SF-Conv (with the copy roofline) and dw_conv3x3. BENCH_TIMEOUT caps each
+# group.
 for group in ${BENCH_GROUPS:-repso models copy_and_sf_fwd sf_fwdbwd dw}; do
   case $group in
     copy_and_sf_fwd) files="benchmarks/test_bench_copy.py benchmarks/test_bench_sf_conv.py"; k="copy or (fwd and not fwdbwd)";;
