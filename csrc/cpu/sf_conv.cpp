@@ -58,78 +58,9 @@
 // memory; a sequential pass over its lines before the transposes (common.h: touch_lines) made the
 // forward 1.05-1.33x and the backward 1.04-1.31x faster at 7 or 8 of the 8 shapes
 // (benchmarks/results/2026-11-27-cpu-avx2-3/; 0.94-0.95x at one shape in the 2-thread runs).
-// The measurements below are from the AVX-512 machine (Zen 4/5 class) and its builds.
-//
-// Issue 3's channels_last floor (>= 1.2x dense at every shape), 2026-11-26 03:20-03:36 UTC, 2-core
-// AMD EPYC (oneDNN's 128 -> 32 time implies ~7 zmm FMA/ns/core), load average ~0.9, no other job
-// of ours running. The host is noisy: the same binary moves +-10-15% between runs, so only
-// interleaved same-run comparisons are quoted.
-// * 128 -> 32 @ 56 (k = c_h = 4, G = 32, m = 8): fused 0.91-1.20 ms, dense oneDNN 0.90-1.10 ms
-//   (ratio 0.92-1.09x over ~15 interleaved runs). NOT met. Where the time goes (scratch copy with
-//   parts switched off, 2 threads): input loads + 16x16 transposes alone 0.27-0.30 ms, + stage 1
-//   0.56-0.62 ms, + stage 2 + output transpose/stores 0.98-1.08 ms. perf at 1 thread: the tile
-//   loop body (transposing loads, output transpose, streaming stores) 17% of samples, stage-1
-//   kernel 8.7%, stage-2 kernel 7.1%; the hottest instructions are the transposing input loads.
-//   The NCHW path (no transposes) ran 1.27 ms in the same run as channels_last's 1.18 ms
-//   (03:35, this commit's kernel), so the channels_last transposes are not what separates the
-//   fused op from dense here; the shortfall is the two stages themselves (dense channels_last
-//   is oneDNN's native layout: 0.99 ms there vs 2.65 ms for NCHW dense).
-//   Arithmetic: per pixel 96 zmm FMAs (stage 1: C_in*c_h/16 = 32; stage 2: C_out*G/16 = 64)
-//   against dense's 256; at dense's 7.1 FMA/ns/core that is 0.34 ms, so the stages run at ~1/3
-//   of FMA peak: with k = 4 each accumulator gets 4 FMAs between its zeroing and its store, and
-//   each FMA pair needs a broadcast (stage 1: 2 loads + 4 broadcasts per 8 FMAs; stage 2: 1
-//   broadcast per 2 FMAs at m = 8 rows x 32 pixels). Bytes: 32 MB per call is 0.71 ms at the
-//   45 GB/s a DRAM-sized copy reaches, but the 25.7 MB input is partly L3-resident between
-//   benchmark rounds (a 16 MiB copy runs at 136 GB/s in L3), so the byte floor is not what
-//   binds. 1.2x needs <= 0.75-0.92 ms (dense / 1.2), i.e. the stages ~20-25% faster in both
-//   layouts, not a cheaper transpose.
-//   Tried, correct (float64-checked), no gain beyond the noise: stage 1 straight from
-//   channels_last rows for k = c_h = 4 (in-lane 4x4 transposes, per-lane weight vectors, no
-//   broadcasts, no x tile round trip: 1.08-1.18 vs 1.08-1.21 ms); half the input transpose done
-//   by 128-bit insert loads; prefetchnta instead of prefetcht1; prefetch 2 tiles ahead or none;
-//   no streaming stores; stage 1 with K = 4 known at compile time; T = 64 pixels (slower:
-//   1.36 vs 1.20 ms). None was kept.
-//   2026-11-26 06:40-07:00 UTC (session 3), in-process A/B with a runtime flag, rounds rotated
-//   (perf at 1 thread: the tile loop's transposing input loads stall on memory; the stage
-//   kernels are ~45% of the op): (a) a sequential demand-load pass over the tile's 16 KB
-//   before the transposes (the loads then stall there instead, at ~64 GB/s, a single core's
-//   x.sum() rate): 128->32@56 +10-15% at 1 thread, +3-6% at 2 threads (best 1.12x dense), but
-//   -5-8% where the input is cache-resident (256->64@28, 512->128@14, 1024->256@7: the touched
-//   tile evicts the scratch from L1); (b) prefetcht0 instead of t1 for the next tile; (c) the next
-//   tile's prefetches spread over the stage-2 row groups instead of one burst of 256: neither
-//   beyond the noise. Not kept: none reaches 1.2x, and the host's noise (+-15%, bimodal
-//   output page faults) is larger than (a)'s 2-thread gain. (d) Stage 1 fed straight from the
-//   16x16 transposes' registers (k = c_h = 4: 16 FMAs a group, no transposed copy of x), with
-//   and without (a): 0.93-1.02x alone, 1.06-1.12x with (a), in three rotated runs (the stages
-//   themselves run near FMA peak: 96 FMAs a pixel at 2 a cycle is ~45% of the op at 1 thread;
-//   the rest is the input side). Not kept either.
-//   2026-11-26 09:18 UTC (session 4), per-pixel times by batch (malloc tuning on, fastest of 30,
-//   this kernel vs oneDNN dense, channels_last; scripts in the session notes): 2 threads, N = 1, 2,
-//   4, 8 (input 1.6-12.8 MB, L3-resident): 22.4/19.3/16.6/16.3 ns a pixel vs dense 24.2/20.7/18.2/
-//   17.2, i.e. 1.06-1.10x; N = 16 (25.7 MB, the benchmark): 22.6 vs 18.9 (0.84x); N = 32: 27.5 vs
-//   22.7 (0.82x). So the fused op loses ~40% per pixel when its input stops fitting the cache
-//   (dense loses ~10%: its 256 FMAs a pixel hide the memory time), and even cache-resident it is
-//   only ~1.1x: ~32 ns a pixel-core against a 14 ns FMA floor (96 zmm FMAs at ~7/ns), the rest
-//   being the 16x16 transposes and loads. 1.2x at N = 16 needs both a ~10% faster compute side
-//   and the memory time fully hidden; neither the prefetch experiments above nor any variant
-//   tried here gave either. (At 1 thread oneDNN takes 80-99 ns a pixel for N <= 8 and 43 at
-//   N = 16, another algorithm; the fused op 35-39 and 55.)
-//   2026-11-26 12:03-12:11 UTC (session 5): pytest-benchmark with --malloc-tuning (the falconnet
-//   commands' allocator setting), three runs: 1.20x / 1.07x / 1.10x dense (fused 1.04-1.15 ms,
-//   dense 1.17-1.32; every other shape >= 1.38x); a plain loop of back-to-back calls (median of
-//   30, rounds alternated) gave 0.96x in the same hour. The demand-load pass (a) retried there:
-//   1.116 vs 1.102 ms, no gain. Not met reliably; the figures depend on how the rounds are timed.
-// * 64 -> 256 @ 28 (k = c_h = 16, G = 4, m = 16; lanes over output channels, no output
-//   transpose): interleaved with dense the fused op took 0.27-0.51 ms vs 0.83-0.89 ms (1.7-3.2x);
-//   pytest-benchmark's back-to-back rounds gave 0.74-0.84 vs 0.86-0.90 ms (1.04-1.21x). Same
-//   kernel; the difference was the output buffer: the op footprint (16.06 MB) sat just under the
-//   old streaming-store threshold (half of 32 MiB), so the 12.8 MB output went through the cache,
-//   fast (0.24 ms) when the buffer was still cache-hot from the previous call and 0.47-0.84 ms
-//   when it came from new pages (~470 minor page faults per call, getrusage). With the threshold
-//   at a quarter of the L3 (common.h) the output streams: 0.38-0.46 ms in every state. Same-run
-//   pytest-benchmark medians, before -> after (2 runs): 64->256@28 channels_last 0.838 ms (1.04x)
-//   -> 0.435 / 0.462 ms (2.11x / 1.78x); NCHW 0.604 (2.28x) -> 0.390 / 0.381 ms (4.2x / 4.0x);
-//   256->64@28 unchanged within noise. MET at 64->256; 128->32@56 (already streaming) unchanged.
+// What was measured on the AVX-512 machine while the kernel took this shape, and what was tried
+// and not kept (prefetch variants, stage 1 from the transposes' registers, T = 64, ...):
+// docs/sf_conv_cpu_log.md.
 #include "cpu/common.h"
 
 #include <torch/library.h>
