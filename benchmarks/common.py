@@ -189,3 +189,54 @@ def fused_impls(op: str, device: str) -> list[str]:
         return ["falconnet-cpp"] if info["cpu_kernels"][op] else []
     names = ["falconnet-cuda"] if info["cuda_kernels"][op] else []
     return names + (["falconnet-triton"] if info["triton"] else [])
+
+
+def repso_node_parts(C: int, H: int, N: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, dict]:
+    """RepSO's GPU one-node path (_OneConvTrainTriton) at K = 3, piece by piece, for one default
+    layer (three 3x3, 1x3, 3x1, 1x1, identity) on channels_last x (N, C, H, H): (x, {piece name:
+    a function running that piece as the node does}). The moments kernel, the fold kernel, the
+    conv (cuDNN's and the row kernel, repso_train.CONV), the weight gradient (cuDNN's and the two
+    Triton ones, repso_train.WEIGHT_GRAD), the fold's backward kernel, and the grad_x kernel
+    (moments backward + the conv's input gradient). Used by the benchmark's node pieces and by
+    scripts/gpu_profile.py."""
+    import torch.nn.functional as F
+
+    from falconnet.layers.repso import RepSO
+    from falconnet.layers.repso_train import _eps_on, _flat_parameters
+    from falconnet_kernels import triton_dw_conv3x3
+    from falconnet_kernels import triton_repso_fold as tf
+    from falconnet_kernels import triton_repso_moments as tm
+
+    K = 3
+    torch.manual_seed(0)
+    layer = RepSO(C).to(device=device, dtype=dtype).train()
+    x = torch.randn(N, C, H, H, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
+    gy = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=dtype))
+    bns = [b.bn for b in layer.branches] + [layer.identity_bn]
+    weights = [b.conv.weight.detach() for b in layer.branches]
+    # the parameters as the node takes them: one flat tensor
+    params = tf.Params.flat(_flat_parameters(weights, bns).detach(), tuple((w.shape[2], w.shape[3]) for w in weights),
+                            True, K, C)
+    eps = _eps_on(tuple(float(bn.eps) for bn in bns), x.device)
+    n_pos = N * H * H
+    sums, shift = tm.forward_totals3(x)
+    mean, cov, weight, bias, _, _ = tf.fold_forward(sums, None, shift, n_pos, params, eps, K, dtype)
+    weight = weight.view(C, 1, K, K)
+    # as the node runs them at K = 3: the weight gradient as (10, C) float64 totals, and the fold
+    # backward writing the grad_x kernel's class tables
+    totals = tm.conv3_weight_grad_totals(gy, x)
+    grad_w, grad_b = totals[:9].t(), totals[9]
+    tables = tf.fold_backward(grad_w, grad_b, mean, cov, params, eps, K, dtype, n_pos=n_pos)[3:]
+    return x, {
+        "moments": lambda: tm.forward_totals3(x),
+        "fold": lambda: tf.fold_forward(sums, None, shift, n_pos, params, eps, K, dtype),
+        "conv": lambda: F.conv2d(x, weight, bias, padding=1, groups=C),
+        "conv-rows": lambda: tm.conv3_forward(x, weight, bias),  # repso_train.CONV = "rows"
+        "conv-wgrad": lambda: torch.ops.aten.convolution_backward(
+            gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True]),
+        # the alternatives to cuDNN's weight gradient (repso_train.WEIGHT_GRAD = "triton", "rows")
+        "conv-wgrad-triton": lambda: triton_dw_conv3x3.dw_conv3x3_weight_grad(gy, x),
+        "conv-wgrad-rows": lambda: tm.conv3_weight_grad_totals(gy, x),
+        "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, params, eps, K, dtype, n_pos=n_pos),
+        "grad-x": lambda: tm.backward3_launch(x, *tables, conv=(gy, weight)),
+    }

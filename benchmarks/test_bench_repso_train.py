@@ -24,6 +24,7 @@ from common import (
     cuda_sync_timer,
     falconnet_train_step,
     peak_cuda_bytes,
+    repso_node_parts,
     run_benchmark,
     saved_bytes,
 )
@@ -136,11 +137,9 @@ def test_falconnet_train_step(benchmark, device, impl):
                          rounds=20 if device == "cuda" else 3)
 
 
-# The GPU one-node path (_OneConvTrainTriton) piece by piece, so one run says where its time goes:
-# the moments kernel, the fold kernel, the conv (cuDNN's and the row kernel, repso_train.CONV), the weight gradient (cuDNN's and the two
-# Triton ones, repso_train.WEIGHT_GRAD), the fold's backward kernel, and the grad_x kernel (moments backward + the
-# conv's input gradient). bytes_min: the
-# activation-sized tensors each piece must read and write (the fold kernels move only KBs).
+# The GPU one-node path (_OneConvTrainTriton) piece by piece (common.repso_node_parts), so one run
+# says where its time goes. bytes_min: the activation-sized tensors each piece must read and write
+# (the fold kernels move only KBs).
 NODE_PARTS = {"moments": 1, "fold": 0, "conv": 2, "conv-rows": 2, "conv-wgrad": 2, "conv-wgrad-triton": 2, "conv-wgrad-rows": 2,
               "fold-bwd": 0, "grad-x": 3}
 
@@ -151,47 +150,9 @@ NODE_PARTS = {"moments": 1, "fold": 0, "conv": 2, "conv-rows": 2, "conv-wgrad": 
 def test_repso_node_parts(benchmark, device, part, shape):
     if device != "cuda":
         pytest.skip("the Triton one-node path's pieces: GPU only")
-    import torch.nn.functional as F
-
-    from falconnet.layers.repso_train import _eps_on, _flat_parameters
-    from falconnet_kernels import triton_dw_conv3x3
-    from falconnet_kernels import triton_repso_fold as tf
-    from falconnet_kernels import triton_repso_moments as tm
-
     C, H = shape
-    N, dtype, K = BATCH[device], DTYPE[device], 3
-    torch.manual_seed(0)
-    layer = make_layer(C, device, dtype)
-    x = torch.randn(N, C, H, H, dtype=dtype).to(device).contiguous(memory_format=torch.channels_last)
-    gy = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=dtype))
-    bns = [b.bn for b in layer.branches] + [layer.identity_bn]
-    weights = [b.conv.weight.detach() for b in layer.branches]
-    # the parameters as the node takes them: one flat tensor
-    params = tf.Params.flat(_flat_parameters(weights, bns).detach(), tuple((w.shape[2], w.shape[3]) for w in weights),
-                            True, K, C)
-    eps = _eps_on(tuple(float(bn.eps) for bn in bns), x.device)
-    sums, shift = tm.forward_totals3(x)
-    mean, cov, weight, bias, _, _ = tf.fold_forward(sums, None, shift, N * H * H, params, eps, K, dtype)
-    weight = weight.view(C, 1, K, K)
-    # as the node runs them at K = 3: the weight gradient as (10, C) float64 totals, and the fold
-    # backward writing the grad_x kernel's class tables
-    totals = tm.conv3_weight_grad_totals(gy, x)
-    grad_w, grad_b = totals[:9].t(), totals[9]
-    n_pos = N * H * H
-    tables = tf.fold_backward(grad_w, grad_b, mean, cov, params, eps, K, dtype, n_pos=n_pos)[3:]
-    fns = {
-        "moments": lambda: tm.forward_totals3(x),
-        "fold": lambda: tf.fold_forward(sums, None, shift, N * H * H, params, eps, K, dtype),
-        "conv": lambda: F.conv2d(x, weight, bias, padding=1, groups=C),
-        "conv-rows": lambda: tm.conv3_forward(x, weight, bias),  # repso_train.CONV = "rows"
-        "conv-wgrad": lambda: torch.ops.aten.convolution_backward(
-            gy, x, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [False, True, True]),
-        # the alternatives to cuDNN's weight gradient (repso_train.WEIGHT_GRAD = "triton", "rows")
-        "conv-wgrad-triton": lambda: triton_dw_conv3x3.dw_conv3x3_weight_grad(gy, x),
-        "conv-wgrad-rows": lambda: tm.conv3_weight_grad_totals(gy, x),
-        "fold-bwd": lambda: tf.fold_backward(grad_w, grad_b, mean, cov, params, eps, K, dtype, n_pos=n_pos),
-        "grad-x": lambda: tm.backward3_launch(x, *tables, conv=(gy, weight)),
-    }
+    N, dtype = BATCH[device], DTYPE[device]
+    x, fns = repso_node_parts(C, H, N, dtype, device)
     info = {"op": "repso_node_part", "pass": "fwd+bwd pieces", "impl": part, "device": device,
             "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last", "batch": N, "shape": f"{C}@{H}",
             "bytes_min": NODE_PARTS[part] * x.numel() * x.element_size()}

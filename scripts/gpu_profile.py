@@ -17,10 +17,13 @@ SPEC section 6 shapes, as the benchmarks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
@@ -66,6 +69,24 @@ def cases(device: str = "cuda", dtype=torch.bfloat16, N: int = 128) -> list[tupl
                             name, torch.ops.falconnet.dw_conv3x3_backward, gy, x, w, b, 1, "relu")))
         out.append((f"depthwise fwd {tag} (cuDNN)", "cuDNN's kernel(s)",
                     lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1, groups=x.shape[1])))
+    # RepSO's one-conv training node at K = 3, piece by piece (H100 2026-11-27: 6.9x the seven
+    # branches at 1024@7, where the two fold kernels take 69 us of 256 and the moments kernel
+    # runs at 5% of copy). Built on first use (the warm-up), so --list needs no GPU.
+    for C, H in ((1024, 7), (128, 56)):
+        built = {}
+
+        def piece(name, C=C, H=H, built=built):
+            if not built:
+                from common import repso_node_parts  # benchmarks/common.py
+
+                built.update(repso_node_parts(C, H, N, dtype, device)[1])
+            return built[name]()
+
+        for name, what in (("moments", "row kernel (54 sums a channel) + float64 reduction"),
+                           ("fold", "one fold kernel, float64"), ("fold-bwd", "one fold backward kernel, float64"),
+                           ("conv-rows", "row conv kernel"), ("conv-wgrad-rows", "row weight-gradient kernel + reduction"),
+                           ("grad-x", "grad_x row kernel")):
+            out.append((f"repso node {name} {C}@{H}", what, lambda name=name, piece=piece: piece(name)))
     return out
 
 
