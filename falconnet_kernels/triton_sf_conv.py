@@ -392,9 +392,10 @@ def _launch(backward: bool, shape: tuple, P: int, device, itemsize: int, args, f
     512->128 (G = 64, k = 8, m = 48 or 16) asked for 237,568 bytes even at the smallest pixel tile,
     over the 232,448 a block may use. The chunk's weights and accumulators set it, not the pixel
     tile: compiled for sm_90 without a GPU (triton 3.6), m = 48 at BLOCK_P = 16 needs 327,680 /
-    196,608 / 131,072 bytes at 64 / 32 / 16 groups a chunk. Triton raises OutOfResources at launch, before the kernel runs (the zeroed accumulators
-    are untouched), so the plan is made again with half the groups a chunk, down to one packed
-    product, and launched again."""
+    196,608 / 131,072 bytes at 64 / 32 / 16 groups a chunk. Triton raises OutOfResources at
+    launch, before the kernel runs (the zeroed accumulators are untouched), so the plan is made
+    again with half the groups a chunk, down to one packed product, and launched again. (With
+    autotuning, the retry reuses the tile the autotuner cached for the shape.)"""
     chunk = _CHUNK_CHANNELS[backward]
     while True:
         meta = _plan(*shape, backward, chunk)

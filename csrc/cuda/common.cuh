@@ -166,6 +166,6 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
         return __VA_ARGS__();                                                          \
       }                                                                                \
       default:                                                                         \
-        FALCONNET_CHECK(false, NAME, ": unsupported dtype ", TYPE);                        \
+        FALCONNET_CHECK(false, NAME, ": unsupported dtype ", TYPE);                    \
     }                                                                                  \
   }()
