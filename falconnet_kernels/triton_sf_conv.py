@@ -385,6 +385,10 @@ def _default_configs(meta: dict, backward: bool, itemsize: int) -> list[tuple[in
     return fitting if (16, 8) in fitting else fitting + [(16, 8)]
 
 
+# (device, backward, shape, itemsize, autotuned) -> the smaller group chunk _launch fell back to
+_LAUNCHED_CHUNK: dict = {}
+
+
 def _launch(backward: bool, shape: tuple, P: int, device, itemsize: int, args, flags) -> None:
     """Launch the forward or backward kernel for shape = (G, c_h, k, m), autotuned or not.
     The shared-memory estimate is only checked for the forward's tiles, and a compiled kernel can
@@ -395,8 +399,11 @@ def _launch(backward: bool, shape: tuple, P: int, device, itemsize: int, args, f
     196,608 / 131,072 bytes at 64 / 32 / 16 groups a chunk. Triton raises OutOfResources at
     launch, before the kernel runs (the zeroed accumulators are untouched), so the plan is made
     again with half the groups a chunk, down to one packed product, and launched again. (With
-    autotuning, the retry reuses the tile the autotuner cached for the shape.)"""
-    chunk = _CHUNK_CHANNELS[backward]
+    autotuning, the retry reuses the tile the autotuner cached for the shape.) The chunk that
+    launched is remembered per device, pass, shape and item size, so later calls start there
+    instead of repeating the refused launches."""
+    key = (device, backward, tuple(shape), itemsize, _autotune_enabled())
+    chunk = _LAUNCHED_CHUNK.get(key, _CHUNK_CHANNELS[backward])
     while True:
         meta = _plan(*shape, backward, chunk)
         try:
@@ -406,6 +413,8 @@ def _launch(backward: bool, shape: tuple, P: int, device, itemsize: int, args, f
             else:
                 kernel = _sf_conv_bwd_kernel if backward else _sf_conv_fwd_kernel
                 _launch_default(kernel, P, device, meta, backward, itemsize, args, {**flags, **meta})
+            if chunk != _CHUNK_CHANNELS[backward]:
+                _LAUNCHED_CHUNK[key] = chunk
             return
         except OutOfResources:
             GC = meta["NB1"] * meta["GPK"]

@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,8 @@ def cases(device: str = "cuda", dtype=torch.bfloat16, N: int = 128) -> list[tupl
 
         def piece(name, C=C, H=H, built=built):
             if not built:
+                if BENCHMARKS not in sys.path:
+                    sys.path.insert(0, BENCHMARKS)
                 from common import repso_node_parts  # benchmarks/common.py
 
                 built.update(repso_node_parts(C, H, N, dtype, device)[1])

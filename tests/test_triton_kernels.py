@@ -212,6 +212,7 @@ def test_sf_conv_launch_falls_back_on_out_of_resources(monkeypatch, backward):
 
     name = "_sf_conv_bwd_kernel" if backward else "_sf_conv_fwd_kernel"
     real, tried = getattr(tsf, name), []
+    monkeypatch.setattr(tsf, "_LAUNCHED_CHUNK", {})
     monkeypatch.setattr(tsf, "_default_configs", lambda *a, **k: [(32, 4), (16, 4)])
     # every tile refused at the first plan (4 groups, NB1 = 2 packed products of 2 groups): the
     # chunk halves to 2 groups (NB1 = 1), whose big tile is refused too
@@ -219,6 +220,9 @@ def test_sf_conv_launch_falls_back_on_out_of_resources(monkeypatch, backward):
     out, exact = _sf_run(backward)
     assert tried == [(32, 2), (16, 2), (32, 1), (16, 1)]
     assert rel_err(out, exact) < FP32_TOL
+    tried.clear()  # a second call starts from the chunk that launched
+    _sf_run(backward)
+    assert tried == [(32, 1), (16, 1)]
     monkeypatch.setattr(tsf, name, _Refusing(real, lambda kw: True, tried))
     with pytest.raises(OutOfResources):
         _sf_run(backward)
@@ -234,6 +238,7 @@ def test_sf_conv_autotuned_launch_falls_back_on_out_of_resources(monkeypatch):
             launch = super().__getitem__(grid)
             return lambda *args, **kwargs: launch(*args, BLOCK_P=16, num_warps=4, **kwargs)
 
+    monkeypatch.setattr(tsf, "_LAUNCHED_CHUNK", {})
     monkeypatch.setattr(tsf, "_autotune_enabled", lambda: True)
     monkeypatch.setattr(tsf, "_sf_conv_bwd_tuned", Tuned(real, lambda kw: kw["NB1"] > 1, tried))
     out, exact = _sf_run(True)
