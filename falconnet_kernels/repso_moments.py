@@ -116,7 +116,8 @@ def _cpp_built() -> bool:
 # asked once at import (the extension is loaded by _backend by now), so that code traced by
 # torch.compile finds the answers without querying the dispatcher
 for _op in ("repso_moments_forward", "repso_moments_backward", "repso_fold_forward", "repso_fold_backward",
-            "repso_conv_weight_grad", "repso_train_backward_x"):
+            "repso_fold_forward_params", "repso_fold_backward_params", "repso_conv_weight_grad",
+            "repso_train_backward_x"):
     _cpp_has(_op)
 
 
@@ -148,6 +149,18 @@ def _register_cpp_fakes() -> None:
     def _(grad_folded, grad_bias, mean, cov, kernels, gamma, eps):
         return (torch.empty_like(mean), torch.empty_like(cov), torch.empty_like(kernels), torch.empty_like(gamma),
                 torch.empty_like(gamma))
+
+    @fake("repso_fold_forward_params")
+    def _(mean, cov, weights, gammas, betas, eps):
+        C, B = mean.shape[0], len(gammas)
+        return mean.new_empty(mean.shape), mean.new_empty((C,)), mean.new_empty((C, B)), mean.new_empty((C, B))
+
+    @fake("repso_fold_backward_params")
+    def _(grad_folded, grad_bias, mean, cov, weights, gammas, eps):
+        # (distinct tensors: repeating one list's would tell the tracer that gradients alias)
+        grads = ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+                 + [torch.empty_like(g) for g in gammas] + [torch.empty_like(g) for g in gammas])
+        return torch.empty_like(mean), torch.empty_like(cov), grads
 
     @fake("repso_conv_weight_grad")
     def _(grad_y, x):
@@ -356,8 +369,8 @@ def triton_train_path_available(x: Tensor) -> bool:
 
 
 # every C++ op the one-node path calls (an extension built before some of them existed lacks them)
-_ONE_NODE_OPS = ("repso_moments_forward", "repso_moments_backward", "repso_fold_forward", "repso_fold_backward",
-                 "repso_conv_weight_grad", "repso_train_backward_x")
+_ONE_NODE_OPS = ("repso_moments_forward", "repso_moments_backward", "repso_fold_forward_params",
+                 "repso_fold_backward_params", "repso_conv_weight_grad", "repso_train_backward_x")
 
 
 @torch.library.custom_op("falconnet::repso_fold", mutates_args=())

@@ -1167,9 +1167,92 @@ inline VecD rsqrt_of(VecD v) {
 #endif
 }
 
+// Where the fold finds a channel group's branch kernels (embedded in K x K), gammas and betas, as
+// [index][lane] arrays (k zero-filled by the caller), and where its backward puts their gradients.
+// Dense: (C, B, K*K) kernels and (C, B) gamma and beta (repso_fold_forward / _backward).
 template <typename T>
-void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, const T* beta, const double* eps, int64_t C,
-             int64_t B, int64_t KK, T* folded, T* bias, T* bmean, T* bvar) {
+struct Dense {
+  const T *kernels, *gamma, *beta;
+  T *g_kernels, *g_gamma, *g_beta;
+  int64_t B, KK;
+  void load(int64_t c0, int64_t lanes, double* k, double* gm, double* bt) const {
+    gather(kernels + c0 * B * KK, B * KK, B * KK, lanes, k);
+    gather(gamma + c0 * B, B, B, lanes, gm);
+    if (bt) gather(beta + c0 * B, B, B, lanes, bt);
+  }
+  void store(int64_t c0, int64_t lanes, const double* gk, const double* g_gm, const double* g_bt) const {
+    scatter(gk, B * KK, lanes, g_kernels + c0 * B * KK, B * KK);
+    scatter(g_gm, B, lanes, g_gamma + c0 * B, B);
+    scatter(g_bt, B, lanes, g_beta + c0 * B, B);
+  }
+};
+
+// Branches: the parameters themselves (repso_fold_forward_params / _backward_params): branch b <
+// n_w has the (C, 1, kh_b, kw_b) weight w[b], centred in K x K; branch n_w, when B = n_w + 1, is the
+// identity (1 at the centre). gamma[b], beta[b] (C). The backward writes each parameter's own
+// gradient (the taps outside a branch's window and the identity's kernel have none). This replaces
+// a gather of the (C, B, K*K) kernels and a scatter of their gradients by index_select (~120 us
+// each at C = 1024, 2 AVX2 cores) plus a concatenation of the parameters and of the gradients.
+template <typename T>
+struct Branches {
+  std::vector<const T*> w, gamma, beta;
+  std::vector<T*> g_w, g_gamma, g_beta;
+  std::vector<int64_t> kh, kw;
+  int64_t B, K;
+  // one lane (channel) at a time for a partial group; a full group's lanes in a loop of constant
+  // trip count (unrolled): branchy loops over 1-9 taps per lane ran ~1.3x the dense gather's time
+  template <typename F>
+  static void for_lanes(int64_t lanes, F&& f) {
+    if (lanes == kLanes) {
+#pragma GCC unroll 8
+      for (int64_t l = 0; l < kLanes; ++l) f(l);
+    } else {
+      for (int64_t l = 0; l < lanes; ++l) f(l);
+    }
+  }
+  void load(int64_t c0, int64_t lanes, double* k, double* gm, double* bt) const {
+    const int64_t KK = K * K;
+    for (int64_t b = 0; b < B; ++b) {
+      double* kb = k + b * KK * kLanes;
+      if (b < static_cast<int64_t>(w.size())) {
+        const int64_t h = kh[b], v = kw[b], hv = h * v, corner = (K - h) / 2 * K + (K - v) / 2;
+        const T* src = w[b] + c0 * hv;
+        for (int64_t i = 0; i < h; ++i)
+          for (int64_t j = 0; j < v; ++j) {
+            double* dst = kb + (corner + i * K + j) * kLanes;
+            const T* from = src + i * v + j;
+            for_lanes(lanes, [&](int64_t l) { dst[l] = static_cast<double>(from[l * hv]); });
+          }
+      } else {
+        for_lanes(lanes, [&](int64_t l) { kb[(KK / 2) * kLanes + l] = 1.0; });
+      }
+      for_lanes(lanes, [&](int64_t l) { gm[b * kLanes + l] = static_cast<double>(gamma[b][c0 + l]); });
+      if (bt) for_lanes(lanes, [&](int64_t l) { bt[b * kLanes + l] = static_cast<double>(beta[b][c0 + l]); });
+    }
+  }
+  void store(int64_t c0, int64_t lanes, const double* gk, const double* g_gm, const double* g_bt) const {
+    const int64_t KK = K * K;
+    for (int64_t b = 0; b < B; ++b) {
+      if (b < static_cast<int64_t>(w.size())) {
+        const double* gkb = gk + b * KK * kLanes;
+        const int64_t h = kh[b], v = kw[b], hv = h * v, corner = (K - h) / 2 * K + (K - v) / 2;
+        T* dst = g_w[b] + c0 * hv;
+        for (int64_t i = 0; i < h; ++i)
+          for (int64_t j = 0; j < v; ++j) {
+            const double* from = gkb + (corner + i * K + j) * kLanes;
+            T* to = dst + i * v + j;
+            for_lanes(lanes, [&](int64_t l) { to[l * hv] = static_cast<T>(from[l]); });
+          }
+      }
+      for_lanes(lanes, [&](int64_t l) { g_gamma[b][c0 + l] = static_cast<T>(g_gm[b * kLanes + l]); });
+      for_lanes(lanes, [&](int64_t l) { g_beta[b][c0 + l] = static_cast<T>(g_bt[b * kLanes + l]); });
+    }
+  }
+};
+
+template <typename T, typename Src>
+void forward(const T* mean, const T* cov, const Src& src, const double* eps, int64_t C, int64_t B, int64_t KK, T* folded,
+             T* bias, T* bmean, T* bvar) {
   const int64_t groups = (C + kLanes - 1) / kLanes;
   at::parallel_for(0, groups, 8, [&](int64_t g0, int64_t g1) {
     std::vector<double> mu(KK * kLanes), cv(KK * KK * kLanes), k(B * KK * kLanes), gm(B * kLanes), bt(B * kLanes),
@@ -1181,9 +1264,7 @@ void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, cons
       std::fill(gm.begin(), gm.end(), 0.0), std::fill(bt.begin(), bt.end(), 0.0);
       gather(mean + c0 * KK, KK, KK, lanes, mu.data());
       gather(cov + c0 * KK * KK, KK * KK, KK * KK, lanes, cv.data());
-      gather(kernels + c0 * B * KK, B * KK, B * KK, lanes, k.data());
-      gather(gamma + c0 * B, B, B, lanes, gm.data());
-      gather(beta + c0 * B, B, B, lanes, bt.data());
+      src.load(c0, lanes, k.data(), gm.data(), bt.data());
       std::fill(f.begin(), f.end(), 0.0);
       VecD shift = {};
       for (int64_t b = 0; b < B; ++b) {
@@ -1222,10 +1303,9 @@ void forward(const T* mean, const T* cov, const T* kernels, const T* gamma, cons
 //   the clamp cut v),  g_k = s gF + g_m mean + g_v (cov + cov^T) k,  g_mean = sum_b g_m k,
 //   g_cov = sum_b g_v k k^T,  g_beta = g_bias.
 // (cov + cov^T) is formed once per channel; v = k^T cov k = k . ((cov + cov^T) k) / 2.
-template <typename T>
-void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* cov, const T* kernels, const T* gamma,
-              const double* eps, int64_t C, int64_t B, int64_t KK, T* g_mean, T* g_cov, T* g_kernels, T* g_gamma,
-              T* g_beta) {
+template <typename T, typename Src>
+void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* cov, const Src& src, const double* eps,
+              int64_t C, int64_t B, int64_t KK, T* g_mean, T* g_cov) {
   const int64_t groups = (C + kLanes - 1) / kLanes;
   at::parallel_for(0, groups, 8, [&](int64_t g0, int64_t g1) {
     std::vector<double> mu(KK * kLanes), cv(KK * KK * kLanes), sym(KK * KK * kLanes), k(B * KK * kLanes),
@@ -1237,8 +1317,7 @@ void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* 
       for (auto* v : {&mu, &cv, &k, &gm, &gF, &gb, &o_mean, &o_cov}) std::fill(v->begin(), v->end(), 0.0);
       gather(mean + c0 * KK, KK, KK, lanes, mu.data());
       gather(cov + c0 * KK * KK, KK * KK, KK * KK, lanes, cv.data());
-      gather(kernels + c0 * B * KK, B * KK, B * KK, lanes, k.data());
-      gather(gamma + c0 * B, B, B, lanes, gm.data());
+      src.load(c0, lanes, k.data(), gm.data(), nullptr);
       gather(grad_folded + c0 * KK, KK, KK, lanes, gF.data());
       gather(grad_bias + c0, 1, 1, lanes, gb.data());
       for (int64_t p = 0; p < KK; ++p)
@@ -1288,9 +1367,7 @@ void backward(const T* grad_folded, const T* grad_bias, const T* mean, const T* 
       }
       scatter(o_mean.data(), KK, lanes, g_mean + c0 * KK, KK);
       scatter(o_cov.data(), KK * KK, lanes, g_cov + c0 * KK * KK, KK * KK);
-      scatter(gk.data(), B * KK, lanes, g_kernels + c0 * B * KK, B * KK);
-      scatter(o_gamma.data(), B, lanes, g_gamma + c0 * B, B);
-      scatter(o_beta.data(), B, lanes, g_beta + c0 * B, B);
+      src.store(c0, lanes, gk.data(), o_gamma.data(), o_beta.data());
     }
   });
 }
@@ -1328,9 +1405,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fold_forward(co
   at::Tensor folded = at::empty({C, KK}, mean.options()), bias = at::empty({C}, mean.options());
   at::Tensor bmean = at::empty({C, B}, mean.options()), bvar = at::empty({C, B}, mean.options());
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "repso_fold_forward", [&] {
-    fold::forward<scalar_t>(mu.const_data_ptr<scalar_t>(), cv.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                            g.const_data_ptr<scalar_t>(), bt.const_data_ptr<scalar_t>(), e.const_data_ptr<double>(), C,
-                            B, KK, folded.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), bmean.data_ptr<scalar_t>(),
+    const fold::Dense<scalar_t> src{k.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                                    bt.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, B, KK};
+    fold::forward<scalar_t>(mu.const_data_ptr<scalar_t>(), cv.const_data_ptr<scalar_t>(), src, e.const_data_ptr<double>(),
+                            C, B, KK, folded.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), bmean.data_ptr<scalar_t>(),
                             bvar.data_ptr<scalar_t>());
   });
   return {folded, bias, bmean, bvar};
@@ -1349,13 +1427,134 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fol
   at::Tensor g_mean = at::empty_like(mu), g_cov = at::empty_like(cv), g_k = at::empty_like(k),
              g_gamma = at::empty_like(g), g_beta = at::empty_like(g);
   AT_DISPATCH_FLOATING_TYPES(dt, "repso_fold_backward", [&] {
+    const fold::Dense<scalar_t> src{k.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), nullptr,
+                                    g_k.data_ptr<scalar_t>(), g_gamma.data_ptr<scalar_t>(), g_beta.data_ptr<scalar_t>(),
+                                    B, KK};
     fold::backward<scalar_t>(gF.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
-                             cv.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                             e.const_data_ptr<double>(), C, B, KK, g_mean.data_ptr<scalar_t>(),
-                             g_cov.data_ptr<scalar_t>(), g_k.data_ptr<scalar_t>(), g_gamma.data_ptr<scalar_t>(),
-                             g_beta.data_ptr<scalar_t>());
+                             cv.const_data_ptr<scalar_t>(), src, e.const_data_ptr<double>(), C, B, KK,
+                             g_mean.data_ptr<scalar_t>(), g_cov.data_ptr<scalar_t>());
   });
   return {g_mean, g_cov, g_k, g_gamma, g_beta};
+}
+
+// The fold with the branch parameters as they are (fold::Branches): weights[b] (C, 1, kh, kw) for
+// the n_w conv branches, gammas and betas (C) for all B = n_w or n_w + 1 (the identity last). Values
+// in mean's dtype (parameters of another dtype are converted); gradients in each parameter's.
+namespace fold {
+
+int64_t window_of(const at::Tensor& mean) {
+  const int64_t KK = mean.size(1);
+  int64_t K = 1;
+  while (K * K < KK) K += 2;
+  FALCONNET_CHECK(K * K == KK, "repso_fold: mean must be (C, K*K) for an odd K, got ", mean.sizes());
+  return K;
+}
+
+// the parameters in dtype dt, contiguous, checked against C, K and each other
+std::vector<at::Tensor> prepared(at::TensorList ts, at::ScalarType dt, int64_t C, int64_t K, bool weights,
+                                 const char* what) {
+  std::vector<at::Tensor> out;
+  for (size_t b = 0; b < ts.size(); ++b) {
+    const at::Tensor& t = ts[b];
+    FALCONNET_CHECK(t.device().is_cpu(), "repso_fold: ", what, "[", b, "] must be a CPU tensor");
+    if (weights) {
+      FALCONNET_CHECK(t.dim() == 4 && t.size(0) == C && t.size(1) == 1 && t.size(2) % 2 == 1 && t.size(3) % 2 == 1 &&
+                          t.size(2) <= K && t.size(3) <= K,
+                      "repso_fold: ", what, "[", b, "] must be (", C,
+                      ", 1, kh, kw) with odd kh, kw <= ", K, ", got ", t.sizes());
+    } else {
+      FALCONNET_CHECK(t.dim() == 1 && t.size(0) == C, "repso_fold: ", what, "[", b, "] must be (",
+                      C, "), got ", t.sizes());
+    }
+    // (asked first: .to and .contiguous are a dispatch each even when they return t, ~1 us apiece)
+    out.push_back(t.scalar_type() == dt && t.is_contiguous() ? t : t.to(dt).contiguous());
+  }
+  return out;
+}
+
+template <typename T>
+Branches<T> branches(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& gamma,
+                     const std::vector<at::Tensor>* beta, int64_t K) {
+  Branches<T> src;
+  src.B = static_cast<int64_t>(gamma.size()), src.K = K;
+  for (const auto& t : w) {
+    src.w.push_back(t.const_data_ptr<T>());
+    src.kh.push_back(t.size(2));
+    src.kw.push_back(t.size(3));
+  }
+  for (const auto& t : gamma) src.gamma.push_back(t.const_data_ptr<T>());
+  if (beta)
+    for (const auto& t : *beta) src.beta.push_back(t.const_data_ptr<T>());
+  return src;
+}
+
+void check_counts(at::TensorList weights, at::TensorList gammas, const at::Tensor& eps) {
+  const size_t n_w = weights.size(), B = gammas.size();
+  FALCONNET_CHECK(n_w >= 1 && (B == n_w || B == n_w + 1),
+                  "repso_fold: gammas must have one entry per weight (plus one for the identity), got ",
+                  n_w, " weights and ", B, " gammas");
+  FALCONNET_CHECK(eps.numel() == static_cast<int64_t>(B), "repso_fold: eps must have B = ", B,
+                  " entries, got ", eps.numel());
+}
+
+}  // namespace fold
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fold_forward_params(
+    const at::Tensor& mean, const at::Tensor& cov, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
+    const at::Tensor& eps) {
+  fold::check_counts(weights, gammas, eps);
+  FALCONNET_CHECK(betas.size() == gammas.size(), "repso_fold: betas must pair with gammas, got ",
+                  betas.size(), " and ", gammas.size());
+  const int64_t C = mean.size(0), KK = mean.size(1), K = fold::window_of(mean), B = gammas.size();
+  FALCONNET_CHECK(cov.sizes() == at::IntArrayRef({C, KK, KK}) && cov.scalar_type() == mean.scalar_type(),
+                  "repso_fold: cov must be (C, K*K, K*K) of mean's dtype, got ", cov.sizes());
+  const auto dt = mean.scalar_type();
+  const auto w = fold::prepared(weights, dt, C, K, true, "weights"), g = fold::prepared(gammas, dt, C, K, false, "gammas"),
+             bt = fold::prepared(betas, dt, C, K, false, "betas");
+  const at::Tensor mu = mean.contiguous(), cv = cov.contiguous(), e = eps.to(at::kDouble).contiguous();
+  at::Tensor folded = at::empty({C, KK}, mean.options()), bias = at::empty({C}, mean.options());
+  at::Tensor bmean = at::empty({C, B}, mean.options()), bvar = at::empty({C, B}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "repso_fold_forward_params", [&] {
+    const auto src = fold::branches<scalar_t>(w, g, &bt, K);
+    fold::forward<scalar_t>(mu.const_data_ptr<scalar_t>(), cv.const_data_ptr<scalar_t>(), src, e.const_data_ptr<double>(),
+                            C, B, KK, folded.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), bmean.data_ptr<scalar_t>(),
+                            bvar.data_ptr<scalar_t>());
+  });
+  return {folded, bias, bmean, bvar};
+}
+
+// -> gradients of mean, cov and of every parameter: weights..., gammas..., betas... (each in its
+// parameter's dtype and shape)
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> repso_fold_backward_params(
+    const at::Tensor& grad_folded, const at::Tensor& grad_bias, const at::Tensor& mean, const at::Tensor& cov,
+    at::TensorList weights, at::TensorList gammas, const at::Tensor& eps) {
+  fold::check_counts(weights, gammas, eps);
+  const int64_t C = mean.size(0), KK = mean.size(1), K = fold::window_of(mean), B = gammas.size();
+  FALCONNET_CHECK(cov.sizes() == at::IntArrayRef({C, KK, KK}) && cov.scalar_type() == mean.scalar_type(),
+                  "repso_fold: cov must be (C, K*K, K*K) of mean's dtype, got ", cov.sizes());
+  const auto dt = mean.scalar_type();
+  const at::Tensor gF = grad_folded.to(dt).contiguous(), gb = grad_bias.to(dt).contiguous();
+  FALCONNET_CHECK(gF.sizes() == mean.sizes() && gb.numel() == C, "repso_fold_backward: gradient shapes");
+  const auto w = fold::prepared(weights, dt, C, K, true, "weights"), g = fold::prepared(gammas, dt, C, K, false, "gammas");
+  const at::Tensor mu = mean.contiguous(), cv = cov.contiguous(), e = eps.to(at::kDouble).contiguous();
+  at::Tensor g_mean = at::empty_like(mu), g_cov = at::empty_like(cv);
+  std::vector<at::Tensor> g_w, g_gamma, g_beta;
+  for (const auto& t : w) g_w.push_back(at::empty_like(t));
+  for (int64_t b = 0; b < B; ++b) g_gamma.push_back(at::empty({C}, mean.options())), g_beta.push_back(at::empty({C}, mean.options()));
+  AT_DISPATCH_FLOATING_TYPES(dt, "repso_fold_backward_params", [&] {
+    auto src = fold::branches<scalar_t>(w, g, nullptr, K);
+    for (auto& t : g_w) src.g_w.push_back(t.data_ptr<scalar_t>());
+    for (int64_t b = 0; b < B; ++b) src.g_gamma.push_back(g_gamma[b].data_ptr<scalar_t>()), src.g_beta.push_back(g_beta[b].data_ptr<scalar_t>());
+    fold::backward<scalar_t>(gF.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
+                             cv.const_data_ptr<scalar_t>(), src, e.const_data_ptr<double>(), C, B, KK,
+                             g_mean.data_ptr<scalar_t>(), g_cov.data_ptr<scalar_t>());
+  });
+  std::vector<at::Tensor> grads;
+  auto as = [&](const at::Tensor& g, at::ScalarType t) { return g.scalar_type() == t ? g : g.to(t); };
+  for (size_t b = 0; b < g_w.size(); ++b) grads.push_back(as(g_w[b], weights[b].scalar_type()));
+  for (int64_t b = 0; b < B; ++b) grads.push_back(as(g_gamma[b], gammas[b].scalar_type()));
+  for (int64_t b = 0; b < B; ++b) grads.push_back(as(g_beta[b], gammas[b].scalar_type()));
+  return {g_mean, g_cov, grads};
 }
 
 void check_x(const at::Tensor& x, int64_t K) {
@@ -1551,6 +1750,13 @@ TORCH_LIBRARY_FRAGMENT(FALCONNET_OPS_NAMESPACE, m) {
   // -> gradients of mean, cov, kernels, gamma, beta
   m.def("repso_fold_backward(Tensor grad_folded, Tensor grad_bias, Tensor mean, Tensor cov, Tensor kernels,"
         " Tensor gamma, Tensor eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the same fold with the branch parameters as they are: weights[b] (C, 1, kh, kw), gammas and
+  // betas (C) per BatchNorm (the identity's last when there is one more than weights)
+  m.def("repso_fold_forward_params(Tensor mean, Tensor cov, Tensor[] weights, Tensor[] gammas, Tensor[] betas,"
+        " Tensor eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> gradients of mean, cov and of weights..., gammas..., betas... (betas' gradients: grad_bias each)
+  m.def("repso_fold_backward_params(Tensor grad_folded, Tensor grad_bias, Tensor mean, Tensor cov, Tensor[] weights,"
+        " Tensor[] gammas, Tensor eps) -> (Tensor, Tensor, Tensor[])");
   // RepSO one-conv training backward, channels_last, K = 3, C % 16 == 0: the depthwise conv's
   // weight (C, 1, 3, 3) and bias gradients in the statistics dtype
   m.def("repso_conv_weight_grad(Tensor grad_y, Tensor x) -> (Tensor, Tensor)");
@@ -1564,6 +1770,8 @@ TORCH_LIBRARY_IMPL(FALCONNET_OPS_NAMESPACE, CPU, m) {
   m.impl("repso_moments_backward", &repso_moments_backward);
   m.impl("repso_fold_forward", &repso_fold_forward);
   m.impl("repso_fold_backward", &repso_fold_backward);
+  m.impl("repso_fold_forward_params", &repso_fold_forward_params);
+  m.impl("repso_fold_backward_params", &repso_fold_backward_params);
   m.impl("repso_conv_weight_grad", &repso_conv_weight_grad);
   m.impl("repso_train_backward_x", &repso_train_backward_x);
 }

@@ -128,25 +128,37 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
     for the running means and variances together (the usual case of one momentum). mean and var
     are (B, C) rows: row b the batch mean and the unbiased batch variance for bns[b]. Contiguous
     rows keep CUDA's foreach ops on their one-launch path (strided ones fall back to a launch per
-    tensor)."""
+    tensor). The buffers are read from each module's _buffers: Module.__getattr__ (~1 us a lookup,
+    ~50 a step for seven BatchNorms) cost more than the update at small maps."""
     tracked = [bn for bn in bns if bn.training and bn.track_running_stats]
-    counters = [bn.num_batches_tracked for bn in tracked if bn.num_batches_tracked is not None]
+    if not tracked:
+        return
+    buffers = [bn._buffers for bn in tracked]
+    counters = [b["num_batches_tracked"] for b in buffers if b.get("num_batches_tracked") is not None]
     if counters:
         torch._foreach_add_(counters, 1)
-    with_stats = [b for b, bn in enumerate(bns) if bn.training and bn.track_running_stats and bn.running_mean is not None]
-    if not with_stats:
-        return
-    factors = []
-    for b in with_stats:
-        bn = bns[b]
+    means, variances = mean.unbind(0), var.unbind(0)
+    running_means, running_vars, new_means, new_vars, factors = [], [], [], [], []
+    for b, bn in enumerate(bns):
+        if not (bn.training and bn.track_running_stats):
+            continue
+        bufs = bn._buffers
+        rm, rv = bufs.get("running_mean"), bufs.get("running_var")
+        if rm is None:
+            continue
+        running_means.append(rm)
+        running_vars.append(rv)
+        new_means.append(means[b] if means[b].dtype == rm.dtype else means[b].to(rm.dtype))
+        new_vars.append(variances[b] if variances[b].dtype == rv.dtype else variances[b].to(rv.dtype))
         if bn.momentum is None:  # cumulative moving average
-            factors.append(1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0)
+            count = bufs.get("num_batches_tracked")
+            factors.append(1.0 / float(count) if count is not None else 0.0)
         else:
             factors.append(float(bn.momentum))
+    if not running_means:
+        return
     with torch.no_grad():
-        running = [bns[b].running_mean for b in with_stats] + [bns[b].running_var for b in with_stats]
-        new = ([mean[b].to(bns[b].running_mean.dtype) for b in with_stats]
-               + [var[b].to(bns[b].running_var.dtype) for b in with_stats])
+        running, new = running_means + running_vars, new_means + new_vars
         if len(set(factors)) == 1:  # the usual case: one momentum; running += factor (new - running)
             torch._foreach_lerp_(running, new, factors[0])
         else:
@@ -204,13 +216,20 @@ class _OneConvTrainCPU(torch.autograd.Function):
     else F.conv2d): the same math as the custom-op path (repso_moments, repso_fold, F.conv2d), without
     two custom ops' Python autograd wrappers and dispatch (~65 us each per step), the conv's own
     node, and the separate accumulation of grad_x's two parts. CPU only; torch.compile traces it
-    through the kernels' fake implementations (falconnet_kernels/repso_moments.py)."""
+    through the kernels' fake implementations (falconnet_kernels/repso_moments.py).
+
+    The branch parameters come in as they are (params: the n_w branch weights, then the BatchNorms'
+    weights, then their biases) and the C++ fold reads them and writes their gradients directly
+    (repso_fold_*_params): the flat concatenation, its gather into (C, B, K*K) and the gradients'
+    concatenation and scatter cost ~0.5 ms of a 1024@7 layer's ~11 ms step (batch 16, 2 AVX2 cores,
+    2026-11-27)."""
 
     @staticmethod
-    def forward(ctx, x, flat, shapes, with_identity, eps, K, activation, own_conv):
+    def forward(ctx, x, eps, config, *params):
+        K, activation, own_conv, n_w = config
         cpp = getattr(torch.ops, CPP_NAMESPACE)
         C, x_in = x.shape[1], x
-        kernels, gamma, beta = _unpack(flat, shapes, with_identity, K, C, stats_dtype(x.dtype))
+        B = (len(params) - n_w) // 2
         # The C++ kernels' fast path is channels_last (K = 3, C a multiple of 16); other layouts
         # take a channels_last copy there (and hand y and grad_x back in their own layout): two
         # copies each way cost a fraction of the per-channel kernels' time
@@ -218,7 +237,8 @@ class _OneConvTrainCPU(torch.autograd.Function):
         if ctx.nchw:
             x = x.contiguous(memory_format=torch.channels_last)
         mean, cov = cpp.repso_moments_forward(x, K)
-        folded, bias, bmean, bvar = cpp.repso_fold_forward(mean, cov, kernels, gamma, beta, eps)
+        folded, bias, bmean, bvar = cpp.repso_fold_forward_params(
+            mean, cov, params[:n_w], params[n_w:n_w + B], params[n_w + B:], eps)
         weight = folded.view(C, 1, K, K).to(x.dtype)
         # (under autocast F.conv2d, which runs in the autocast dtype as the branch form's convs do)
         if own_conv and K == 3 and x.is_contiguous(memory_format=torch.channels_last) \
@@ -229,25 +249,30 @@ class _OneConvTrainCPU(torch.autograd.Function):
         else:
             y = activation_(F.conv2d(x, weight, bias.to(x.dtype), padding=K // 2, groups=C), activation)
         y = y.contiguous() if ctx.nchw else y
-        # (x_in and flat: for a backward with create_graph=True, _differentiable_grads)
-        ctx.save_for_backward(x, mean, cov, kernels, gamma, weight, y if activation != "none" else None, x_in, flat)
-        ctx.K, ctx.activation, ctx.eps = K, activation, eps
-        ctx.layout = (shapes, with_identity)
+        # (x_in: for a backward with create_graph=True, _differentiable_grads)
+        ctx.save_for_backward(x, mean, cov, weight, y if activation != "none" else None, x_in, *params)
+        ctx.K, ctx.activation, ctx.eps, ctx.n_w, ctx.B = K, activation, eps, n_w, B
         ctx.mark_non_differentiable(bmean, bvar)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for bmean and bvar
         return y, bmean, bvar
 
     @staticmethod
     def backward(ctx, grad_y, _grad_bmean, _grad_bvar):
+        n_params = ctx.n_w + 2 * ctx.B
         if grad_y is None:  # y took no part in the loss
-            return None, None, None, None, None, None, None, None
-        x, mean, cov, kernels, gamma, weight, y, x_in, flat = ctx.saved_tensors
-        K, C, eps = ctx.K, x.shape[1], ctx.eps
+            return (None, None, None) + (None,) * n_params
+        x, mean, cov, weight, y, x_in, *params = ctx.saved_tensors
+        K, C, eps, n_w = ctx.K, x.shape[1], ctx.eps, ctx.n_w
+        weights, gammas = params[:n_w], params[n_w:n_w + ctx.B]
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            grads = _differentiable_grads(
-                ctx, grad_y, (x_in, flat),
-                lambda x, flat: (x, *_unpack(flat, *ctx.layout, K, C, stats_dtype(x.dtype))))
-            return (*grads, None, None, None, None, None, None)
+            shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
+
+            def unpack(x, _eps, _config, *ps):  # the parameters' flat form and its gather, as torch ops
+                flat = torch.cat([p.reshape(-1) for p in ps]
+                                 + [_cached(_constants, ps[0].dtype, ps[0].device, (0.0, 1.0))])
+                return (x, *_unpack(flat, shapes, ctx.B > n_w, K, C, stats_dtype(x.dtype)))
+
+            return tuple(_differentiable_grads(ctx, grad_y, (x_in, None, None, *params), unpack))
         grad_y = activation_backward(grad_y, y, ctx.activation)
         # under autocast the forward's conv ran in the autocast dtype: the backward works in x's
         grad_y = grad_y.to(x.dtype)
@@ -257,8 +282,8 @@ class _OneConvTrainCPU(torch.autograd.Function):
             # the channels_last fast path: the conv's weight gradient, then all of grad_x in one pass
             grad_y = grad_y.contiguous(memory_format=torch.channels_last)
             grad_w, grad_b = cpp.repso_conv_weight_grad(grad_y, x)
-            g_mean, g_cov, g_k, g_gamma, g_beta = cpp.repso_fold_backward(
-                grad_w.view(C, K * K), grad_b, mean, cov, kernels, gamma, eps)
+            g_mean, g_cov, g_params = cpp.repso_fold_backward_params(
+                grad_w.view(C, K * K), grad_b, mean, cov, weights, gammas, eps)
             grad_x = cpp.repso_train_backward_x(g_mean, g_cov, x, mean, grad_y, weight) if need_x else None
             if grad_x is not None and ctx.nchw:
                 grad_x = grad_x.contiguous()
@@ -267,42 +292,30 @@ class _OneConvTrainCPU(torch.autograd.Function):
                 grad_y.contiguous(memory_format=torch.channels_last)
                 if x.is_contiguous(memory_format=torch.channels_last) else grad_y.contiguous(),
                 x, weight, [C], [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], C, [need_x, True, True])
-            g_mean, g_cov, g_k, g_gamma, g_beta = cpp.repso_fold_backward(
-                grad_w.reshape(C, K * K).to(mean.dtype), grad_b.to(mean.dtype), mean, cov, kernels, gamma, eps)
+            g_mean, g_cov, g_params = cpp.repso_fold_backward_params(
+                grad_w.reshape(C, K * K).to(mean.dtype), grad_b.to(mean.dtype), mean, cov, weights, gammas, eps)
             grad_x = None
             if need_x:
                 grad_x = cpp.repso_moments_backward(g_mean, g_cov, x, mean, K)
                 grad_x += grad_x_conv
-        g_flat = _pack_grads(g_k, g_gamma, g_beta, *ctx.layout, K, C).to(flat.dtype)
-        return grad_x, g_flat, None, None, None, None, None, None
+        return (grad_x, None, None, *g_params)
 
 
 @functools.lru_cache(maxsize=64)
-def _flat_indices(shapes: tuple, with_identity: bool, K: int, C: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Two index vectors (on device) for the flat parameters (flat_layout, followed by the
-    constants 0 and 1): gather picks (kernels (C, B, K*K), gamma (C, B), beta (C, B)) out of them
-    in one index_select; scatter picks each flat position's gradient out of (g_kernels, g_gamma,
-    g_beta, 0, 0) in another (the CPU node's backward). One op each way where embedding, stacking
-    and their autograd took ~6 forward and ~23 backward (the CPU node's step at 64@8, batch 2, one
-    thread: ~60 us of ~470; 2026-11-26)."""
+def _flat_indices(shapes: tuple, with_identity: bool, K: int, C: int, device: torch.device) -> Tensor:
+    """The index vector (on device) that picks (kernels (C, B, K*K), gamma (C, B), beta (C, B)) out
+    of the flat parameters (flat_layout, followed by the constants 0 and 1) in one index_select:
+    the torch-op form of the fold's inputs (the fold's fallback, and the one-node paths' backward
+    with create_graph=True)."""
     taps, cs, gamma_at, beta_at = _cached(flat_layout, shapes, with_identity, K, C)
-    B, KK = len(taps), K * K
+    B = len(taps)
     n = beta_at + B * C  # the parameters; flat[n] = 0, flat[n + 1] = 1
     taps_t, cs_t = torch.tensor(taps), torch.tensor(cs)
     c = torch.arange(C)
     at = taps_t[None] + c[:, None, None] * cs_t[None, :, None]  # (C, B, KK)
     at = torch.where(taps_t[None] >= 0, at, torch.where(taps_t[None] == -2, n + 1, n))
     bc = (torch.arange(B)[None, :] * C + c[:, None]).reshape(-1)  # (C, B) flattened: b * C + c
-    gather = torch.cat([at.reshape(-1), gamma_at + bc, beta_at + bc])
-    # the packed gradients: g_k (C*B*KK), g_gamma (C*B), g_beta (C*B), then two zeros. Built with
-    # static shapes only (traced under torch.compile): the embedding's zeros and the identity's 1
-    # scatter into a spare last slot, dropped
-    n_k, n_g = C * B * KK, C * B
-    scatter = torch.full((n + 3,), n_k + 2 * n_g, dtype=torch.long)
-    scatter.scatter_(0, torch.where(at < n, at, n + 2).reshape(-1), torch.arange(n_k))
-    scatter.scatter_(0, torch.cat([gamma_at + bc, beta_at + bc]), n_k + torch.arange(2 * n_g))
-    scatter[n:] = n_k + 2 * n_g  # the constants' "gradients": zeros
-    return gather.to(device), scatter[:n + 2].to(device)
+    return torch.cat([at.reshape(-1), gamma_at + bc, beta_at + bc]).to(device)
 
 
 def _cached(fn, *args):
@@ -319,18 +332,10 @@ def _constants(dtype: torch.dtype, device: torch.device, value: tuple) -> Tensor
 def _unpack(flat: Tensor, shapes: tuple, with_identity: bool, K: int, C: int, dtype) -> tuple:
     """(kernels (C, B, K*K), gamma (C, B), beta (C, B)) in dtype from flat parameters with the
     constants (_flat_parameters(..., constants=True)), by one differentiable index_select."""
-    gather, _ = _cached(_flat_indices, shapes, with_identity, K, C, flat.device)
+    gather = _cached(_flat_indices, shapes, with_identity, K, C, flat.device)
     packed = flat.index_select(0, gather).to(dtype)
     B, n_k = len(shapes) + with_identity, C * (len(shapes) + with_identity) * K * K
     return (packed[:n_k].view(C, B, K * K), packed[n_k:n_k + C * B].view(C, B), packed[n_k + C * B:].view(C, B))
-
-
-def _pack_grads(g_k: Tensor, g_gamma: Tensor, g_beta: Tensor, shapes: tuple, with_identity: bool, K: int,
-                C: int) -> Tensor:
-    """The gradient of flat parameters with the constants from the fold's (C, B, ...) gradients."""
-    _, scatter = _cached(_flat_indices, shapes, with_identity, K, C, g_k.device)
-    zeros = _cached(_constants, g_k.dtype, g_k.device, (0.0, 0.0))
-    return torch.cat([g_k.reshape(-1), g_gamma.reshape(-1), g_beta.reshape(-1), zeros]).index_select(0, scatter)
 
 
 # Which kernel computes the one conv's weight gradient on the GPU one-node path at K = 3: "rows"
@@ -602,8 +607,9 @@ def repso_train_forward(
             y, mean, var = _OneConvTrainTriton.apply(x, _flat_parameters(weights, all_bns), shapes,
                                                      identity_bn is not None, eps, K, fused)
         else:
-            y, mean, var = _OneConvTrainCPU.apply(x, _flat_parameters(weights, all_bns, constants=True), shapes,
-                                                  identity_bn is not None, eps, K, fused, conv == "auto")
+            y, mean, var = _OneConvTrainCPU.apply(
+                x, eps, (K, fused, conv == "auto", len(weights)), *weights,
+                *[bn.weight for bn in all_bns], *[bn.bias for bn in all_bns])
             mean, var = _running_rows(mean, var, count)
         _update_running_batched(all_bns, mean, var)
         return apply_activation(y, after)
