@@ -38,6 +38,11 @@ bool dw3x3_backward_channels_last(const at::Tensor& grad_y, const at::Tensor& x,
                                   const c10::optional<at::Tensor>& bias, Activation act, at::Tensor& grad_x,
                                   at::Tensor& grad_w, at::Tensor& grad_b);
 
+// csrc/cpu/repso_moments.cpp: the padded-plane forward for stride 1, channels_last, C % 16 == 0
+// (false when it does not apply)
+bool dw3x3_forward_channels_last(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 Activation act, at::Tensor& y);
+
 namespace {
 
 struct DwShape {
@@ -456,7 +461,11 @@ at::Tensor dw_conv3x3_forward_cpu(const at::Tensor& x_in, const at::Tensor& weig
   const DwShape s = check_dw_inputs(x_in, weight, bias, stride);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const at::Tensor x = collapsible(x_in);
-  at::Tensor y = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(output_format(x_in)));
+  at::Tensor y;
+  if (stride == 1 && output_format(x_in) == at::MemoryFormat::ChannelsLast &&
+      dw3x3_forward_channels_last(x, weight, bias, act, y))
+    return y;
+  y = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(output_format(x_in)));
   if (y.numel() == 0) return y;
   const Layout layout = layout_of(x);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_conv3x3_forward_cpu", [&] {
