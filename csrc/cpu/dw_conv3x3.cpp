@@ -23,9 +23,12 @@
 //   other cases accumulate blocks of kChannelBlock channels in a small buffer. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
 //   a scratch tensor and reduces grad_weight/grad_bias in per-thread partials; pass 2 over input
 //   rows gathers grad_x (a gather, not a scatter, so rows are independent across threads).
-//   Stride 1 with C a multiple of 16 takes the one-pass kernel of csrc/cpu/repso_moments.cpp
-//   instead (padded per-block planes of x and grad_z; with the forward below, 1.00-1.66x oneDNN's
-//   forward+backward vs 0.55-1.24x before, benchmarks/results/2026-11-26-cpu-2/bench_dw_after.md).
+//   Forward, stride 1, C a multiple of 16, maps of at most 64 pixels: csrc/cpu/repso_moments.cpp's
+//   padded-plane kernel instead (cl3::dw3x3_forward; the row kernels' taps fall in one L1 set
+//   there when C * 4 bytes is a multiple of 4 KB). Backward, stride 1, C a multiple of 16: the
+//   one-pass kernel of csrc/cpu/repso_moments.cpp instead (padded per-block planes of x and grad_z;
+//   with the forward below, 1.00-1.66x oneDNN's forward+backward vs 0.55-1.24x before,
+//   benchmarks/results/2026-11-26-cpu-2/bench_dw_after.md).
 #include "cpu/common.h"
 
 #include <torch/library.h>
