@@ -354,6 +354,8 @@ def test_fold_params_ops_name_bad_arguments():
         cpp.repso_fold_forward_params(mean, cov, [w], [g, g], [g, g], torch.zeros(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="mean must be \\(C, K\\*K\\) for an odd K, got \\[16, 8\\]"):
         cpp.repso_fold_forward_params(torch.zeros(C, 8), cov, [w], [g, g], [g, g], eps)
+    with pytest.raises(RuntimeError, match="mean must be a \\(C, K\\*K\\) floating-point CPU tensor, got \\[144\\]"):
+        cpp.repso_fold_backward_params(torch.zeros(C, 9), torch.zeros(C), torch.zeros(C * 9), cov, [w], [g, g], eps)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

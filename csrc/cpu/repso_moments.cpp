@@ -1254,8 +1254,7 @@ struct Branches {
   std::vector<T*> g_w, g_gamma, g_beta;
   std::vector<int64_t> kh, kw;
   int64_t B, K;
-  // one lane (channel) at a time for a partial group; a full group's lanes in a loop of constant
-  // trip count (unrolled): branchy loops over 1-9 taps per lane ran ~1.3x the dense gather's time
+  // f(lane) for each lane of the group: a full group's in a loop of constant trip count (unrolled)
   template <typename F>
   static void for_lanes(int64_t lanes, F&& f) {
     if (lanes == kLanes) {
@@ -1498,6 +1497,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fol
 namespace fold {
 
 int64_t window_of(const at::Tensor& mean) {
+  FALCONNET_CHECK(mean.dim() == 2 && mean.device().is_cpu() && at::isFloatingType(mean.scalar_type()),
+                  "repso_fold: mean must be a (C, K*K) floating-point CPU tensor, got ", mean.sizes(), " ",
+                  mean.scalar_type());
   const int64_t KK = mean.size(1);
   int64_t K = 1;
   while (K * K < KK) K += 2;
@@ -1560,7 +1562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> repso_fold_forward_pa
   fold::check_counts(weights, gammas, eps);
   FALCONNET_CHECK(betas.size() == gammas.size(), "repso_fold: betas must pair with gammas, got ",
                   betas.size(), " and ", gammas.size());
-  const int64_t C = mean.size(0), KK = mean.size(1), K = fold::window_of(mean), B = gammas.size();
+  const int64_t K = fold::window_of(mean), C = mean.size(0), KK = mean.size(1), B = gammas.size();
   FALCONNET_CHECK(cov.sizes() == at::IntArrayRef({C, KK, KK}) && cov.scalar_type() == mean.scalar_type(),
                   "repso_fold: cov must be (C, K*K, K*K) of mean's dtype, got ", cov.sizes());
   const auto dt = mean.scalar_type();
@@ -1584,7 +1586,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> repso_fold_backward_
     const at::Tensor& grad_folded, const at::Tensor& grad_bias, const at::Tensor& mean, const at::Tensor& cov,
     at::TensorList weights, at::TensorList gammas, const at::Tensor& eps) {
   fold::check_counts(weights, gammas, eps);
-  const int64_t C = mean.size(0), KK = mean.size(1), K = fold::window_of(mean), B = gammas.size();
+  const int64_t K = fold::window_of(mean), C = mean.size(0), KK = mean.size(1), B = gammas.size();
   FALCONNET_CHECK(cov.sizes() == at::IntArrayRef({C, KK, KK}) && cov.scalar_type() == mean.scalar_type(),
                   "repso_fold: cov must be (C, K*K, K*K) of mean's dtype, got ", cov.sizes());
   const auto dt = mean.scalar_type();
