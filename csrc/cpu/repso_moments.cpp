@@ -539,6 +539,14 @@ inline std::vector<std::array<int64_t, 3>> slot_runs(const std::vector<int64_t>&
   return runs;
 }
 
+// A 3x3 depthwise weight (C, 9) as one 16-channel block's taps: out[t][c] = weight[c0 + c][t], in A
+// (the stencil kernels read one tap's 16 channels as vectors).
+template <typename A, typename scalar_t>
+inline void block_taps(const scalar_t* weight, int64_t c0, A* out) {
+  for (int64_t t = 0; t < 9; ++t)
+    for (int64_t c = 0; c < kCB; ++c) out[t * kCB + c] = static_cast<A>(weight[(c0 + c) * 9 + t]);
+}
+
 // Planes of this many images at once (about 256 KiB, in L2): at small maps one class block then
 // spans all of them, so the accumulators' register loads and stores are paid once per group.
 inline int64_t images_per_group(int64_t N, int64_t plane_doubles) {
@@ -844,9 +852,7 @@ void backward_as(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t
         }
       round_to(st_d.data(), st_size, stencils + b * st_size);
       round_to(cc_d.data(), cc_size, cls_csts + b * cc_size);
-      if (with_conv)
-        for (int64_t t = 0; t < 9; ++t)
-          for (int64_t c = 0; c < kCB; ++c) cws[(b * 9 + t) * kCB + c] = static_cast<A>(conv_weight[(c0 + c) * 9 + t]);
+      if (with_conv) block_taps(conv_weight, c0, cws + b * 9 * kCB);
     }
   });
   // Work items (image n, block b). Image-major order (consecutive items walk one image's blocks)
@@ -1027,8 +1033,7 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
     std::vector<double> total(10 * kCB);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCB;
-      for (int64_t t = 0; t < 9; ++t)
-        for (int64_t c = 0; c < kCB; ++c) wl[t * kCB + c] = static_cast<A>(weight[(c0 + c) * 9 + t]);
+      block_taps(weight, c0, wl.data());
       if (bias != nullptr)
         for (int64_t c = 0; c < kCB; ++c) bl[c] = static_cast<A>(bias[c0 + c]);
       std::fill(total.begin(), total.end(), 0.0);
@@ -1113,8 +1118,7 @@ void dw3x3_forward(const scalar_t* x, const scalar_t* weight, const scalar_t* bi
   const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
   const int64_t n_blocks = C / kCB, per_double = sizeof(double) / sizeof(A);
   std::vector<A> wl(C * 9), bl(C, A(0));  // [block][tap][16]
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t t = 0; t < 9; ++t) wl[((c / kCB) * 9 + t) * kCB + c % kCB] = static_cast<A>(weight[c * 9 + t]);
+  for (int64_t b = 0; b < n_blocks; ++b) block_taps(weight, b * kCB, wl.data() + b * 9 * kCB);
   if (bias != nullptr)
     for (int64_t c = 0; c < C; ++c) bl[c] = static_cast<A>(bias[c]);
   const int64_t bytes = N * C * H * W * static_cast<int64_t>(sizeof(scalar_t));

@@ -130,19 +130,15 @@ def _update_running_batched(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Te
     rows keep CUDA's foreach ops on their one-launch path (strided ones fall back to a launch per
     tensor). The buffers are read from each module's _buffers: Module.__getattr__ (~1 us a lookup,
     ~50 a step for seven BatchNorms) cost more than the update at small maps."""
-    tracked = [bn for bn in bns if bn.training and bn.track_running_stats]
+    tracked = [(b, bn, bn._buffers) for b, bn in enumerate(bns) if bn.training and bn.track_running_stats]
     if not tracked:
         return
-    buffers = [bn._buffers for bn in tracked]
-    counters = [b["num_batches_tracked"] for b in buffers if b.get("num_batches_tracked") is not None]
+    counters = [bufs["num_batches_tracked"] for _, _, bufs in tracked if bufs.get("num_batches_tracked") is not None]
     if counters:
         torch._foreach_add_(counters, 1)
     means, variances = mean.unbind(0), var.unbind(0)
     running_means, running_vars, new_means, new_vars, factors = [], [], [], [], []
-    for b, bn in enumerate(bns):
-        if not (bn.training and bn.track_running_stats):
-            continue
-        bufs = bn._buffers
+    for b, bn, bufs in tracked:
         rm, rv = bufs.get("running_mean"), bufs.get("running_var")
         if rm is None:
             continue
@@ -268,9 +264,7 @@ class _OneConvTrainCPU(torch.autograd.Function):
             shapes = tuple((w.shape[2], w.shape[3]) for w in weights)
 
             def unpack(x, _eps, _config, *ps):  # the parameters' flat form and its gather, as torch ops
-                flat = torch.cat([p.reshape(-1) for p in ps]
-                                 + [_cached(_constants, ps[0].dtype, ps[0].device, (0.0, 1.0))])
-                return (x, *_unpack(flat, shapes, ctx.B > n_w, K, C, stats_dtype(x.dtype)))
+                return (x, *_unpack(_flatten(ps, True), shapes, ctx.B > n_w, K, C, stats_dtype(x.dtype)))
 
             return tuple(_differentiable_grads(ctx, grad_y, (x_in, None, None, *params), unpack))
         grad_y = activation_backward(grad_y, y, ctx.activation)
@@ -450,9 +444,14 @@ def _flat_parameters(weights: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d], c
     constants the values 0 and 1 (the CPU node's gather takes the embedding's zeros and the
     identity's 1 from there). One launch; its backward hands each parameter a contiguous slice of
     the node's gradient, which autograd keeps as the parameter's gradient without a copy."""
-    parts = [w.reshape(-1) for w in weights] + [bn.weight for bn in bns] + [bn.bias for bn in bns]
+    return _flatten([*weights, *[bn.weight for bn in bns], *[bn.bias for bn in bns]], constants)
+
+
+def _flatten(params: Sequence[Tensor], constants: bool) -> Tensor:
+    """_flat_parameters' tensor from the parameters themselves: weights, gammas, betas in order."""
+    parts = [p.reshape(-1) for p in params]
     if constants:
-        parts.append(_cached(_constants, weights[0].dtype, weights[0].device, (0.0, 1.0)))
+        parts.append(_cached(_constants, params[0].dtype, params[0].device, (0.0, 1.0)))
     return torch.cat(parts)
 
 
