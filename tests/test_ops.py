@@ -132,9 +132,9 @@ def _sf_inputs(config, hw, dtype, device, bias, residual, batch=2, seed=0):
     return [cast(t) for t in (x, w1, w2, b, r)], cast(gy)
 
 
-def _check_sf_conv(device, config, hw, epilogue, layout, dtype):
+def _check_sf_conv(device, config, hw, epilogue, layout, dtype, batch=2):
     activation, bias, residual = epilogue
-    (x, w1, w2, b, r), gy = _sf_inputs(config, hw, dtype, device, bias, residual)
+    (x, w1, w2, b, r), gy = _sf_inputs(config, hw, dtype, device, bias, residual, batch=batch)
     x = _in_layout(x, layout)
     # the residual in the other memory format than x, to cover mixed layouts
     if r is not None:
@@ -167,6 +167,16 @@ def test_sf_conv_cpp_matches_float64_reference(monkeypatch, config, hw, epilogue
     _use_backend(monkeypatch, "cpu", "cpp", "sf_conv")
     for dtype in CPU_DTYPES:
         _check_sf_conv("cpu", config, hw, epilogue, layout, dtype)
+
+
+def test_sf_conv_cpp_nchw_super_tiles(monkeypatch):
+    """NCHW inputs are read a super-tile (several tiles of every channel row) at a time: with 16
+    images of 13x11 pixels (rows of 572 bytes, not line-aligned) each thread's chunks hold several
+    tiles and cross images, so super-tiles span image boundaries and chunk ends."""
+    _use_backend(monkeypatch, "cpu", "cpp", "sf_conv")
+    config = (128, 32, 4, 4, 32)
+    for dtype in CPU_DTYPES:
+        _check_sf_conv("cpu", config, (13, 11), ("relu6", True, True), "nchw", dtype, batch=16)
 
 
 # The torch backend is the reference itself: one epilogue (the fullest) checks its dispatch and

@@ -26,7 +26,9 @@
 // * The hidden tile is written as hidden[j][g][p]: the layout stage 2 reads as contiguous rows.
 //   It is G*c_h*T values (<= 128 KiB for C_in = 1024), L1/L2-resident, never written to memory.
 // * NCHW rows are pixel-contiguous already: a float32/float64 tile that lies in one image is
-//   read and written in place (no copy); other tiles go through the buffers.
+//   read and written in place (no copy); other tiles go through the buffers. In AVX2 builds the
+//   input rows are first read a super-tile (a few hundred pixels of every row) at a time, row by
+//   row (super_tile, common.h: touch_rows): tile by tile they were C_in streams of one line each.
 // * channels_last: the input tile is transposed with 16x16 (AVX-512) or 8x8 (AVX2) in-register
 //   transposes (common.h).
 //   The output is written without a transpose when m is a multiple of the vector width and G is
@@ -460,6 +462,22 @@ constexpr int kNV = 2;
 // G*c_h*m*16 floats outgrow L1) takes 4 FMAs a load/store instead of 2.
 constexpr int kNVB = 4;
 
+// Tiles per NCHW super-tile (common.h: touch_rows): as many as keep the touched rows of `rows_a`
+// + `rows_b` channels within kSuperTileBytes, so that they stay in L2 while the tiles use them.
+// 0 (tile by tile, with the one-tile-ahead prefetch) when neither tensor is NCHW, when a row's
+// run would be shorter than kSuperTileMinRun bytes, or in AVX-512 builds (not measured there).
+// 2-core AVX2 machine, 2026-11-27, NCHW float32, batch 16, alternated against the previous build
+// (benchmarks/results/2026-11-27-cpu-avx2-5/): forward 128->32@56 1.46x -> 2.12x dense at 2
+// threads, 1.13x -> 1.88x at 1; the backward 1.16x -> 1.43x there. 64 KB and 256 KB measured
+// within 5% of 128 KB; a 1-tile run (1024->256@7 at 64 KB) lost 10% to the prefetch.
+constexpr int64_t kSuperTileBytes = int64_t{128} << 10;
+constexpr int64_t kSuperTileMinRun = 256;
+inline int64_t super_tile(int T, int64_t rows_a, int64_t rows_b, size_t elem) {
+  if (kWideRegs || rows_a + rows_b == 0) return 0;
+  const int64_t tiles = kSuperTileBytes / ((rows_a + rows_b) * static_cast<int64_t>(elem) * T);
+  return tiles * T * static_cast<int64_t>(elem) >= kSuperTileMinRun ? tiles : 0;
+}
+
 template <typename S>
 void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c, const at::Tensor* bias,
                      const at::Tensor* residual, Activation act, at::Tensor& y, const SfShape& s) {
@@ -493,12 +511,21 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
                       (rp == nullptr || rin.layout == Layout::kNHWC);
   // w2t (c_h, G, m): the weight rows the channel-lane kernel reads as vectors
   const at::Tensor w2t = lanes2 ? w2c.permute({0, 2, 1}).contiguous() : at::Tensor();
+  // NCHW inputs (and residuals) are read a super-tile at a time (touch_rows), in AVX2 builds
+  const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
+                                   rp && rin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
   parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
     if (rp) res.resize(s.C_out * T);
-    int64_t begin = 0, end = 0;
+    int64_t begin = 0, end = 0, touched = 0;
     while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
-      if (tile + 1 < end) {
+      if (super && tile >= touched) {
+        touched = std::min(end, tile + super);
+        const int64_t q0 = tile * T, q1 = std::min(P, touched * T);
+        if (xin.layout == Layout::kNCHW) touch_rows(xp, xin, q0, q1);
+        if (rp && rin.layout == Layout::kNCHW) touch_rows(rp, rin, q0, q1);
+      }
+      if (!super && tile + 1 < end) {
         const int64_t p1 = (tile + 1) * T;
         prefetch_tile(xp, xin, p1, static_cast<int>(std::min<int64_t>(T, P - p1)));
         if (rp) prefetch_tile(rp, rin, p1, static_cast<int>(std::min<int64_t>(T, P - p1)));
@@ -618,16 +645,24 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   // Reduced weight gradients (compute type), summed over the threads' partial results.
   std::vector<A> gw1(n_w1, A(0)), gw2(n_w2, A(0)), gb(s.C_out, A(0));
   std::mutex merge;
+  const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
+                                   gyin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
   parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), gz(s.C_out * T), z, ghid(s.G * s.c_h * T),
         gxt(s.C_in * T);
     if (act != Activation::kNone) z.resize(s.C_out * T);
     // Lane-wise partial sums: [weight index][lane].
     std::vector<A> acc_w1(n_w1 * L, A(0)), acc_w2(n_w2 * L, A(0)), acc_b(s.C_out * T, A(0));
-    int64_t begin = 0, end = 0;
+    int64_t begin = 0, end = 0, touched = 0;
     while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t p0 = tile * T;
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
+      if (super && tile >= touched) {
+        touched = std::min(end, tile + super);
+        const int64_t q1 = std::min(P, touched * T);
+        if (xin.layout == Layout::kNCHW) touch_rows(xp, xin, p0, q1);
+        if (gyin.layout == Layout::kNCHW) touch_rows(gyp, gyin, p0, q1);
+      }
       load_tile(xp, xin, p0, count, xt.data(), T);
       load_tile(gyp, gyin, p0, count, gz.data(), T);  // zero beyond count: padded pixels add nothing
       stage1<A, kNVB>(s, w1, xt.data(), T, hidden.data());
