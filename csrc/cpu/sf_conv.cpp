@@ -22,7 +22,8 @@
 //   (c_h x k) . (k x T), stage 2 per hidden channel j (m x G) . (G x T). No shape of the
 //   FalconNet range (k, c_h, m, G in 4..64) fills a vector along a channel axis in both stages,
 //   but every shape fills it along pixels. Narrow groups (c_h <= 4) are batched 3 at a time into
-//   one register block so k = 4 loops still keep 24 accumulators busy.
+//   one register block so k = 4 loops still keep 24 accumulators busy (AVX-512; AVX2 builds run
+//   c_h = 4 one group a block, in one loop: stage1).
 // * The hidden tile is written as hidden[j][g][p]: the layout stage 2 reads as contiguous rows.
 //   It is G*c_h*T values (<= 128 KiB for C_in = 1024), L1/L2-resident, never written to memory.
 // * NCHW rows are pixel-contiguous already: a float32/float64 tile that lies in one image is
@@ -423,7 +424,11 @@ void stage1(const SfShape& s, const A* w1, const A* x, int64_t x_rs, A* hidden) 
   constexpr int T = NV * Simd<A>::lanes;
   const int k = static_cast<int>(s.k);
   const int64_t a_gs = s.c_h * s.k, b_gs = s.k * x_rs, c_rs = s.G * T;
-  switch (s.c_h * NV <= kAccRegs / 3 ? s.c_h : 0) {
+  // AVX2 (12 accumulators) takes c_h = 3, 4 group by group too (GB = 2, 1): one call per group
+  // through gemm_rows cost 5% of the forward at 128->32@56 (c_h = k = 4; 2026-11-27, alternated
+  // A/B, 1 and 2 threads, both layouts: benchmarks/results/2026-11-27-cpu-avx2-5/).
+  constexpr int kGroupsUpTo = kWideRegs ? kAccRegs / 3 : kAccRegs;
+  switch (s.c_h * NV <= kGroupsUpTo ? s.c_h : 0) {
     case 1: gemm_groups<A, NV, 1>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
     case 2: gemm_groups<A, NV, 2>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
     case 3: gemm_groups<A, NV, 3>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
