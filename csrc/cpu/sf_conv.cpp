@@ -33,7 +33,7 @@
 // * channels_last: the input tile is transposed with 16x16 (AVX-512) or 8x8 (AVX2) in-register
 //   transposes (common.h).
 //   The output is written without a transpose when m is a multiple of the vector width and G is
-//   small (<= 16): stage 2 then runs with lanes over output channels ("lanes" kernels below),
+//   small (<= 16; <= 32 in AVX2 builds): stage 2 then runs with lanes over output channels ("lanes" kernels below),
 //   which costs 1 broadcast per FMA but saves the transpose that dominates when each output
 //   value takes only G MACs. With more groups the pixel-lane kernel + transpose measured faster.
 // * The epilogue (bias, activation, residual) is applied in stage 2's registers before the
@@ -510,9 +510,14 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
   // channels_last output without a transpose: stage 2 with lanes over output channels when m
   // fills whole vectors (and the residual, if any, is channels_last too). It pays off when the
   // output side dominates, i.e. few MACs (G) per output value; with G > 16 the pixel-lane kernel's
-  // better load/FMA ratio wins over the cost of transposing the output (measured, 1 core).
+  // better load/FMA ratio wins over the cost of transposing the output (measured, 1 core, AVX-512).
+  // AVX2 builds take it up to G = 32: 128->32@56 and 256->64@28 (G = 32, m = 8) then take 0.86-0.91x
+  // and 0.89-0.96x the time (median of per-round ratios, alternated, 1 and 2 threads); at G = 64
+  // (512->128@14, 1024->256@7) it lost 6-9% (2026-11-27, 2-core Zen 3;
+  // benchmarks/results/2026-11-27-cpu-avx2-5/).
   constexpr int L = Simd<A>::lanes;
-  const bool lanes2 = kInPlace && yout.layout == Layout::kNHWC && s.m % L == 0 && s.G <= 16 &&
+  constexpr int64_t kLanesMaxGroups = kWideRegs ? 16 : 32;
+  const bool lanes2 = kInPlace && yout.layout == Layout::kNHWC && s.m % L == 0 && s.G <= kLanesMaxGroups &&
                       (rp == nullptr || rin.layout == Layout::kNHWC);
   // w2t (c_h, G, m): the weight rows the channel-lane kernel reads as vectors
   const at::Tensor w2t = lanes2 ? w2c.permute({0, 2, 1}).contiguous() : at::Tensor();
