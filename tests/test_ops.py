@@ -169,14 +169,17 @@ def test_sf_conv_cpp_matches_float64_reference(monkeypatch, config, hw, epilogue
         _check_sf_conv("cpu", config, hw, epilogue, layout, dtype)
 
 
-def test_sf_conv_cpp_nchw_super_tiles(monkeypatch):
-    """NCHW inputs are read a super-tile (several tiles of every channel row) at a time: with 16
-    images of 13x11 pixels (rows of 572 bytes, not line-aligned) each thread's chunks hold several
-    tiles and cross images, so super-tiles span image boundaries and chunk ends."""
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_sf_conv_cpp_chunks_of_many_tiles(monkeypatch, layout):
+    """With 16 images of 13x11 pixels each thread's chunks hold several tiles and cross images: NCHW
+    super-tiles (several tiles of every channel row, rows of 572 bytes, not line-aligned) span image
+    boundaries and chunk ends, and channels_last tiles are prefetched two ahead within a chunk (the
+    first two of each chunk not). Small tests run one-tile chunks only."""
     _use_backend(monkeypatch, "cpu", "cpp", "sf_conv")
     config = (128, 32, 4, 4, 32)
     for dtype in CPU_DTYPES:
-        _check_sf_conv("cpu", config, (13, 11), ("relu6", True, True), "nchw", dtype, batch=16)
+        _check_sf_conv("cpu", config, (13, 11), ("relu6", True, True), layout, dtype, batch=16)
+        _check_sf_conv("cpu", config, (13, 11), ("none", False, False), layout, dtype, batch=16)
 
 
 # The torch backend is the reference itself: one epilogue (the fullest) checks its dispatch and

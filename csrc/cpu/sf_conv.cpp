@@ -38,7 +38,8 @@
 //   value takes only G MACs. With more groups the pixel-lane kernel + transpose measured faster.
 // * The epilogue (bias, activation, residual) is applied in stage 2's registers before the
 //   single store. Outputs whose op footprint exceeds a quarter of the L3 go out as streaming stores.
-//   The next tile's input is prefetched while the current one computes.
+//   The input tile two on is prefetched a slice at a time between the current tile's blocks of
+//   FMAs (AVX2 channels_last: SpreadPrefetch; NCHW: super-tiles; AVX-512: the next tile at once).
 // * Backward recomputes the hidden tile (and z when the activation needs its mask) instead of
 //   storing it. grad_w1 / grad_w2 / grad_bias are reductions over pixels: each thread keeps them
 //   with the SIMD lanes unreduced (acc[..][lane]) so the inner loop stays a plain vector FMA,
@@ -483,6 +484,15 @@ inline int64_t super_tile(int T, int64_t rows_a, int64_t rows_b, size_t elem) {
   return tiles * T * static_cast<int64_t>(elem) >= kSuperTileMinRun ? tiles : 0;
 }
 
+// channels_last input tiles are prefetched this many tiles ahead, spread over the current tile's
+// compute (SpreadPrefetch), in AVX2 builds: 2026-11-27, 2-core Zen 3, alternated A/B (median
+// per-round ratio, benchmarks/results/2026-11-27-cpu-avx2-5/): forward 0.84-0.94x the time at the
+// 56x56 and 28x28 shapes, 0.93-1.03x at 14x14 and 7x7 (1 and 2 threads); backward (x and grad_y)
+// 0.87-0.94x at 32->128@56, 128->32@56 and 64->256@28, 1.02-1.04x at 256->64@28 and 512->128@14,
+// within 3% elsewhere (2 threads). Distances 1-4 measured alike. For NCHW rows the same spread (C_in row pieces a tile) measured 0.93-1.06x the
+// super-tiles' time, which stay. AVX-512 builds: not measured, 0 (the touch pass as before).
+constexpr int64_t kSpreadAhead = kWideRegs ? 0 : 2;
+
 template <typename S>
 void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c, const at::Tensor* bias,
                      const at::Tensor* residual, Activation act, at::Tensor& y, const SfShape& s) {
@@ -524,10 +534,12 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
   // NCHW inputs (and residuals) are read a super-tile at a time (touch_rows), in AVX2 builds
   const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
                                    rp && rin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
+  const int64_t ahead = kSpreadAhead;
   parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
     if (rp) res.resize(s.C_out * T);
     int64_t begin = 0, end = 0, touched = 0;
+    SpreadPrefetch pf;
     while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
       if (super && tile >= touched) {
         touched = std::min(end, tile + super);
@@ -535,7 +547,18 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
         if (xin.layout == Layout::kNCHW) touch_rows(xp, xin, q0, q1);
         if (rp && rin.layout == Layout::kNCHW) touch_rows(rp, rin, q0, q1);
       }
-      if (!super && tile + 1 < end) {
+      // channels_last: the input tile `ahead` tiles on is prefetched a slice at a time while this
+      // one computes (slices: before stage 1 and after each hidden channel's stage 2)
+      const bool spread = ahead > 0 && xin.layout == Layout::kNHWC;
+      if (spread) {
+        const int64_t q = (tile + ahead) * T;
+        const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;
+        pf.start(xp + q * s.C_in, n_px * s.C_in * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
+        pf.step();
+      }
+      // the first `ahead` tiles of a chunk were not prefetched: touched in load_tile
+      const bool touch = !spread || tile < begin + ahead;
+      if (!super && !spread && tile + 1 < end) {
         const int64_t p1 = (tile + 1) * T;
         prefetch_tile(xp, xin, p1, static_cast<int>(std::min<int64_t>(T, P - p1)));
         if (rp) prefetch_tile(rp, rin, p1, static_cast<int>(std::min<int64_t>(T, P - p1)));
@@ -543,7 +566,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
       const int64_t p0 = tile * T;
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
       if (lanes2 && count == T) {
-        load_tile(xp, xin, p0, count, xt.data(), T);
+        load_tile(xp, xin, p0, count, xt.data(), T, touch);
         stage1<A, kNV>(s, w1, xt.data(), T, hidden.data());
         LaneEpilogue<A> epi;
         epi.bias = bias ? bias_c.data() : nullptr;
@@ -561,6 +584,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
           if (ej.res) ej.res += j * s.m;
           lanes_tile<A, T>(s.m, hidden.data() + j * s.G * T, 1, T, w2tp + j * s.G * s.m, s.m, s.G,
                            yrow + j * s.m, s.C_out, &ej);
+          if (spread) pf.step();
         }
         continue;
       }
@@ -574,7 +598,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
         xin_rows = reinterpret_cast<const A*>(xp) + n0 * s.C_in * HW + hw0;
         x_rs = HW;
       } else {
-        load_tile(xp, xin, p0, count, xt.data(), T);
+        load_tile(xp, xin, p0, count, xt.data(), T, touch);
       }
       stage1<A, kNV>(s, w1, xin_rows, x_rs, hidden.data());
 
@@ -599,6 +623,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
         const Epilogue<A> ej = epi.rows_from(j * s.m);
         gemm_rows<A, kNV>(s.m, w2 + j * s.m * s.G, s.G, 1, hidden.data() + j * s.G * T, T, s.G,
                           out_rows + j * s.m * o_rs, o_rs, &ej);
+        if (spread) pf.step();
       }
       if (!out_in_place) store_tile(yp, yout, p0, count, out.data(), T, stream);
     }
@@ -657,6 +682,7 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   std::mutex merge;
   const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
                                    gyin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
+  const int64_t ahead = kSpreadAhead;
   parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), gz(s.C_out * T), z, ghid(s.G * s.c_h * T),
         gxt(s.C_in * T);
@@ -664,6 +690,7 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
     // Lane-wise partial sums: [weight index][lane].
     std::vector<A> acc_w1(n_w1 * L, A(0)), acc_w2(n_w2 * L, A(0)), acc_b(s.C_out * T, A(0));
     int64_t begin = 0, end = 0, touched = 0;
+    SpreadPrefetch pf_x, pf_gy;
     while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t p0 = tile * T;
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
@@ -673,8 +700,24 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
         if (xin.layout == Layout::kNCHW) touch_rows(xp, xin, p0, q1);
         if (gyin.layout == Layout::kNCHW) touch_rows(gyp, gyin, p0, q1);
       }
-      load_tile(xp, xin, p0, count, xt.data(), T);
-      load_tile(gyp, gyin, p0, count, gz.data(), T);  // zero beyond count: padded pixels add nothing
+      // channels_last x and grad_y `ahead` tiles on, prefetched a slice at a time (as the forward)
+      const bool spread_x = ahead > 0 && xin.layout == Layout::kNHWC;
+      const bool spread_gy = ahead > 0 && gyin.layout == Layout::kNHWC;
+      if (spread_x || spread_gy) {
+        const int64_t q = (tile + ahead) * T;
+        const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;
+        const int64_t slices = 2 * s.c_h + 1;
+        pf_x.start(xp + q * s.C_in, spread_x ? n_px * s.C_in * static_cast<int64_t>(sizeof(S)) : 0, slices);
+        pf_gy.start(gyp + q * s.C_out, spread_gy ? n_px * s.C_out * static_cast<int64_t>(sizeof(S)) : 0, slices);
+      }
+      auto pf_step = [&] {
+        pf_x.step();
+        pf_gy.step();
+      };
+      pf_step();
+      const bool cold = tile < begin + ahead;  // not prefetched: touched in load_tile
+      load_tile(xp, xin, p0, count, xt.data(), T, !spread_x || cold);
+      load_tile(gyp, gyin, p0, count, gz.data(), T, !spread_gy || cold);  // zero beyond count: padded pixels add nothing
       stage1<A, kNVB>(s, w1, xt.data(), T, hidden.data());
       if (act != Activation::kNone) {
         for (int64_t j = 0; j < s.c_h; ++j)
@@ -689,13 +732,17 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
       }
       for (int64_t c = 0; c < s.C_out * T; ++c) acc_b[c] += gz[c];
       // grad_w2[j, t, g] += sum_p gz[j*m + t][p] * hidden[j][g][p]
-      for (int64_t j = 0; j < s.c_h; ++j)
+      for (int64_t j = 0; j < s.c_h; ++j) {
         outer_acc<A, kNVB>(s.m, s.G, gz.data() + j * s.m * T, T, hidden.data() + j * s.G * T, T,
                           acc_w2.data() + j * s.m * s.G * L, s.G, 1);
+        pf_step();
+      }
       // grad_hidden[j][g] = sum_t w2[j, t, g] * gz[j*m + t]
-      for (int64_t j = 0; j < s.c_h; ++j)
+      for (int64_t j = 0; j < s.c_h; ++j) {
         gemm_rows<A, kNVB>(s.G, w2 + j * s.m * s.G, 1, s.G, gz.data() + j * s.m * T, T, s.m,
                           ghid.data() + j * s.G * T, T);
+        pf_step();
+      }
       // grad_w1[g, j, i] += sum_p grad_hidden[j][g][p] * x[g*k + i][p]
       for (int64_t g = 0; g < s.G; ++g)
         outer_acc<A, kNVB>(s.c_h, s.k, ghid.data() + g * T, s.G * T, xt.data() + g * s.k * T, T,

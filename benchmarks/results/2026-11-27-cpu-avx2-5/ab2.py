@@ -4,7 +4,17 @@ sys.path.insert(0, '/tmp/sfdev'); import lib
 from falconnet import malloc_tuning
 malloc_tuning.apply()
 torch.set_num_threads(int(sys.argv[1]))
-A, B = lib.get(sys.argv[2]), lib.get(sys.argv[3])
+import os
+def mk(spec):
+    ns, _, env = spec.partition(':')
+    op = lib.get(ns)
+    def call(*a):
+        for k in ('PFD','NCHWPF'): os.environ.pop(k, None)
+        for kv in filter(None, env.split('+')):
+            k, v = kv.split('='); os.environ[k] = v
+        return op(*a)
+    return call
+A, B = mk(sys.argv[2]), mk(sys.argv[3])
 SH=[(32,128,56,8),(128,32,56,4),(64,256,28,16),(256,64,28,8),(128,512,14,16),(512,128,14,8),(256,1024,7,32),(1024,256,7,16)]
 sel = range(8) if sys.argv[4]=='all' else [int(i) for i in sys.argv[4].split(',')]
 R = int(sys.argv[5])
@@ -13,7 +23,11 @@ for i in sel:
     C_in,C_out,hw,k = SH[i]; c_h,G=k,C_in//k; m=C_out//c_h
     x=torch.randn(16,C_in,hw,hw).contiguous(memory_format=fmt)
     w1=torch.randn(G,c_h,k)/math.sqrt(k); w2=torch.randn(c_h,m,G)/math.sqrt(G)
-    fa = lambda: A(x,w1,w2,None,None,'none'); fb = lambda: B(x,w1,w2,None,None,'none')
+    if 'bwd' in sys.argv:
+        gy = torch.randn(16,C_out,hw,hw).contiguous(memory_format=fmt)
+        fa = lambda: A(gy,x,w1,w2,None,'none'); fb = lambda: B(gy,x,w1,w2,None,'none')
+    else:
+        fa = lambda: A(x,w1,w2,None,None,'none'); fb = lambda: B(x,w1,w2,None,None,'none')
     for _ in range(3): fa(); fb()
     ta, tb, rat = [], [], []
     for r in range(R):
