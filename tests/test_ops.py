@@ -132,13 +132,13 @@ def _sf_inputs(config, hw, dtype, device, bias, residual, batch=2, seed=0):
     return [cast(t) for t in (x, w1, w2, b, r)], cast(gy)
 
 
-def _check_sf_conv(device, config, hw, epilogue, layout, dtype, batch=2):
+def _check_sf_conv(device, config, hw, epilogue, layout, dtype, batch=2, residual_layout=None):
     activation, bias, residual = epilogue
     (x, w1, w2, b, r), gy = _sf_inputs(config, hw, dtype, device, bias, residual, batch=batch)
     x = _in_layout(x, layout)
-    # the residual in the other memory format than x, to cover mixed layouts
+    # by default the residual in the other memory format than x, to cover mixed layouts
     if r is not None:
-        r = _in_layout(r, "nchw" if layout == "channels_last" else "channels_last")
+        r = _in_layout(r, residual_layout or ("nchw" if layout == "channels_last" else "channels_last"))
 
     def op(x, w1, w2, b, r):
         return fk.sf_conv(x, w1, w2, b, r, activation)
@@ -173,12 +173,13 @@ def test_sf_conv_cpp_matches_float64_reference(monkeypatch, config, hw, epilogue
 def test_sf_conv_cpp_chunks_of_many_tiles(monkeypatch, layout):
     """With 16 images of 13x11 pixels each thread's chunks hold several tiles and cross images: NCHW
     super-tiles (several tiles of every channel row, rows of 572 bytes, not line-aligned) span image
-    boundaries and chunk ends, and channels_last tiles are prefetched two ahead within a chunk (the
-    first two of each chunk not). Small tests run one-tile chunks only."""
+    boundaries and chunk ends, and channels_last tiles (and a channels_last residual's) are prefetched
+    two ahead within a chunk (the first two of each chunk not). Small tests run one-tile chunks only."""
     _use_backend(monkeypatch, "cpu", "cpp", "sf_conv")
     config = (128, 32, 4, 4, 32)
     for dtype in CPU_DTYPES:
         _check_sf_conv("cpu", config, (13, 11), ("relu6", True, True), layout, dtype, batch=16)
+        _check_sf_conv("cpu", config, (13, 11), ("none", False, True), layout, dtype, batch=16, residual_layout=layout)
         _check_sf_conv("cpu", config, (13, 11), ("none", False, False), layout, dtype, batch=16)
 
 

@@ -489,7 +489,9 @@ inline int64_t super_tile(int T, int64_t rows_a, int64_t rows_b, size_t elem) {
 // per-round ratio, benchmarks/results/2026-11-27-cpu-avx2-5/): forward 0.84-0.94x the time at the
 // 56x56 and 28x28 shapes, 0.93-1.03x at 14x14 and 7x7 (1 and 2 threads); backward (x and grad_y)
 // 0.87-0.94x at 32->128@56, 128->32@56 and 64->256@28, 1.02-1.04x at 256->64@28 and 512->128@14,
-// within 3% elsewhere (2 threads). Distances 1-4 measured alike. For NCHW rows the same spread (C_in row pieces a tile) measured 0.93-1.06x the
+// within 3% elsewhere (2 threads). Distances 1-4 measured alike. A channels_last residual is
+// prefetched alongside (it had the one-tile-ahead prefetch before): with a residual, 0.57-0.93x
+// the time of the x-only spread at the 56x56, 28x28 and 14x14 shapes. For NCHW rows the same spread (C_in row pieces a tile) measured 0.93-1.06x the
 // super-tiles' time, which stay. AVX-512 builds: not measured, 0 (the touch pass as before).
 constexpr int64_t kSpreadAhead = kWideRegs ? 0 : 2;
 
@@ -539,7 +541,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
     if (rp) res.resize(s.C_out * T);
     int64_t begin = 0, end = 0, touched = 0;
-    SpreadPrefetch pf;
+    SpreadPrefetch pf, pf_r;
     while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
       if (super && tile >= touched) {
         touched = std::min(end, tile + super);
@@ -550,11 +552,14 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
       // channels_last: the input tile `ahead` tiles on is prefetched a slice at a time while this
       // one computes (slices: before stage 1 and after each hidden channel's stage 2)
       const bool spread = ahead > 0 && xin.layout == Layout::kNHWC;
+      const bool spread_r = spread && rp && rin.layout == Layout::kNHWC;  // (an NCHW residual: super-tiles)
       if (spread) {
         const int64_t q = (tile + ahead) * T;
         const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;
         pf.start(xp + q * s.C_in, n_px * s.C_in * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
+        pf_r.start(rp + q * s.C_out, spread_r ? n_px * s.C_out * static_cast<int64_t>(sizeof(S)) : 0, s.c_h + 1);
         pf.step();
+        pf_r.step();
       }
       // the first `ahead` tiles of a chunk were not prefetched: touched in load_tile
       const bool touch = !spread || tile < begin + ahead;
@@ -584,7 +589,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
           if (ej.res) ej.res += j * s.m;
           lanes_tile<A, T>(s.m, hidden.data() + j * s.G * T, 1, T, w2tp + j * s.G * s.m, s.m, s.G,
                            yrow + j * s.m, s.C_out, &ej);
-          if (spread) pf.step();
+          if (spread) pf.step(), pf_r.step();
         }
         continue;
       }
@@ -623,7 +628,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
         const Epilogue<A> ej = epi.rows_from(j * s.m);
         gemm_rows<A, kNV>(s.m, w2 + j * s.m * s.G, s.G, 1, hidden.data() + j * s.G * T, T, s.G,
                           out_rows + j * s.m * o_rs, o_rs, &ej);
-        if (spread) pf.step();
+        if (spread) pf.step(), pf_r.step();
       }
       if (!out_in_place) store_tile(yp, yout, p0, count, out.data(), T, stream);
     }

@@ -9,7 +9,7 @@ def mk(spec):
     ns, _, env = spec.partition(':')
     op = lib.get(ns)
     def call(*a):
-        for k in ('PFD','NCHWPF'): os.environ.pop(k, None)
+        for k in ('PFD','NCHWPF','NXT'): os.environ.pop(k, None)
         for kv in filter(None, env.split('+')):
             k, v = kv.split('='); os.environ[k] = v
         return op(*a)
@@ -27,7 +27,8 @@ for i in sel:
         gy = torch.randn(16,C_out,hw,hw).contiguous(memory_format=fmt)
         fa = lambda: A(gy,x,w1,w2,None,'none'); fb = lambda: B(gy,x,w1,w2,None,'none')
     else:
-        fa = lambda: A(x,w1,w2,None,None,'none'); fb = lambda: B(x,w1,w2,None,None,'none')
+        res = torch.randn(16,C_out,hw,hw).contiguous(memory_format=fmt) if 'res' in sys.argv else None
+        fa = lambda: A(x,w1,w2,None,res,'none'); fb = lambda: B(x,w1,w2,None,res,'none')
     for _ in range(3): fa(); fb()
     ta, tb, rat = [], [], []
     for r in range(R):
