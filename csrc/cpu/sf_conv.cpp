@@ -33,9 +33,10 @@
 // * channels_last: the input tile is transposed with 16x16 (AVX-512) or 8x8 (AVX2) in-register
 //   transposes (common.h).
 //   The output is written without a transpose when m is a multiple of the vector width and G is
-//   small (<= 16; <= 32 in AVX2 builds): stage 2 then runs with lanes over output channels ("lanes" kernels below),
-//   which costs 1 broadcast per FMA but saves the transpose that dominates when each output
-//   value takes only G MACs. With more groups the pixel-lane kernel + transpose measured faster.
+//   small (<= 16; <= 32 in AVX2 builds): stage 2 then runs with lanes over output channels
+//   ("lanes" kernels below), which costs 1 broadcast per FMA but saves the transpose that
+//   dominates when each output value takes only G MACs. With more groups the pixel-lane kernel +
+//   transpose measured faster.
 // * The epilogue (bias, activation, residual) is applied in stage 2's registers before the
 //   single store. Outputs whose op footprint exceeds a quarter of the L3 go out as streaming stores.
 //   The input tile two on is prefetched a slice at a time between the current tile's blocks of
@@ -470,11 +471,12 @@ constexpr int kNVB = 4;
 
 // Tiles per NCHW super-tile (common.h: touch_rows): as many as keep the touched rows of `rows_a`
 // + `rows_b` channels within kSuperTileBytes, so that they stay in L2 while the tiles use them.
-// 0 (tile by tile, with the one-tile-ahead prefetch) when neither tensor is NCHW, when a row's
-// run would be shorter than kSuperTileMinRun bytes, or in AVX-512 builds (not measured there).
+// 0 (tile by tile) when neither tensor is NCHW, when a row's run would be shorter than
+// kSuperTileMinRun bytes, or in AVX-512 builds (not measured there).
 // 2-core AVX2 machine, 2026-11-27, NCHW float32, batch 16, alternated against the previous build
-// (benchmarks/results/2026-11-27-cpu-avx2-5/): forward 128->32@56 1.46x -> 2.12x dense at 2
-// threads, 1.13x -> 1.88x at 1; the backward 1.16x -> 1.43x there. 64 KB and 256 KB measured
+// (benchmarks/results/2026-11-27-cpu-avx2-5/): forward 128->32@56 1.46-1.52x -> 1.89-2.12x dense
+// at 2 threads, 1.13-1.21x -> 1.55-1.88x at 1 (two runs each); the backward 1.04-1.16x ->
+// 1.18-1.43x there. 64 KB and 256 KB measured
 // within 5% of 128 KB; a 1-tile run (1024->256@7 at 64 KB) lost 10% to the prefetch.
 constexpr int64_t kSuperTileBytes = int64_t{128} << 10;
 constexpr int64_t kSuperTileMinRun = 256;
@@ -491,8 +493,9 @@ inline int64_t super_tile(int T, int64_t rows_a, int64_t rows_b, size_t elem) {
 // 0.87-0.94x at 32->128@56, 128->32@56 and 64->256@28, 1.02-1.04x at 256->64@28 and 512->128@14,
 // within 3% elsewhere (2 threads). Distances 1-4 measured alike. A channels_last residual is
 // prefetched alongside (it had the one-tile-ahead prefetch before): with a residual, 0.57-0.93x
-// the time of the x-only spread at the 56x56, 28x28 and 14x14 shapes. For NCHW rows the same spread (C_in row pieces a tile) measured 0.93-1.06x the
-// super-tiles' time, which stay. AVX-512 builds: not measured, 0 (the touch pass as before).
+// the time of the x-only spread at the 56x56, 28x28 and 14x14 shapes. For NCHW rows the same
+// spread (C_in row pieces a tile) measured 0.93-1.06x the super-tiles' time, which stay. AVX-512
+// builds: not measured, 0 (the one-tile-ahead prefetch and no touch pass, as before).
 constexpr int64_t kSpreadAhead = kWideRegs ? 0 : 2;
 
 template <typename S>
@@ -555,9 +558,10 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
       const bool spread_r = spread && rp && rin.layout == Layout::kNHWC;  // (an NCHW residual: super-tiles)
       if (spread) {
         const int64_t q = (tile + ahead) * T;
-        const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;
-        pf.start(xp + q * s.C_in, n_px * s.C_in * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
-        pf_r.start(rp + q * s.C_out, spread_r ? n_px * s.C_out * static_cast<int64_t>(sizeof(S)) : 0, s.c_h + 1);
+        const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;  // none past the chunk
+        const int64_t q_in = n_px ? q : 0;  // no pointer is formed past the tensors
+        pf.start(xp + q_in * s.C_in, n_px * s.C_in * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
+        if (spread_r) pf_r.start(rp + q_in * s.C_out, n_px * s.C_out * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
         pf.step();
         pf_r.step();
       }
@@ -711,9 +715,10 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
       if (spread_x || spread_gy) {
         const int64_t q = (tile + ahead) * T;
         const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;
+        const int64_t q_in = n_px ? q : 0;
         const int64_t slices = 2 * s.c_h + 1;
-        pf_x.start(xp + q * s.C_in, spread_x ? n_px * s.C_in * static_cast<int64_t>(sizeof(S)) : 0, slices);
-        pf_gy.start(gyp + q * s.C_out, spread_gy ? n_px * s.C_out * static_cast<int64_t>(sizeof(S)) : 0, slices);
+        pf_x.start(xp + q_in * s.C_in, spread_x ? n_px * s.C_in * static_cast<int64_t>(sizeof(S)) : 0, slices);
+        pf_gy.start(gyp + q_in * s.C_out, spread_gy ? n_px * s.C_out * static_cast<int64_t>(sizeof(S)) : 0, slices);
       }
       auto pf_step = [&] {
         pf_x.step();
@@ -722,7 +727,8 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
       pf_step();
       const bool cold = tile < begin + ahead;  // not prefetched: touched in load_tile
       load_tile(xp, xin, p0, count, xt.data(), T, !spread_x || cold);
-      load_tile(gyp, gyin, p0, count, gz.data(), T, !spread_gy || cold);  // zero beyond count: padded pixels add nothing
+      // zero beyond count: padded pixels add nothing
+      load_tile(gyp, gyin, p0, count, gz.data(), T, !spread_gy || cold);
       stage1<A, kNVB>(s, w1, xt.data(), T, hidden.data());
       if (act != Activation::kNone) {
         for (int64_t j = 0; j < s.c_h; ++j)
