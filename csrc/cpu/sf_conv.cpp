@@ -70,6 +70,8 @@
 
 #include <torch/library.h>
 
+#include <utility>
+
 namespace falconnet::cpu {
 namespace {
 
@@ -498,6 +500,24 @@ inline int64_t super_tile(int T, int64_t rows_a, int64_t rows_b, size_t elem) {
 // builds: not measured, 0 (the one-tile-ahead prefetch and no touch pass, as before).
 constexpr int64_t kSpreadAhead = kWideRegs ? 0 : 2;
 
+// Whether `tile` starts a new super-tile of its chunk (ending at `end`); if so, `touched` moves to
+// the super-tile's end and q1 is its last pixel + 1.
+inline bool super_tile_starts(int64_t tile, int64_t end, int64_t super, int T, int64_t P, int64_t& touched,
+                              int64_t& q1) {
+  if (super == 0 || tile < touched) return false;
+  touched = std::min(end, tile + super);
+  q1 = std::min(P, touched * T);
+  return true;
+}
+
+// The tile `ahead` tiles on within the chunk: its first pixel and pixel count (0, 0 past the chunk,
+// so that no pointer is formed past the tensors).
+inline std::pair<int64_t, int64_t> tile_ahead(int64_t tile, int64_t ahead, int64_t end, int T, int64_t P) {
+  if (tile + ahead >= end) return {0, 0};
+  const int64_t q = (tile + ahead) * T;
+  return {q, std::min<int64_t>(T, P - q)};
+}
+
 template <typename S>
 void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c, const at::Tensor* bias,
                      const at::Tensor* residual, Activation act, at::Tensor& y, const SfShape& s) {
@@ -540,28 +560,25 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
   const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
                                    rp && rin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
   const int64_t ahead = kSpreadAhead;
+  // channels_last: the input tile `ahead` tiles on is prefetched a slice at a time while this one
+  // computes (slices: before stage 1 and after each hidden channel's stage 2); a channels_last
+  // residual alongside (an NCHW one: super-tiles)
+  const bool spread = ahead > 0 && xin.layout == Layout::kNHWC;
+  const bool spread_r = spread && rp && rin.layout == Layout::kNHWC;
   parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), out(s.C_out * T), res;
     if (rp) res.resize(s.C_out * T);
-    int64_t begin = 0, end = 0, touched = 0;
+    int64_t begin = 0, end = 0, touched = 0, q1 = 0;
     SpreadPrefetch pf, pf_r;
     while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
-      if (super && tile >= touched) {
-        touched = std::min(end, tile + super);
-        const int64_t q0 = tile * T, q1 = std::min(P, touched * T);
-        if (xin.layout == Layout::kNCHW) touch_rows(xp, xin, q0, q1);
-        if (rp && rin.layout == Layout::kNCHW) touch_rows(rp, rin, q0, q1);
+      if (super_tile_starts(tile, end, super, T, P, touched, q1)) {
+        if (xin.layout == Layout::kNCHW) touch_rows(xp, xin, tile * T, q1);
+        if (rp && rin.layout == Layout::kNCHW) touch_rows(rp, rin, tile * T, q1);
       }
-      // channels_last: the input tile `ahead` tiles on is prefetched a slice at a time while this
-      // one computes (slices: before stage 1 and after each hidden channel's stage 2)
-      const bool spread = ahead > 0 && xin.layout == Layout::kNHWC;
-      const bool spread_r = spread && rp && rin.layout == Layout::kNHWC;  // (an NCHW residual: super-tiles)
       if (spread) {
-        const int64_t q = (tile + ahead) * T;
-        const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;  // none past the chunk
-        const int64_t q_in = n_px ? q : 0;  // no pointer is formed past the tensors
-        pf.start(xp + q_in * s.C_in, n_px * s.C_in * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
-        if (spread_r) pf_r.start(rp + q_in * s.C_out, n_px * s.C_out * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
+        const auto [q, n_px] = tile_ahead(tile, ahead, end, T, P);
+        pf.start(xp + q * s.C_in, n_px * s.C_in * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
+        if (spread_r) pf_r.start(rp + q * s.C_out, n_px * s.C_out * static_cast<int64_t>(sizeof(S)), s.c_h + 1);
         pf.step();
         pf_r.step();
       }
@@ -692,38 +709,34 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
                                    gyin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
   const int64_t ahead = kSpreadAhead;
+  // channels_last x and grad_y `ahead` tiles on, prefetched a slice at a time (as the forward)
+  const bool spread_x = ahead > 0 && xin.layout == Layout::kNHWC;
+  const bool spread_gy = ahead > 0 && gyin.layout == Layout::kNHWC;
   parallel_dynamic(tiles, [&](const auto& grab) {
     std::vector<A> xt(s.C_in * T), hidden(s.G * s.c_h * T), gz(s.C_out * T), z, ghid(s.G * s.c_h * T),
         gxt(s.C_in * T);
     if (act != Activation::kNone) z.resize(s.C_out * T);
     // Lane-wise partial sums: [weight index][lane].
     std::vector<A> acc_w1(n_w1 * L, A(0)), acc_w2(n_w2 * L, A(0)), acc_b(s.C_out * T, A(0));
-    int64_t begin = 0, end = 0, touched = 0;
+    int64_t begin = 0, end = 0, touched = 0, q1 = 0;
     SpreadPrefetch pf_x, pf_gy;
+    auto pf_step = [&] {
+      pf_x.step();
+      pf_gy.step();
+    };
     while (grab(begin, end)) for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t p0 = tile * T;
       const int count = static_cast<int>(std::min<int64_t>(T, P - p0));
-      if (super && tile >= touched) {
-        touched = std::min(end, tile + super);
-        const int64_t q1 = std::min(P, touched * T);
+      if (super_tile_starts(tile, end, super, T, P, touched, q1)) {
         if (xin.layout == Layout::kNCHW) touch_rows(xp, xin, p0, q1);
         if (gyin.layout == Layout::kNCHW) touch_rows(gyp, gyin, p0, q1);
       }
-      // channels_last x and grad_y `ahead` tiles on, prefetched a slice at a time (as the forward)
-      const bool spread_x = ahead > 0 && xin.layout == Layout::kNHWC;
-      const bool spread_gy = ahead > 0 && gyin.layout == Layout::kNHWC;
       if (spread_x || spread_gy) {
-        const int64_t q = (tile + ahead) * T;
-        const int64_t n_px = tile + ahead < end ? std::min<int64_t>(T, P - q) : 0;
-        const int64_t q_in = n_px ? q : 0;
+        const auto [q, n_px] = tile_ahead(tile, ahead, end, T, P);
         const int64_t slices = 2 * s.c_h + 1;
-        pf_x.start(xp + q_in * s.C_in, spread_x ? n_px * s.C_in * static_cast<int64_t>(sizeof(S)) : 0, slices);
-        pf_gy.start(gyp + q_in * s.C_out, spread_gy ? n_px * s.C_out * static_cast<int64_t>(sizeof(S)) : 0, slices);
+        pf_x.start(xp + q * s.C_in, spread_x ? n_px * s.C_in * static_cast<int64_t>(sizeof(S)) : 0, slices);
+        pf_gy.start(gyp + q * s.C_out, spread_gy ? n_px * s.C_out * static_cast<int64_t>(sizeof(S)) : 0, slices);
       }
-      auto pf_step = [&] {
-        pf_x.step();
-        pf_gy.step();
-      };
       pf_step();
       const bool cold = tile < begin + ahead;  // not prefetched: touched in load_tile
       load_tile(xp, xin, p0, count, xt.data(), T, !spread_x || cold);
