@@ -238,6 +238,9 @@ DW_SHAPES = [
     # and, at maps of at most 64 pixels, the padded-plane forward (80ch-8x8 too); above, the row kernel
     pytest.param((2, 16, 1, 3, False), id="16ch-1x3"),
     pytest.param((2, 48, 9, 10, True), id="48ch-9x10-bias"),
+    # the channels_last row kernel's pixel blocks of 8, 4, 2 and 1 (stride 1: 29 interior pixels a
+    # row = 8 + 8 + 8 + 4 + 1; stride 2: 14 = 8 + 4 + 2), and a bottom row of stride 2 inside the image
+    pytest.param((2, 16, 6, 31, True), id="16ch-6x31-bias"),
 ]
 
 

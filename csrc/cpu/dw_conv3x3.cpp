@@ -16,16 +16,17 @@
 //   z (for the activation mask), reduces grad_weight/grad_bias and scatters grad_x into a padded
 //   buffer, all while the plane is in cache.
 // * channels_last: the SIMD lanes run along C (contiguous), one output row (n, oh) per task, the
-//   9 taps bounds-checked per pixel (cheap: once per pixel, not per channel), the weights
-//   transposed once to (9, C). float32/float64 with C a multiple of the vector width walk a row
-//   per chunk of 2 vectors of channels with the chunk's 18 weight vectors in registers, and fuse
-//   bias + activation into the one store;
-//   other cases accumulate blocks of kChannelBlock channels in a small buffer. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
+//   weights transposed once to (9, C). float32/float64 with C a multiple of the vector width walk
+//   a row a block of 8 output pixels at a time, every channel of the block before the next, each
+//   input column loaded once per block and fed to every pixel whose window holds it (dw_pixels;
+//   border pixels one at a time), bias + activation fused into the one store; other cases
+//   accumulate blocks of kChannelBlock channels in a small buffer, the 9 taps bounds-checked per
+//   pixel. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
 //   a scratch tensor and reduces grad_weight/grad_bias in per-thread partials; pass 2 over input
 //   rows gathers grad_x (a gather, not a scatter, so rows are independent across threads).
 //   Forward, stride 1, C a multiple of 16, maps of at most 64 pixels: csrc/cpu/repso_moments.cpp's
-//   padded-plane kernel instead (cl3::dw3x3_forward; the row kernels' taps fall in one L1 set
-//   there when C * 4 bytes is a multiple of 4 KB). Backward, stride 1, C a multiple of 16: the
+//   padded-plane kernel instead (cl3::dw3x3_forward; the pixel-block row kernel against it at
+//   1024@7, 512@7 and 256@8: 0.83-1.25x the time, no clear winner, so the plane kernel stays). Backward, stride 1, C a multiple of 16: the
 //   one-pass kernel of csrc/cpu/repso_moments.cpp instead (padded per-block planes of x and grad_z;
 //   with the forward below, 1.00-1.66x oneDNN's forward+backward vs 0.55-1.24x before,
 //   benchmarks/results/2026-11-26-cpu-2/bench_dw_after.md).
@@ -241,63 +242,104 @@ __attribute__((always_inline)) inline void for_each_tap(const A* x, const DwShap
   }
 }
 
-// One output row (n, oh), channels [c0, c0 + NVB * L): the chunk's 9 x NVB weight vectors stay in
-// registers across the row's pixels, so each tap costs one load of x (a per-pixel loop that also
-// loaded the weights measured 0.80x oneDNN at 1024@7, this one 1.20x: at small maps, where the data
-// is cache-resident, the loads bound the kernel). Bias, activation and the store happen once.
-template <typename A, int NVB>
-inline void dw_row_vectors(const A* x, const A* wt, const A* b, const DwShape& s, int64_t n, int64_t oh, int64_t c0,
-                           Activation act, A* out_row) {
+// One vector of channels of P consecutive output pixels of a row, all taps inside the image's
+// columns. rows[dy] = x at input row oh * S + dy - 1, column ow * S - 1 (the first pixel's left
+// tap), channel c; nullptr for a row outside the image. Per input row: its 3 weight vectors, then
+// each of the (P - 1) * S + 3 columns loaded once and fed to every pixel whose window holds it:
+// P accumulators + 3 weights + 1 column = 12 registers at P = 8, so it fits AVX2's 16. Per output
+// vector that is 9 FMAs against (3 * (P + 2) + 9) / P = 4.9 loads (stride 1). The row-walk kernel it
+// replaced kept 9 weight vectors in registers and loaded every tap: 13.5 loads (9 of x, 4.5 of
+// the half-line's second weights), and this machine sustains ~1.5 vector loads a cycle (2 FMAs):
+// 10.8 cycles a vector from L1 against 5.6 here (a standalone loop, C = 16, 2.9 GHz).
+template <typename A, int P, int S>
+__attribute__((always_inline)) inline void dw_pixels(const A* const* rows, int64_t C, const A* wt,
+                                                     typename Simd<A>::vec bias, Activation act, A* out) {
   using V = Simd<A>;
   using vec = typename V::vec;
+  vec acc[P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) acc[p] = bias;
+#pragma GCC unroll 3
+  for (int dy = 0; dy < 3; ++dy) {
+    const A* r = rows[dy];
+    if (r == nullptr) continue;
+    const vec w0 = V::load(wt + (dy * 3) * C), w1 = V::load(wt + (dy * 3 + 1) * C), w2 = V::load(wt + (dy * 3 + 2) * C);
+#pragma GCC unroll 32
+    for (int j = 0; j < (P - 1) * S + 3; ++j) {
+      const vec xv = V::load(r);
+      // one pointer step a column: with the offsets j * C folded instead, GCC keeps 3 (P + 2)
+      // pointers live across the channel loop and spills them (3x slower)
+      r += C;
+      asm("" : "+r"(r));
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const int dx = j - p * S;
+        if (dx == 0) acc[p] += w0 * xv;
+        if (dx == 1) acc[p] += w1 * xv;
+        if (dx == 2) acc[p] += w2 * xv;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) V::store(out + p * C, activate_vec<A>(acc[p], act));
+}
+
+// Output pixels [ow, ow + P) of row (n, oh), every channel: a block of pixels at a time, all its
+// channels before the next block, so the input rows and the output are walked in address order.
+template <typename A, int P, int S>
+inline void dw_block(const A* const* rows, const A* wt, const A* b, const DwShape& s, int64_t ow, Activation act,
+                     A* out_row) {
+  using V = Simd<A>;
   constexpr int L = V::lanes;
-  const int64_t C = s.C;
-  vec w[9][NVB], bias[NVB];
-  for (int t = 0; t < 9; ++t)
-    for (int v = 0; v < NVB; ++v) w[t][v] = V::load(wt + t * C + c0 + v * L);
-  for (int v = 0; v < NVB; ++v) bias[v] = b ? V::load(b + c0 + v * L) : V::zero();
-  for (int64_t ow = 0; ow < s.Wo; ++ow) {
-    vec acc[NVB];
-    for (int v = 0; v < NVB; ++v) acc[v] = bias[v];
-    for_each_tap(x, s, n, oh, ow, c0, [&](int t, const A* xp) {
-      for (int v = 0; v < NVB; ++v) acc[v] += w[t][v] * V::load(xp + v * L);
-    });
-    for (int v = 0; v < NVB; ++v) V::store(out_row + ow * C + c0 + v * L, activate_vec<A>(acc[v], act));
+  const int64_t C = s.C, col = (ow * S - 1) * C;
+  for (int64_t c = 0; c < C; c += L) {
+    const A* r[3];
+    for (int dy = 0; dy < 3; ++dy) r[dy] = rows[dy] ? rows[dy] + col + c : nullptr;
+    dw_pixels<A, P, S>(r, C, wt + c, b ? V::load(b + c) : V::zero(), act, out_row + ow * C + c);
   }
 }
 
-// With 16 registers (AVX2) a chunk of dw_row_vectors is one vector, half a 64-byte line: the other
-// half is read by the next chunk, after the row's other lines have passed. When C * 4 bytes is a
-// multiple of 4 KB every line of a chunk (3 input rows x W pixels, C apart) falls in one L1 set,
-// so that half comes from L2 again. This variant takes a whole line (2 vectors) per chunk: the
-// first vector's 9 weights in registers, the second's loaded from wc, a chunk-major copy ((C / L,
-// 9, L): 9 contiguous vectors). Against oneDNN's depthwise conv + ReLU (the AVX2 machine, batch
-// 16, 2 threads, min of 25 alternated rounds; benchmarks/results/2026-11-27-cpu-avx2-2/): one
-// vector a chunk 0.76x at 512@14 and 0.73x at 1024@7, this 0.84-0.93x and 0.85-1.17x over five
-// runs. 512@14 still loses: at C = 512 a chunk's lines fall in two sets, and part of a pixel's 9
-// taps still come from L2. (Folded into dw_row_vectors as a template flag, the same arithmetic
-// measured 0.73x / 0.81x at 1024@7 in two runs, so it stays a function of its own; the two share
-// the tap walk, for_each_tap, which compiles to the same vector code: 0.90x in a run after.)
-template <typename A>
-inline void dw_row_line(const A* x, const A* wt, const A* wc, const A* b, const DwShape& s, int64_t n, int64_t oh,
-                        int64_t c0, Activation act, A* out_row) {
+// One output row (n, oh) of the channels_last forward, C a multiple of the vector width: the
+// border pixels (a tap outside the image's columns) one at a time, the rest in blocks of 8, 4, 2
+// and 1 (dw_pixels). Each block of 8 first prefetches the newest input row's columns of the block
+// after it (the two other rows were read by the row above, and are in L2).
+template <typename A, int S>
+void dw_row_blocks(const A* x, const A* wt, const A* b, const DwShape& s, int64_t n, int64_t oh, Activation act,
+                   A* out_row) {
   using V = Simd<A>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
   const int64_t C = s.C;
-  vec w0[9];
-  for (int t = 0; t < 9; ++t) w0[t] = V::load(wt + t * C + c0);
-  const A* w1 = wc + (c0 / L + 1) * 9 * L;
-  const vec b0 = b ? V::load(b + c0) : V::zero(), b1 = b ? V::load(b + c0 + L) : V::zero();
-  for (int64_t ow = 0; ow < s.Wo; ++ow) {
-    vec acc0 = b0, acc1 = b1;
-    for_each_tap(x, s, n, oh, ow, c0, [&](int t, const A* xp) {
-      acc0 += w0[t] * V::load(xp);
-      acc1 += V::load(w1 + t * L) * V::load(xp + L);
-    });
-    V::store(out_row + ow * C + c0, activate_vec<A>(acc0, act));
-    V::store(out_row + ow * C + c0 + L, activate_vec<A>(acc1, act));
+  const A* rows[3];
+  for (int dy = 0; dy < 3; ++dy) {
+    const int64_t ih = oh * S + dy - 1;
+    rows[dy] = ih >= 0 && ih < s.H ? x + (n * s.H + ih) * s.W * C : nullptr;
   }
+  // interior pixels: ow * S - 1 >= 0 and ow * S + 1 <= W - 1
+  const int64_t lo = std::min<int64_t>(1, s.Wo), hi = std::max<int64_t>(lo, s.W >= 2 ? std::min<int64_t>((s.W - 2) / S + 1, s.Wo) : 0);
+  auto border = [&](int64_t ow) {
+    for (int64_t c = 0; c < C; c += L) {
+      vec acc = b ? V::load(b + c) : V::zero();
+      for_each_tap(x, s, n, oh, ow, c, [&](int t, const A* xp) { acc += V::load(wt + t * C + c) * V::load(xp); });
+      V::store(out_row + ow * C + c, activate_vec<A>(acc, act));
+    }
+  };
+  for (int64_t ow = 0; ow < lo; ++ow) border(ow);
+  const A* newest = rows[2] ? rows[2] : rows[1];
+  int64_t ow = lo;
+  for (; ow + 8 <= hi; ow += 8) {
+    if (newest) {
+      const char* p = reinterpret_cast<const char*>(newest + ((ow + 8) * S + 1) * C);
+      const char* e = reinterpret_cast<const char*>(newest + s.W * C);
+      for (int64_t o = 0; o < 8 * S * C * static_cast<int64_t>(sizeof(A)) && p + o < e; o += 64)
+        __builtin_prefetch(p + o, 0, 3);
+    }
+    dw_block<A, 8, S>(rows, wt, b, s, ow, act, out_row);
+  }
+  if (ow + 4 <= hi) dw_block<A, 4, S>(rows, wt, b, s, ow, act, out_row), ow += 4;
+  if (ow + 2 <= hi) dw_block<A, 2, S>(rows, wt, b, s, ow, act, out_row), ow += 2;
+  if (ow < hi) dw_block<A, 1, S>(rows, wt, b, s, ow, act, out_row), ++ow;
+  for (; ow < s.Wo; ++ow) border(ow);
 }
 
 template <typename S>
@@ -307,40 +349,20 @@ void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, 
   constexpr int L = Simd<A>::lanes;
   if constexpr (std::is_same_v<S, A>) {
     if (s.C % L == 0) {
-      // An input larger than a quarter of the L3 comes from the L3 or memory a row at a time, read
-      // as 64-byte slices C apart (one chunk of channels per pass), which the hardware prefetchers
-      // do not run far enough ahead of: each task prefetches the row the next task adds. Measured
-      // (2026-11-26 12:10 UTC, 2 threads, relu6, min of 5 alternated rounds, ms, without -> with):
-      // batch 16: 32@112 1.62 -> 1.20, 128@56 1.50 -> 1.23, 256@28 0.59 -> 0.49; batch 8 (12.8 MB
-      // inputs): 32@112 0.50 -> 0.47, 128@56 0.55 -> 0.50; cache-resident inputs (batch 8 at 256@28
-      // and below, batch 1) 2-8% slower with it, hence the threshold.
-      const bool prefetch_rows = s.N * s.H * s.W * s.C * static_cast<int64_t>(sizeof(A)) > kLastLevelCacheBytes / 4;
-      std::vector<A> wc;  // (C / L, 9, L): dw_row_line's chunk-major weights
-      if constexpr (!kWideRegs) {
-        wc.resize(9 * s.C);
-        for (int64_t c = 0; c < s.C; ++c)
-          for (int t = 0; t < 9; ++t) wc[(c / L) * 9 * L + t * L + c % L] = wt[t * s.C + c];
-      }
+      // Each block prefetches the newest input row's next block (dw_row_blocks). Against no prefetch
+      // (2026-11-27, AVX2 machine, 2 threads, median of 25 alternated per-round ratios): batch 16
+      // 32@112 / 128@56 / 256@28 1.08 / 1.20 / 1.11x the time without it, batch 8 128@56 1.22x,
+      // and cache-resident inputs (3.2 MB: batch 4 128@56, batch 8 256@28 and 512@14) 1.14 /
+      // 1.12 / 1.01x, so it is always on. Two or three blocks ahead, or the output's lines
+      // prefetched too: 0.92-1.16x, no consistent gain.
       at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / s.Ho, oh = row % s.Ho;
           A* out_row = y + row * s.Wo * s.C;
-          if (prefetch_rows) {
-            // the input row the next output row adds (the two others are this row's, in cache)
-            const int64_t ih = (oh + 1) * s.stride + 1;
-            if (oh + 1 < s.Ho && ih < s.H) {
-              const char* p = reinterpret_cast<const char*>(x + (n * s.H + ih) * s.W * s.C);
-              const int64_t bytes = s.W * s.C * static_cast<int64_t>(sizeof(A));
-              for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
-            }
-          }
-          // chunks of 2 vectors: 18 weight vectors in registers, or 9 with 16 registers (dw_row_line)
-          int64_t c0 = 0;
-          if constexpr (kWideRegs)
-            for (; c0 + 2 * L <= s.C; c0 += 2 * L) dw_row_vectors<A, 2>(x, wt, b, s, n, oh, c0, act, out_row);
+          if (s.stride == 1)
+            dw_row_blocks<A, 1>(x, wt, b, s, n, oh, act, out_row);
           else
-            for (; c0 + 2 * L <= s.C; c0 += 2 * L) dw_row_line<A>(x, wt, wc.data(), b, s, n, oh, c0, act, out_row);
-          for (; c0 < s.C; c0 += L) dw_row_vectors<A, 1>(x, wt, b, s, n, oh, c0, act, out_row);
+            dw_row_blocks<A, 2>(x, wt, b, s, n, oh, act, out_row);
         }
       });
       return;
