@@ -235,7 +235,7 @@ DW_SHAPES = [
     pytest.param((1, 80, 8, 8, False), id="80ch-8x8"),  # 80 = one full 64-channel block + a tail
     # C a multiple of 16: channels_last stride 1 takes the one-pass backward (csrc/cpu/repso_moments.cpp)
     pytest.param((3, 32, 7, 5, True), id="32ch-7x5-bias"),
-    # and, at maps of at most 64 pixels, the padded-plane forward (80ch-8x8 too); above, the row kernel
+    # a row of 1 pixel: one block whose both edge columns lie outside the image
     pytest.param((2, 16, 1, 3, False), id="16ch-1x3"),
     pytest.param((2, 48, 9, 10, True), id="48ch-9x10-bias"),
     # the channels_last row kernel's pixel blocks of 8, 4, 2 and 1 (stride 1: 29 interior pixels a

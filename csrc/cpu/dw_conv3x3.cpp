@@ -19,14 +19,12 @@
 //   weights transposed once to (9, C). float32/float64 with C a multiple of the vector width walk
 //   a row a block of 8 output pixels at a time, every channel of the block before the next, each
 //   input column loaded once per block and fed to every pixel whose window holds it (dw_pixels;
-//   border pixels one at a time), bias + activation fused into the one store; other cases
-//   accumulate blocks of kChannelBlock channels in a small buffer, the 9 taps bounds-checked per
-//   pixel. Backward: pass 1 over output rows computes grad_z = grad_y * act'(z), keeps it in
-//   a scratch tensor and reduces grad_weight/grad_bias in per-thread partials; pass 2 over input
-//   rows gathers grad_x (a gather, not a scatter, so rows are independent across threads).
-//   Forward, stride 1, C a multiple of 16, maps of at most 64 pixels: csrc/cpu/repso_moments.cpp's
-//   padded-plane kernel instead (cl3::dw3x3_forward; the pixel-block row kernel against it at
-//   1024@7, 512@7 and 256@8: 0.83-1.25x the time, no clear winner, so the plane kernel stays). Backward, stride 1, C a multiple of 16: the
+//   the row's first and last blocks skip the columns outside the image), bias + activation fused
+//   into the one store; other cases accumulate blocks of kChannelBlock channels in a small buffer,
+//   the 9 taps bounds-checked per pixel. Backward: pass 1 over output rows computes grad_z =
+//   grad_y * act'(z), keeps it in a scratch tensor and reduces grad_weight/grad_bias in per-thread
+//   partials; pass 2 over input rows gathers grad_x (a gather, not a scatter, so rows are
+//   independent across threads). Backward, stride 1, C a multiple of 16: the
 //   one-pass kernel of csrc/cpu/repso_moments.cpp instead (padded per-block planes of x and grad_z;
 //   with the forward below, 1.00-1.66x oneDNN's forward+backward vs 0.55-1.24x before,
 //   benchmarks/results/2026-11-26-cpu-2/bench_dw_after.md).
@@ -41,11 +39,6 @@ namespace falconnet::cpu {
 bool dw3x3_backward_channels_last(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias, Activation act, at::Tensor& grad_x,
                                   at::Tensor& grad_w, at::Tensor& grad_b);
-
-// csrc/cpu/repso_moments.cpp: the padded-plane forward for stride 1, channels_last, C % 16 == 0
-// (false when it does not apply)
-bool dw3x3_forward_channels_last(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                 Activation act, at::Tensor& y);
 
 namespace {
 
@@ -225,35 +218,20 @@ void dw_row_conv_nhwc(const S* x, const A* wt, const A* b, const DwShape& s, int
   }
 }
 
-// f(tap, xp) for each of output pixel (n, oh, ow)'s taps (tap = dy * 3 + dx) that falls inside the
-// image, xp = x at that input pixel, channel c0 (channels_last)
-template <typename A, typename F>
-__attribute__((always_inline)) inline void for_each_tap(const A* x, const DwShape& s, int64_t n, int64_t oh,
-                                                        int64_t ow, int64_t c0, F&& f) {
-  for (int dy = 0; dy < 3; ++dy) {
-    const int64_t ih = oh * s.stride + dy - 1;
-    if (ih < 0 || ih >= s.H) continue;
-    const A* xrow = x + (n * s.H + ih) * s.W * s.C + c0;
-    for (int dx = 0; dx < 3; ++dx) {
-      const int64_t iw = ow * s.stride + dx - 1;
-      if (iw < 0 || iw >= s.W) continue;
-      f(dy * 3 + dx, xrow + iw * s.C);
-    }
-  }
-}
-
-// One vector of channels of P consecutive output pixels of a row, all taps inside the image's
-// columns. rows[dy] = x at input row oh * S + dy - 1, column ow * S - 1 (the first pixel's left
-// tap), channel c; nullptr for a row outside the image. Per input row: its 3 weight vectors, then
+// One vector of channels of P consecutive output pixels of a row. rows[dy] = the address of x at
+// input row oh * S + dy - 1, column ow * S - 1 (the first pixel's left tap), channel c, as an
+// integer (that column may lie outside the image: it is skipped, and no pointer is formed to it);
+// 0 for a row outside the image. Columns j outside [j_lo, j_hi] are outside the image. Per input row: its 3 weight vectors, then
 // each of the (P - 1) * S + 3 columns loaded once and fed to every pixel whose window holds it:
 // P accumulators + 3 weights + 1 column = 12 registers at P = 8, so it fits AVX2's 16. Per output
 // vector that is 9 FMAs against (3 * (P + 2) + 9) / P = 4.9 loads (stride 1). The row-walk kernel it
 // replaced kept 9 weight vectors in registers and loaded every tap: 13.5 loads (9 of x, 4.5 of
 // the half-line's second weights), and this machine sustains ~1.5 vector loads a cycle (2 FMAs):
 // 10.8 cycles a vector from L1 against 5.6 here (a standalone loop, C = 16, 2.9 GHz).
-template <typename A, int P, int S>
-__attribute__((always_inline)) inline void dw_pixels(const A* const* rows, int64_t C, const A* wt,
-                                                     typename Simd<A>::vec bias, Activation act, A* out) {
+template <typename A, int P, int S, bool EDGE>
+__attribute__((always_inline)) inline void dw_pixels(const std::uintptr_t* rows, int64_t C, const A* wt,
+                                                     typename Simd<A>::vec bias, Activation act, int j_lo, int j_hi,
+                                                     A* out) {
   using V = Simd<A>;
   using vec = typename V::vec;
   vec acc[P];
@@ -261,16 +239,19 @@ __attribute__((always_inline)) inline void dw_pixels(const A* const* rows, int64
   for (int p = 0; p < P; ++p) acc[p] = bias;
 #pragma GCC unroll 3
   for (int dy = 0; dy < 3; ++dy) {
-    const A* r = rows[dy];
-    if (r == nullptr) continue;
+    std::uintptr_t r = rows[dy];
+    if (r == 0) continue;
+    const std::uintptr_t step = C * sizeof(A);
     const vec w0 = V::load(wt + (dy * 3) * C), w1 = V::load(wt + (dy * 3 + 1) * C), w2 = V::load(wt + (dy * 3 + 2) * C);
 #pragma GCC unroll 32
     for (int j = 0; j < (P - 1) * S + 3; ++j) {
-      const vec xv = V::load(r);
       // one pointer step a column: with the offsets j * C folded instead, GCC keeps 3 (P + 2)
       // pointers live across the channel loop and spills them (3x slower)
-      r += C;
+      const std::uintptr_t col = r;
+      r += step;
       asm("" : "+r"(r));
+      if (EDGE && (j < j_lo || j > j_hi)) continue;  // a column outside the image
+      const vec xv = V::load(reinterpret_cast<const A*>(col));
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         const int dx = j - p * S;
@@ -291,43 +272,44 @@ inline void dw_block(const A* const* rows, const A* wt, const A* b, const DwShap
                      A* out_row) {
   using V = Simd<A>;
   constexpr int L = V::lanes;
-  const int64_t C = s.C, col = (ow * S - 1) * C;
+  const int64_t C = s.C, iw0 = ow * S - 1;  // the block's first input column
+  // its columns j inside the image: 0 <= iw0 + j <= W - 1
+  const int j_lo = iw0 < 0 ? static_cast<int>(-iw0) : 0;
+  const int j_hi = static_cast<int>(std::min<int64_t>((P - 1) * S + 2, s.W - 1 - iw0));
+  // the tests per column only in the row's first and last blocks (in every block they cost 8-12%
+  // at stride 2)
+  const bool edge = j_lo > 0 || j_hi < (P - 1) * S + 2;
   for (int64_t c = 0; c < C; c += L) {
-    const A* r[3];
-    for (int dy = 0; dy < 3; ++dy) r[dy] = rows[dy] ? rows[dy] + col + c : nullptr;
-    dw_pixels<A, P, S>(r, C, wt + c, b ? V::load(b + c) : V::zero(), act, out_row + ow * C + c);
+    std::uintptr_t r[3];
+    for (int dy = 0; dy < 3; ++dy)
+      r[dy] = rows[dy] ? reinterpret_cast<std::uintptr_t>(rows[dy]) + (iw0 * C + c) * sizeof(A) : 0;
+    const typename V::vec bias = b ? V::load(b + c) : V::zero();
+    if (edge)
+      dw_pixels<A, P, S, true>(r, C, wt + c, bias, act, j_lo, j_hi, out_row + ow * C + c);
+    else
+      dw_pixels<A, P, S, false>(r, C, wt + c, bias, act, j_lo, j_hi, out_row + ow * C + c);
   }
 }
 
-// One output row (n, oh) of the channels_last forward, C a multiple of the vector width: the
-// border pixels (a tap outside the image's columns) one at a time, the rest in blocks of 8, 4, 2
-// and 1 (dw_pixels). Each block of 8 first prefetches the newest input row's columns of the block
-// after it (the two other rows were read by the row above, and are in L2).
+// One output row (n, oh) of the channels_last forward, C a multiple of the vector width: blocks of
+// 8 pixels and one of the 1-7 left (dw_pixels; the first and last blocks skip the columns outside
+// the image). Each block of 8 first prefetches the newest input row's columns of the block after
+// it (the two other rows were read by the row above, and are in L2). Until 2026-11-28 maps of at
+// most 64 pixels (stride 1, C % 16 == 0) took a padded-plane kernel in repso_moments.cpp; against
+// it this measured 0.72-0.89x the time at 1024@7, 512@7, 256@8 and 128@8 (batch 8-128), 1.00x at
+// batch 4 and 1.40x at batch 2 (1024@7: 91 vs 64 us), so it was removed.
 template <typename A, int S>
 void dw_row_blocks(const A* x, const A* wt, const A* b, const DwShape& s, int64_t n, int64_t oh, Activation act,
                    A* out_row) {
-  using V = Simd<A>;
-  using vec = typename V::vec;
-  constexpr int L = V::lanes;
   const int64_t C = s.C;
   const A* rows[3];
   for (int dy = 0; dy < 3; ++dy) {
     const int64_t ih = oh * S + dy - 1;
     rows[dy] = ih >= 0 && ih < s.H ? x + (n * s.H + ih) * s.W * C : nullptr;
   }
-  // interior pixels: ow * S - 1 >= 0 and ow * S + 1 <= W - 1
-  const int64_t lo = std::min<int64_t>(1, s.Wo), hi = std::max<int64_t>(lo, s.W >= 2 ? std::min<int64_t>((s.W - 2) / S + 1, s.Wo) : 0);
-  auto border = [&](int64_t ow) {
-    for (int64_t c = 0; c < C; c += L) {
-      vec acc = b ? V::load(b + c) : V::zero();
-      for_each_tap(x, s, n, oh, ow, c, [&](int t, const A* xp) { acc += V::load(wt + t * C + c) * V::load(xp); });
-      V::store(out_row + ow * C + c, activate_vec<A>(acc, act));
-    }
-  };
-  for (int64_t ow = 0; ow < lo; ++ow) border(ow);
   const A* newest = rows[2] ? rows[2] : rows[1];
-  int64_t ow = lo;
-  for (; ow + 8 <= hi; ow += 8) {
+  int64_t ow = 0;
+  for (; ow + 8 <= s.Wo; ow += 8) {
     if (newest) {
       const char* p = reinterpret_cast<const char*>(newest + ((ow + 8) * S + 1) * C);
       const char* e = reinterpret_cast<const char*>(newest + s.W * C);
@@ -336,10 +318,22 @@ void dw_row_blocks(const A* x, const A* wt, const A* b, const DwShape& s, int64_
     }
     dw_block<A, 8, S>(rows, wt, b, s, ow, act, out_row);
   }
-  if (ow + 4 <= hi) dw_block<A, 4, S>(rows, wt, b, s, ow, act, out_row), ow += 4;
-  if (ow + 2 <= hi) dw_block<A, 2, S>(rows, wt, b, s, ow, act, out_row), ow += 2;
-  if (ow < hi) dw_block<A, 1, S>(rows, wt, b, s, ow, act, out_row), ++ow;
-  for (; ow < s.Wo; ++ow) border(ow);
+  switch (s.Wo - ow) {
+#define FALCONNET_CASE(P) \
+  case P:                 \
+    dw_block<A, P, S>(rows, wt, b, s, ow, act, out_row); \
+    break;
+    FALCONNET_CASE(1)
+    FALCONNET_CASE(2)
+    FALCONNET_CASE(3)
+    FALCONNET_CASE(4)
+    FALCONNET_CASE(5)
+    FALCONNET_CASE(6)
+    FALCONNET_CASE(7)
+#undef FALCONNET_CASE
+    default:
+      break;
+  }
 }
 
 template <typename S>
@@ -486,11 +480,7 @@ at::Tensor dw_conv3x3_forward_cpu(const at::Tensor& x_in, const at::Tensor& weig
   const DwShape s = check_dw_inputs(x_in, weight, bias, stride);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const at::Tensor x = collapsible(x_in);
-  at::Tensor y;
-  if (stride == 1 && output_format(x_in) == at::MemoryFormat::ChannelsLast &&
-      dw3x3_forward_channels_last(x, weight, bias, act, y))
-    return y;
-  y = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(output_format(x_in)));
+  at::Tensor y = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(output_format(x_in)));
   if (y.numel() == 0) return y;
   const Layout layout = layout_of(x);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_conv3x3_forward_cpu", [&] {

@@ -1101,60 +1101,6 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
   });
 }
 
-// dw_conv3x3's forward on the same layout (stride 1, channels_last, C % 16 == 0):
-// y = act(conv3x3(x, weight, padding 1) + bias), weight (C, 9). Per work item (image, block of 16
-// channels): x's 16-channel lines copied into the zero-padded plane (fill_plane_as), then 9 taps a
-// position from the plane. Reading the taps straight from x (dw_conv3x3.cpp's row kernels) puts
-// every line of a chunk, C * 4 bytes apart, in one L1 set when that is a multiple of 4 KB (1024
-// channels; two sets at 512), so most taps came from L2; the plane holds the block's padded
-// image in a few KB of consecutive lines. Image-major items, the next item's lines prefetched.
-template <typename scalar_t>
-void dw3x3_forward(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, falconnet::cpu::Activation act,
-                   int64_t N, int64_t C, int64_t H, int64_t W, scalar_t* y) {
-  using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  using S = Simd<A>;
-  using V = typename S::vec;
-  constexpr int64_t L = S::lanes, n_parts = kCB / L;
-  const int64_t Hp = H + 2, Wp = W + 2, Wc = Wp + 4, row_stride = Wc * L, part_stride = (Hp + 2) * row_stride;
-  const int64_t n_blocks = C / kCB, per_double = sizeof(double) / sizeof(A);
-  std::vector<A> wl(C * 9), bl(C, A(0));  // [block][tap][16]
-  for (int64_t b = 0; b < n_blocks; ++b) block_taps(weight, b * kCB, wl.data() + b * 9 * kCB);
-  if (bias != nullptr)
-    for (int64_t c = 0; c < C; ++c) bl[c] = static_cast<A>(bias[c]);
-  const int64_t bytes = N * C * H * W * static_cast<int64_t>(sizeof(scalar_t));
-  const bool stream = std::is_same_v<scalar_t, float> && reinterpret_cast<std::uintptr_t>(y) % 64 == 0 &&
-                      falconnet::cpu::use_streaming_stores(2 * bytes);
-  at::parallel_for(0, N * n_blocks, 1, [&](int64_t i0, int64_t i1) {
-    Aligned plane_buf(n_parts * part_stride / per_double + 1);
-    A* const plane = reinterpret_cast<A*>(plane_buf.data);
-    std::vector<A> zero(kCB, A(0));
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t n = item / n_blocks, b = item % n_blocks, c0 = b * kCB;
-      fill_plane_as<A>(x + n * H * W * C + c0, C, H, W, zero.data(), plane, part_stride);
-      if (item + 1 < i1) prefetch_image(x + (item + 1) / n_blocks * H * W * C + (item + 1) % n_blocks * kCB, C, H, W);
-      for (int64_t h = 0; h < n_parts; ++h) {
-        V w[9];
-        for (int t = 0; t < 9; ++t) w[t] = S::load(wl.data() + (b * 9 + t) * kCB + h * L);
-        const V b_h = S::load(bl.data() + c0 + h * L);
-        const A* const xp = plane + h * part_stride;
-        scalar_t* const out = y + n * H * W * C + c0 + h * L;
-        auto run = [&]<bool STREAM>() {
-          for (int64_t i = 0; i < H; ++i)
-            for (int64_t j = 0; j < W; ++j) {
-              const A* u = xp + (i * Wc + j + 2) * L;  // padded (i, j): the window's top-left
-              V acc = b_h;
-#pragma GCC unroll 9
-              for (int t = 0; t < 9; ++t) acc += w[t] * S::load(u + (t / 3) * row_stride + (t % 3) * L);
-              store_out<STREAM, A>(out + (i * W + j) * C, falconnet::cpu::activate_vec<A>(acc, act));
-            }
-        };
-        stream ? run.template operator()<true>() : run.template operator()<false>();
-      }
-    }
-    if (stream) falconnet::cpu::stream_fence();
-  });
-}
-
 }  // namespace cl3
 
 // The channels_last fast path applies to K = 3, C a multiple of 16, x channels_last-contiguous.
@@ -1766,32 +1712,6 @@ at::Tensor repso_train_backward_x(const at::Tensor& grad_mean_in, const at::Tens
 }  // namespace
 
 namespace falconnet::cpu {
-
-// Maps up to this many pixels take the plane forward. Against dw_conv3x3.cpp's row kernel (AVX2, batch
-// 16 unless given, relu6, 1 / 2 threads, medians of 30 alternated calls, 2026-11-27): 1024@7 0.68x
-// / 0.87x, 256@7 (batch 64) 0.74x / 0.89x, 512@8 0.66x / 0.93x, 128@8 (batch 128) 0.73x / 0.79x;
-// larger maps mixed to worse: 512@10 0.87x / 0.76x, 256@12 (batch 32) 1.24x / 1.29x, 512@14
-// 1.05x / 1.04x, 256@28 1.29x / 1.32x, 128@56 1.21x / 1.26x (the plane copy and its padding cost
-// more once a row of x no longer maps into one or two L1 sets).
-constexpr int64_t kPlaneForwardMaxPixels = 64;
-
-// dw_conv3x3's forward on that layout (cl3::dw3x3_forward): stride 1, x channels_last, C a
-// multiple of 16, weight and bias of x's dtype. Returns false (and touches nothing) otherwise.
-bool dw3x3_forward_channels_last(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                 Activation act, at::Tensor& y) {
-  if (!use_cl3(x, 3) || x.numel() == 0 || x.size(2) * x.size(3) > kPlaneForwardMaxPixels) return false;
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor bvec = bias ? bias->contiguous() : at::Tensor();
-  if (w.scalar_type() != x.scalar_type() || (bias && bvec.scalar_type() != x.scalar_type())) return false;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw3x3_forward_channels_last", [&] {
-    cl3::dw3x3_forward<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                 bias ? bvec.const_data_ptr<scalar_t>() : nullptr, act, N, C, H, W,
-                                 y.data_ptr<scalar_t>());
-  });
-  return true;
-}
 
 // dw_conv3x3's backward on the layout the RepSO kernels use (csrc/cpu/dw_conv3x3.cpp calls this
 // when it applies): stride 1, x channels_last, C a multiple of 16. Returns false (and touches
