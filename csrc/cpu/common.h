@@ -459,6 +459,20 @@ inline bool stream_vec(A* p, typename Simd<A>::vec v) {
   return false;
 }
 
+// f(std::integral_constant<int, min(n, MaxNP)>): for kernels that take a run length (how many
+// positions or pixels share registers) as a compile-time constant; this picks it for n >= 1.
+template <int MaxNP, typename F>
+inline void with_run_length(int64_t n, F&& f) {
+  if constexpr (MaxNP == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (n >= MaxNP)
+      f(std::integral_constant<int, MaxNP>{});
+    else
+      with_run_length<MaxNP - 1>(n, f);
+  }
+}
+
 // Streaming stores are weakly ordered: a thread that made them fences before the op returns.
 inline void stream_fence() {
 #if defined(__AVX__)

@@ -310,30 +310,16 @@ void dw_row_blocks(const A* x, const A* wt, const A* b, const DwShape& s, int64_
   const A* newest = rows[2] ? rows[2] : rows[1];
   int64_t ow = 0;
   for (; ow + 8 <= s.Wo; ow += 8) {
-    if (newest) {
-      const char* p = reinterpret_cast<const char*>(newest + ((ow + 8) * S + 1) * C);
-      const char* e = reinterpret_cast<const char*>(newest + s.W * C);
-      for (int64_t o = 0; o < 8 * S * C * static_cast<int64_t>(sizeof(A)) && p + o < e; o += 64)
-        __builtin_prefetch(p + o, 0, 3);
+    if (newest) {  // byte offsets within the row, so no pointer is formed past it
+      const int64_t from = ((ow + 8) * S + 1) * C * static_cast<int64_t>(sizeof(A));
+      const int64_t to = std::min<int64_t>(from + 8 * S * C * static_cast<int64_t>(sizeof(A)),
+                                           s.W * C * static_cast<int64_t>(sizeof(A)));
+      for (int64_t o = from; o < to; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(newest) + o, 0, 3);
     }
     dw_block<A, 8, S>(rows, wt, b, s, ow, act, out_row);
   }
-  switch (s.Wo - ow) {
-#define FALCONNET_CASE(P) \
-  case P:                 \
-    dw_block<A, P, S>(rows, wt, b, s, ow, act, out_row); \
-    break;
-    FALCONNET_CASE(1)
-    FALCONNET_CASE(2)
-    FALCONNET_CASE(3)
-    FALCONNET_CASE(4)
-    FALCONNET_CASE(5)
-    FALCONNET_CASE(6)
-    FALCONNET_CASE(7)
-#undef FALCONNET_CASE
-    default:
-      break;
-  }
+  if (ow < s.Wo)  // the 1-7 pixels left, one block
+    with_run_length<7>(s.Wo - ow, [&](auto p) { dw_block<A, decltype(p)::value, S>(rows, wt, b, s, ow, act, out_row); });
 }
 
 template <typename S>
@@ -344,7 +330,7 @@ void dw_forward_nhwc(const S* x, const compute_t<S>* wt, const compute_t<S>* b, 
   if constexpr (std::is_same_v<S, A>) {
     if (s.C % L == 0) {
       // Each block prefetches the newest input row's next block (dw_row_blocks). Against no prefetch
-      // (2026-11-27, AVX2 machine, 2 threads, median of 25 alternated per-round ratios): batch 16
+      // (2026-11-28, AVX2 machine, 2 threads, median of 25 alternated per-round ratios): batch 16
       // 32@112 / 128@56 / 256@28 1.08 / 1.20 / 1.11x the time without it, batch 8 128@56 1.22x,
       // and cache-resident inputs (3.2 MB: batch 4 128@56, batch 8 256@28 and 512@14) 1.14 /
       // 1.12 / 1.01x, so it is always on. Two or three blocks ahead, or the output's lines

@@ -320,6 +320,7 @@ inline int64_t lag_index(int64_t D, int64_t d) { return D == 0 ? d : 3 + (D - 1)
 // per AVX-512 register instead of 8, half the instructions; see forward() and backward()). One
 // 64-byte vector holds Simd<A>::lanes channels; a block of 16 channels is kCB / lanes such "parts".
 using falconnet::cpu::Simd;  // csrc/cpu/common.h: one 64-byte vector of A
+using falconnet::cpu::with_run_length;
 
 // One vector of A rounded to the output dtype; STREAM: a non-temporal store for float output (see
 // falconnet::cpu::use_streaming_stores; the output is 64-byte aligned in the kernels that ask).
@@ -339,20 +340,6 @@ inline void store_out(scalar_t* out, typename Simd<A>::vec v) {
     A tmp[L];
     std::memcpy(tmp, &v, sizeof(v));
     for (int c = 0; c < L; ++c) out[c] = static_cast<scalar_t>(tmp[c]);
-  }
-}
-
-// f(std::integral_constant<int, min(n, MaxNP)>): the kernels below take their run length (how many
-// positions share registers) as a compile-time constant; this picks it for a run of n >= 1.
-template <int MaxNP, typename F>
-inline void with_run_length(int64_t n, F&& f) {
-  if constexpr (MaxNP == 1) {
-    f(std::integral_constant<int, 1>{});
-  } else {
-    if (n >= MaxNP)
-      f(std::integral_constant<int, MaxNP>{});
-    else
-      with_run_length<MaxNP - 1>(n, f);
   }
 }
 
