@@ -235,11 +235,13 @@ DW_SHAPES = [
     pytest.param((1, 80, 8, 8, False), id="80ch-8x8"),  # 80 = one full 64-channel block + a tail
     # C a multiple of 16: channels_last stride 1 takes the one-pass backward (csrc/cpu/repso_moments.cpp)
     pytest.param((3, 32, 7, 5, True), id="32ch-7x5-bias"),
-    # a row of 1 pixel: one block whose both edge columns lie outside the image
+    # a map 1 pixel high: both neighbouring input rows lie outside the image
     pytest.param((2, 16, 1, 3, False), id="16ch-1x3"),
     pytest.param((2, 48, 9, 10, True), id="48ch-9x10-bias"),
-    # the channels_last row kernel's pixel blocks of 8, 4, 2 and 1 (stride 1: 29 interior pixels a
-    # row = 8 + 8 + 8 + 4 + 1; stride 2: 14 = 8 + 4 + 2), and a bottom row of stride 2 inside the image
+    # the channels_last row kernel's pixel blocks: rows of 31 = 8 + 8 + 8 + 7 output pixels (stride 1)
+    # and 16 = 8 + 8 (stride 2), a first block crossing the left edge and full blocks inside; a last
+    # block crossing the right edge at 9x10 (8 + 2), 13x9 (8 + 1) and the small maps; a bottom row of
+    # stride 2 inside the image
     pytest.param((2, 16, 6, 31, True), id="16ch-6x31-bias"),
 ]
 
