@@ -243,6 +243,10 @@ DW_SHAPES = [
     # block crossing the right edge at 9x10 (8 + 2), 13x9 (8 + 1) and the small maps; a bottom row of
     # stride 2 inside the image
     pytest.param((2, 16, 6, 31, True), id="16ch-6x31-bias"),
+    # a last block of 6 pixels: 14 = 8 + 6 at stride 1, and 14 output pixels = 8 + 6 at stride 2 from
+    # 27 columns (27 = 8 + 8 + 8 + 3 at stride 1)
+    pytest.param((1, 16, 3, 14, False), id="16ch-3x14"),
+    pytest.param((1, 16, 4, 27, True), id="16ch-4x27-bias"),
 ]
 
 
