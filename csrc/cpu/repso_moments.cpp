@@ -651,7 +651,10 @@ void forward(const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W, stat
 // NP adjacent positions of one row and NPART parts (part_stride apart in the planes, lanes apart in
 // st, cw, k0 and out), each part sharing its stencil ([25][16], that part's lanes): per stencil row
 // and part, NP + 4 plane loads and 5 weight loads feed 5 NP products (the same plane value serves
-// five positions), instead of two loads per product.
+// five positions), instead of two loads per product. That is the source; GCC folds most of those
+// loads back into the FMAs (109 of 124 FMAs of the AVX2 conv build take a memory operand). Forcing
+// one load per value and longer runs (a column walk of 8 positions) measured slower: see
+// benchmarks/results/2026-11-28-cpu-avx2-2/.
 template <int NP, int NPART, bool CONV, bool STREAM, typename A, typename scalar_t>
 __attribute__((always_inline)) inline void stencil_run(const A* u, const A* gyp, int64_t row_stride,
                                                        int64_t part_stride, const A* st, const A* cw, const A* k0,
