@@ -1,6 +1,6 @@
 # repso_train_backward_x: installed falconnet_C ("old") vs a dev build of the working tree ("new"), alternated
-import sys, time, statistics, torch
-sys.path.insert(0, '/tmp/rmab'); import build
+import sys, os, time, statistics, torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))); import build  # noqa: E402
 import falconnet_kernels  # loads falconnet_C
 from falconnet import malloc_tuning; malloc_tuning.apply()
 torch.set_num_threads(int(sys.argv[1]))
@@ -10,12 +10,7 @@ old = torch.ops.falconnet_C
 rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 25
 shapes = [(16, 128, 56), (16, 256, 28), (16, 512, 14), (16, 1024, 7)] if len(sys.argv) <= 5 else [tuple(int(v) for v in s.split(',')) for s in sys.argv[5:]]
 for N, C, H in shapes:
-    torch.manual_seed(0)
-    x = (torch.randn(N, C, H, H) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
-    gy = torch.randn(N, C, H, H).contiguous(memory_format=torch.channels_last)
-    mean, cov = old.repso_moments_forward(x, 3)
-    gm, gc = torch.randn(C, 9) * 0.1, torch.randn(C, 9, 9) * 0.01
-    w = torch.randn(C, 1, 3, 3)
+    gm, gc, x, mean, gy, w = build.inputs(N, C, H)
     fo = lambda: old.repso_train_backward_x(gm, gc, x, mean, gy, w)
     fn = lambda: new.repso_train_backward_x(gm, gc, x, mean, gy, w)
     a, b = fo(), fn()

@@ -1,5 +1,5 @@
-import sys, torch
-sys.path.insert(0, '/tmp/rmab'); import build
+import sys, os, torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))); import build  # noqa: E402
 import falconnet_kernels
 torch.set_num_threads(2)
 ns = sys.argv[1]

@@ -2,7 +2,7 @@
 # (a dev build of the working tree, which read VAR), each against the installed op; VAR was FALCONNET_DEV_GB
 # (item groups) or FALCONNET_DEV_KF (planes filled per pass), patches not kept: NOTES.md describes them
 import sys, os, time, statistics, torch
-sys.path.insert(0, '/tmp/rmab'); import build
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))); import build  # noqa: E402
 import falconnet_kernels
 torch.set_num_threads(2)
 var = sys.argv[1]
@@ -10,12 +10,7 @@ new = build.get('/work/main/csrc/cpu/repso_moments.cpp', 'rmdev')
 old = torch.ops.falconnet_C
 gbs = sys.argv[2].split(',')
 for N, C, H in [tuple(int(v) for v in s.split(',')) for s in sys.argv[4:]]:
-    torch.manual_seed(0)
-    x = (torch.randn(N, C, H, H) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
-    gy = torch.randn(N, C, H, H).contiguous(memory_format=torch.channels_last)
-    mean, cov = old.repso_moments_forward(x, 3)
-    gm, gc = torch.randn(C, 9) * 0.1, torch.randn(C, 9, 9) * 0.01
-    w = torch.randn(C, 1, 3, 3)
+    gm, gc, x, mean, gy, w = build.inputs(N, C, H)
     ref = old.repso_train_backward_x(gm, gc, x, mean, gy, w)
     ts = {g: [] for g in gbs}; ts['old'] = []
     for g in gbs:
