@@ -489,16 +489,25 @@ inline int64_t super_tile(int T, int64_t rows_a, int64_t rows_b, size_t elem) {
 }
 
 // channels_last input tiles are prefetched this many tiles ahead, spread over the current tile's
-// compute (SpreadPrefetch), in AVX2 builds: 2026-11-27, 2-core Zen 3, alternated A/B (median
-// per-round ratio, benchmarks/results/2026-11-27-cpu-avx2-5/): forward 0.84-0.94x the time at the
-// 56x56 and 28x28 shapes, 0.93-1.03x at 14x14 and 7x7 (1 and 2 threads); backward (x and grad_y)
-// 0.87-0.94x at 32->128@56, 128->32@56 and 64->256@28, 1.02-1.04x at 256->64@28 and 512->128@14,
-// within 3% elsewhere (2 threads). Distances 1-4 measured alike. A channels_last residual is
-// prefetched alongside (it had the one-tile-ahead prefetch before): with a residual, 0.57-0.93x
-// the time of the x-only spread at the 56x56, 28x28 and 14x14 shapes. For NCHW rows the same
-// spread (C_in row pieces a tile) measured 0.93-1.06x the super-tiles' time, which stay. AVX-512
-// builds: not measured, 0 (the one-tile-ahead prefetch and no touch pass, as before).
-constexpr int64_t kSpreadAhead = kWideRegs ? 0 : 2;
+// compute (SpreadPrefetch). AVX2 builds: 2 tiles, always. 2026-11-27, 2-core Zen 3, alternated A/B
+// (median per-round ratio, benchmarks/results/2026-11-27-cpu-avx2-5/): forward 0.84-0.94x the time
+// at the 56x56 and 28x28 shapes, 0.93-1.03x at 14x14 and 7x7 (1 and 2 threads); backward (x and
+// grad_y) 0.87-0.94x at 32->128@56, 128->32@56 and 64->256@28, 1.02-1.04x at 256->64@28 and
+// 512->128@14, within 3% elsewhere (2 threads). Distances 1-4 measured alike. A channels_last
+// residual is prefetched alongside (it had the one-tile-ahead prefetch before): with a residual,
+// 0.57-0.93x the time of the x-only spread at the 56x56, 28x28 and 14x14 shapes. For NCHW rows the
+// same spread (C_in row pieces a tile) measured 0.93-1.06x the super-tiles' time, which stay.
+// AVX-512 builds: 1 tile, where the op's tensors outgrow a quarter of the L3 (as for streaming
+// stores), else the one-tile-ahead prefetch_tile. 2026-11-28, 2-core Zen 5 (AVX-512), alternated A/B
+// against prefetch_tile (benchmarks/results/2026-11-28-cpu-avx512/): forward 0.64-0.67x the time
+// at 128->32@56, 0.92-0.96x at 32->128@56 and 64->256@28, 0.85-1.00x at 256->64@28 (1 and 2
+// threads); backward 0.87-0.93x at the 56x56 and 28x28 shapes; at 14x14 and 7x7, where the tensors
+// stay in the L3, 1.00-1.05x (hence the footprint condition). Distance 2 took 1.07x distance 1's
+// time at 128->32@56.
+inline int64_t spread_ahead(int64_t footprint_bytes) {
+  if constexpr (!kWideRegs) return 2;
+  return use_streaming_stores(footprint_bytes) ? 1 : 0;
+}
 
 // Whether `tile` starts a new super-tile of its chunk (ending at `end`); if so, `touched` moves to
 // the super-tile's end and q1 is its last pixel + 1.
@@ -559,7 +568,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
   // NCHW inputs (and residuals) are read a super-tile at a time (touch_rows), in AVX2 builds
   const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
                                    rp && rin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
-  const int64_t ahead = kSpreadAhead;
+  const int64_t ahead = spread_ahead((x.numel() + y.numel()) * static_cast<int64_t>(sizeof(S)));
   // channels_last: the input tile `ahead` tiles on is prefetched a slice at a time while this one
   // computes (slices: before stage 1 and after each hidden channel's stage 2); a channels_last
   // residual alongside (an NCHW one: super-tiles)
@@ -708,7 +717,7 @@ void sf_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   std::mutex merge;
   const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
                                    gyin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
-  const int64_t ahead = kSpreadAhead;
+  const int64_t ahead = spread_ahead((2 * x.numel() + grad_y.numel()) * static_cast<int64_t>(sizeof(S)));
   // channels_last x and grad_y `ahead` tiles on, prefetched a slice at a time (as the forward)
   const bool spread_x = ahead > 0 && xin.layout == Layout::kNHWC;
   const bool spread_gy = ahead > 0 && gyin.layout == Layout::kNHWC;
