@@ -118,7 +118,14 @@ __attribute__((always_inline)) inline void accumulate(const A* __restrict a, int
   for (int q = 0; q < K; ++q) {
     vec bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + q * b_rs + v * L);
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = V::load(b + q * b_rs + v * L);
+      // GCC otherwise folds this load back into each of the R FMAs that use it (R loads, not 1).
+      // AVX-512 builds only, where it was measured: 2026-11-28, 2-core Zen 5, alternated A/B
+      // (benchmarks/results/2026-11-28-cpu-avx512/): backward 0.90-0.99x the time at the 8 shapes
+      // in both layouts; forward 0.94-1.04x (one 2-thread run 1.07x at 128->512@14).
+      if constexpr (kWideRegs) asm("" : "+v"(bv[v]));
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const A s = a[r * a_rs + q * a_cs];
@@ -364,8 +371,12 @@ struct SfShape {
 
 // Stage 1 for narrow groups (c_h * NV <= 8 accumulators): GB groups side by side in one register
 // block, so that short per-group loops (k = 4) still keep ~24 independent accumulators busy and
-// the per-call overhead is paid once per GB groups.
-template <typename A, int NV, int R, int GB>
+// the per-call overhead is paid once per GB groups. KEEP: load each b vector into a register once
+// (as accumulate does in AVX-512 builds) instead of letting GCC fold it into its R FMAs. AVX-512,
+// 2026-11-28, 2-core Zen 5, alternated A/B (benchmarks/results/2026-11-28-cpu-avx512/): with b the
+// transposed channels_last tile (L1), 128->32@56 forward 0.83-0.89x the time; with b the NCHW input
+// read in place, 1.09-1.17x, so that case keeps the folded loads.
+template <typename A, int NV, int R, int GB, bool KEEP>
 inline void gemm_groups_block(const A* __restrict a, int64_t a_gs, int64_t a_rs, const A* __restrict b,
                               int64_t b_gs, int64_t b_rs, int K, A* __restrict c, int64_t c_gs, int64_t c_rs) {
   using V = Simd<A>;
@@ -383,7 +394,10 @@ inline void gemm_groups_block(const A* __restrict a, int64_t a_gs, int64_t a_rs,
     for (int u = 0; u < GB; ++u) {
       vec bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + u * b_gs + q * b_rs + v * L);
+      for (int v = 0; v < NV; ++v) {
+        bv[v] = V::load(b + u * b_gs + q * b_rs + v * L);
+        if constexpr (KEEP) asm("" : "+v"(bv[v]));
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const A w = a[u * a_gs + r * a_rs + q];
@@ -400,15 +414,17 @@ inline void gemm_groups_block(const A* __restrict a, int64_t a_gs, int64_t a_rs,
       for (int v = 0; v < NV; ++v) V::store(c + u * c_gs + r * c_rs + v * L, acc[u][r][v]);
 }
 
-template <typename A, int NV, int R>
+template <typename A, int NV, int R, bool KEEP>
 void gemm_groups(int64_t G, const A* a, int64_t a_gs, int64_t a_rs, const A* b, int64_t b_gs, int64_t b_rs, int K,
                  A* c, int64_t c_gs, int64_t c_rs) {
   constexpr int GB = std::max(1, kAccRegs / (R * NV));
   int64_t g = 0;
   for (; g + GB <= G; g += GB)
-    gemm_groups_block<A, NV, R, GB>(a + g * a_gs, a_gs, a_rs, b + g * b_gs, b_gs, b_rs, K, c + g * c_gs, c_gs, c_rs);
+    gemm_groups_block<A, NV, R, GB, KEEP>(a + g * a_gs, a_gs, a_rs, b + g * b_gs, b_gs, b_rs, K, c + g * c_gs, c_gs,
+                                          c_rs);
   for (; g < G; ++g)
-    gemm_groups_block<A, NV, R, 1>(a + g * a_gs, a_gs, a_rs, b + g * b_gs, b_gs, b_rs, K, c + g * c_gs, c_gs, c_rs);
+    gemm_groups_block<A, NV, R, 1, KEEP>(a + g * a_gs, a_gs, a_rs, b + g * b_gs, b_gs, b_rs, K, c + g * c_gs, c_gs,
+                                         c_rs);
 }
 
 SfShape sf_shape_of(const at::Tensor& w1, const at::Tensor& w2) {
@@ -423,8 +439,9 @@ SfShape sf_shape_of(const at::Tensor& w1, const at::Tensor& w2) {
 }
 
 // Stage 1: hidden[j][g][0:T] = sum_i w1[g, j, i] * x[g*k + i][0:T], x rows with stride x_rs.
+// in_place: x is the NCHW input itself, not a tile buffer (gemm_groups_block's KEEP).
 template <typename A, int NV>
-void stage1(const SfShape& s, const A* w1, const A* x, int64_t x_rs, A* hidden) {
+void stage1(const SfShape& s, const A* w1, const A* x, int64_t x_rs, A* hidden, bool in_place = false) {
   constexpr int T = NV * Simd<A>::lanes;
   const int k = static_cast<int>(s.k);
   const int64_t a_gs = s.c_h * s.k, b_gs = s.k * x_rs, c_rs = s.G * T;
@@ -432,15 +449,19 @@ void stage1(const SfShape& s, const A* w1, const A* x, int64_t x_rs, A* hidden) 
   // through gemm_rows cost 5% of the forward at 128->32@56 (c_h = k = 4; 2026-11-27, alternated
   // A/B, 1 and 2 threads, both layouts: benchmarks/results/2026-11-27-cpu-avx2-5/).
   constexpr int kGroupsUpTo = kWideRegs ? kAccRegs / 3 : kAccRegs;
-  switch (s.c_h * NV <= kGroupsUpTo ? s.c_h : 0) {
-    case 1: gemm_groups<A, NV, 1>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
-    case 2: gemm_groups<A, NV, 2>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
-    case 3: gemm_groups<A, NV, 3>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
-    case 4: gemm_groups<A, NV, 4>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs); return;
-    default:
-      for (int64_t g = 0; g < s.G; ++g)
-        gemm_rows<A, NV>(s.c_h, w1 + g * a_gs, s.k, 1, x + g * b_gs, x_rs, k, hidden + g * T, c_rs);
+  const auto groups = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    if (in_place)
+      gemm_groups<A, NV, R, false>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs);
+    else
+      gemm_groups<A, NV, R, kWideRegs>(s.G, w1, a_gs, s.k, x, b_gs, x_rs, k, hidden, T, c_rs);
+  };
+  if (s.c_h * NV <= kGroupsUpTo && s.c_h <= 4) {
+    with_run_length<4>(static_cast<int>(s.c_h), groups);
+    return;
   }
+  for (int64_t g = 0; g < s.G; ++g)
+    gemm_rows<A, NV>(s.c_h, w1 + g * a_gs, s.k, 1, x + g * b_gs, x_rs, k, hidden + g * T, c_rs);
 }
 
 void check_sf_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
@@ -635,7 +656,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
       } else {
         load_tile(xp, xin, p0, count, xt.data(), T, touch);
       }
-      stage1<A, kNV>(s, w1, xin_rows, x_rs, hidden.data());
+      stage1<A, kNV>(s, w1, xin_rows, x_rs, hidden.data(), xin_rows != xt.data());
 
       Epilogue<A> epi;
       epi.bias = bias ? bias_c.data() : nullptr;
