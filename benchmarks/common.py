@@ -60,12 +60,20 @@ def paired_times(fn, baseline, rounds: int) -> dict:
     of both. pytest-benchmark times each case on its own, minutes apart from its baseline's case; on
     a machine whose speed drifts within minutes (the 2-core AVX2 dev machine: dense oneDNN's time for
     one shape 3.5 ms in one minute and 6.6 ms in another, 2026-11-27) a ratio of two such cases
-    drifts with it, while calls interleaved in the same seconds see the same machine."""
+    drifts with it, while calls interleaved in the same seconds see the same machine.
+
+    Each timed call follows an untimed call of the same function, so that it starts from its own
+    cache state (as in pytest-benchmark's back-to-back rounds), not from the other's: alternated
+    call by call, the fused SF-Conv at 128->32@56 channels_last (2-core Zen 5, 32 MB L3,
+    2026-11-28) inherited dense oneDNN's 6.4 MB of dirty output lines and took 1.37 ms against
+    1.04 ms back to back, while dense found the op's input still in the L3."""
     times = ([], [])
     for i in range(rounds):
         for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            f = (fn, baseline)[j]
+            f()
             t = time.perf_counter()
-            (fn, baseline)[j]()
+            f()
             times[j].append(time.perf_counter() - t)
     return {"rounds": rounds, "median_s": statistics.median(times[0]), "min_s": min(times[0]),
             "baseline_median_s": statistics.median(times[1]), "baseline_min_s": min(times[1])}
