@@ -920,7 +920,8 @@ void backward(const stat_t* grad_mean, const stat_t* grad_cov, const scalar_t* x
 // grad_w[c, ki, kj] = sum_v gy(v) x(v + (ki - 1, kj - 1)), grad_b[c] = sum_v gy(v), x zero-padded.
 // Per block of 16 channels and image: a zero-padded plane of x; runs of up to 8 positions of a row
 // keep their gy values in registers and share each plane load among three taps; float products,
-// float sums added into double every row (as the moments forward). Results in stat_t.
+// float sums added into double about every kFlush positions (as the moments forward). Results in
+// stat_t.
 template <typename scalar_t, typename stat_t>
 void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int64_t C, int64_t H, int64_t W,
                       stat_t* grad_w, stat_t* grad_b) {
@@ -1006,7 +1007,13 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
 // read once, each copied into its plane first (loaded a position at a time in the first pass
 // instead, grad_y's loads stalled on memory: the copy made the backward 0.50 / 0.53 / 0.78 /
 // 0.84x as long at 128@56 / 256@28 / 512@14 / 1024@7, batch 16, relu, 2 AVX2 cores, 2026-11-28),
-// grad_x written once. Float products, float sums added into double every row.
+// grad_x written once. Float products, float sums added into double about every kFlush positions.
+// A thread walks the images in its outer loop and its range of channel blocks inside, so that
+// consecutive items read adjacent lines of the same pixels (with the blocks outside, each item's
+// lines lay C values apart in a fresh image). 2026-11-28, 2-core Zen 5 (AVX-512), batch 16, relu6,
+// alternated A/B (benchmarks/results/2026-11-28-cpu-avx512/): the order 0.89-0.99x the time, the
+// flush every ~kFlush positions instead of every row a further 0.72 / 0.79 / 0.87 / 0.95x at
+// 1024@7 / 512@14 / 256@28 / 128@56 (2 threads; 1 thread alike, 1.00x at 128@56).
 template <typename scalar_t>
 void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
                     falconnet::cpu::Activation act, int64_t N, int64_t C, int64_t H, int64_t W, scalar_t* grad_x,
@@ -1022,15 +1029,21 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
     Aligned x_buf(n_parts * part_stride / per_double + 1), gz_buf(n_parts * part_stride / per_double + 1);
     A* const xplane = reinterpret_cast<A*>(x_buf.data);
     A* const gzplane = reinterpret_cast<A*>(gz_buf.data);
-    std::vector<A> zero(kCB, A(0)), wl(9 * kCB), bl(kCB, A(0));
-    std::vector<double> total(10 * kCB);
+    // per block of the range: its taps, bias and double totals (grad_w, grad_b)
+    const int64_t nb = b1 - b0;
+    std::vector<A> zero(kCB, A(0)), wl_all(nb * 9 * kCB), bl_all(nb * kCB, A(0));
+    std::vector<double> total_all(nb * 10 * kCB, 0.0);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c0 = b * kCB;
-      block_taps(weight, c0, wl.data());
+      block_taps(weight, b * kCB, wl_all.data() + (b - b0) * 9 * kCB);
       if (bias != nullptr)
-        for (int64_t c = 0; c < kCB; ++c) bl[c] = static_cast<A>(bias[c0 + c]);
-      std::fill(total.begin(), total.end(), 0.0);
-      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = 0; c < kCB; ++c) bl_all[(b - b0) * kCB + c] = static_cast<A>(bias[b * kCB + c]);
+    }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = b * kCB;
+        const A* const wl = wl_all.data() + (b - b0) * 9 * kCB;
+        const A* const bl = bl_all.data() + (b - b0) * kCB;
+        double* const total = total_all.data() + (b - b0) * 10 * kCB;
         const scalar_t* xn = x + n * H * W * C + c0;
         const scalar_t* gyn = grad_y + n * H * W * C + c0;
         fill_plane_as<A>(xn, C, H, W, zero.data(), xplane, part_stride);
@@ -1039,8 +1052,8 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
         fill_plane_as<A>(gyn, C, H, W, zero.data(), gzplane, part_stride);
         for (int64_t h = 0; h < n_parts; ++h) {
           V w[9];
-          for (int t = 0; t < 9; ++t) w[t] = S::load(wl.data() + t * kCB + h * L);
-          const V b_h = S::load(bl.data() + h * L), zero_v = V{}, six = zero_v + A(6);
+          for (int t = 0; t < 9; ++t) w[t] = S::load(wl + t * kCB + h * L);
+          const V b_h = S::load(bl + h * L), zero_v = V{}, six = zero_v + A(6);
           V acc[10];
           for (auto& v : acc) v = V{};
           A* const xp = xplane + h * part_stride;
@@ -1063,7 +1076,9 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
               for (int t = 0; t < 9; ++t) acc[t] += g * xs[t];
               acc[9] += g;
             }
-            // float sums into double every row
+            // float sums into double about every kFlush positions and at the end (every row, the
+            // flush took more time than the sums at 7x7 maps: 160 conversions and adds a row of 7)
+            if (i + 1 < H && ((i + 1) * W) % kFlush >= W) continue;
             for (int t = 0; t < 10; ++t) {
               A tmp[L];
               std::memcpy(tmp, &acc[t], sizeof(V));
@@ -1081,9 +1096,11 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
             }
         }
       }
+    for (int64_t b = b0; b < b1; ++b) {
+      const double* const total = total_all.data() + (b - b0) * 10 * kCB;
       for (int64_t c = 0; c < kCB; ++c) {
-        for (int t = 0; t < 9; ++t) grad_w[(c0 + c) * 9 + t] = total[t * kCB + c];
-        grad_b[c0 + c] = total[9 * kCB + c];
+        for (int t = 0; t < 9; ++t) grad_w[(b * kCB + c) * 9 + t] = total[t * kCB + c];
+        grad_b[b * kCB + c] = total[9 * kCB + c];
       }
     }
   });
