@@ -1011,9 +1011,9 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
 // A thread walks the images in its outer loop and its range of channel blocks inside, so that
 // consecutive items read adjacent lines of the same pixels (with the blocks outside, each item's
 // lines lay C values apart in a fresh image). 2026-11-28, 2-core Zen 5 (AVX-512), batch 16, relu6,
-// alternated A/B (benchmarks/results/2026-11-28-cpu-avx512/): the order 0.89-0.99x the time, the
-// flush every ~kFlush positions instead of every row a further 0.72 / 0.79 / 0.87 / 0.95x at
-// 1024@7 / 512@14 / 256@28 / 128@56 (2 threads; 1 thread alike, 1.00x at 128@56).
+// alternated A/B (benchmarks/results/2026-11-28-cpu-avx512/): the order alone 0.89-0.99x the time;
+// with the flush every ~kFlush positions instead of every row, 0.73 / 0.78 / 0.87 / 0.95x at
+// 1024@7 / 512@14 / 256@28 / 128@56 (2 threads; 1 thread 0.72-0.84x, 1.00x at 128@56).
 template <typename scalar_t>
 void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
                     falconnet::cpu::Activation act, int64_t N, int64_t C, int64_t H, int64_t W, scalar_t* grad_x,
