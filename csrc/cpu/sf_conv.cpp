@@ -122,8 +122,9 @@ __attribute__((always_inline)) inline void accumulate(const A* __restrict a, int
       bv[v] = V::load(b + q * b_rs + v * L);
       // GCC otherwise folds this load back into each of the R FMAs that use it (R loads, not 1).
       // AVX-512 builds only, where it was measured: 2026-11-28, 2-core Zen 5, alternated A/B
-      // (benchmarks/results/2026-11-28-cpu-avx512/): backward 0.90-0.99x the time at the 8 shapes
-      // in both layouts; forward 0.94-1.04x (one 2-thread run 1.07x at 128->512@14).
+      // (benchmarks/results/2026-11-28-cpu-avx512/): backward 0.90-0.99x the time at the 56x56 to
+      // 14x14 shapes in both layouts, 0.96-1.01x at 7x7; forward 0.94-1.04x (one 2-thread run 1.07x
+      // at 128->512@14).
       if constexpr (kWideRegs) asm("" : "+v"(bv[v]));
     }
 #pragma GCC unroll 16
