@@ -9,7 +9,7 @@ def mk(spec):
     ns, _, env = spec.partition(':')
     op = lib.get(ns)
     def call(*a):
-        for k in ('PFD','NCHWPF','NXT'): os.environ.pop(k, None)
+        for k in ('PFD','NCHWPF','NXT','SPREAD','TOUCH','HINT','SUPER','LANESG','DEV1','DEV2','DEV3'): os.environ.pop(k, None)
         for kv in filter(None, env.split('+')):
             k, v = kv.split('='); os.environ[k] = v
         return op(*a)
