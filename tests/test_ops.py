@@ -174,7 +174,8 @@ def test_sf_conv_cpp_chunks_of_many_tiles(monkeypatch, layout):
     """With 16 images of 13x11 pixels each thread's chunks hold several tiles and cross images: NCHW
     super-tiles (several tiles of every channel row, rows of 572 bytes, not line-aligned) span image
     boundaries and chunk ends, and channels_last tiles (and a channels_last residual's) are prefetched
-    ahead within a chunk (the first of each chunk not). Small tests run one-tile chunks only."""
+    ahead within a chunk (the first one or two of each chunk not). Small tests run one-tile chunks
+    only."""
     _use_backend(monkeypatch, "cpu", "cpp", "sf_conv")
     config = (128, 32, 4, 4, 32)
     for dtype in CPU_DTYPES:

@@ -39,8 +39,9 @@
 //   transpose measured faster.
 // * The epilogue (bias, activation, residual) is applied in stage 2's registers before the
 //   single store. Outputs whose op footprint exceeds a quarter of the L3 go out as streaming stores.
-//   The input tile two on is prefetched a slice at a time between the current tile's blocks of
-//   FMAs (AVX2 channels_last: SpreadPrefetch; NCHW: super-tiles; AVX-512: the next tile at once).
+//   channels_last input tiles ahead are prefetched a slice at a time between the current tile's
+//   blocks of FMAs (SpreadPrefetch: two tiles on in AVX2 builds; one in AVX-512 builds, where the
+//   tensors outgrow a quarter of the L3, else the next tile at once); AVX2 NCHW: super-tiles.
 // * Backward recomputes the hidden tile (and z when the activation needs its mask) instead of
 //   storing it. grad_w1 / grad_w2 / grad_bias are reductions over pixels: each thread keeps them
 //   with the SIMD lanes unreduced (acc[..][lane]) so the inner loop stays a plain vector FMA,
@@ -521,7 +522,7 @@ inline int64_t super_tile(int T, int64_t rows_a, int64_t rows_b, size_t elem) {
 // same spread (C_in row pieces a tile) measured 0.93-1.06x the super-tiles' time, which stay.
 // AVX-512 builds: 1 tile, where the op's tensors outgrow a quarter of the L3 (as for streaming
 // stores), else the one-tile-ahead prefetch_tile. 2026-11-28, 2-core Zen 5 (AVX-512), alternated A/B
-// against prefetch_tile (benchmarks/results/2026-11-28-cpu-avx512/): forward 0.64-0.67x the time
+// against prefetch_tile (benchmarks/results/2026-11-28-cpu-avx512/): forward 0.64-0.69x the time
 // at 128->32@56, 0.92-0.96x at 32->128@56 and 64->256@28, 0.85-1.00x at 256->64@28 (1 and 2
 // threads); backward 0.87-0.93x at the 56x56 and 28x28 shapes; at 14x14 and 7x7, where the tensors
 // stay in the L3, 1.00-1.05x (hence the footprint condition). Distance 2 took 1.07x distance 1's
