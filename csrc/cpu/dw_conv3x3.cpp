@@ -294,7 +294,10 @@ inline void dw_block(const A* const* rows, const A* wt, const A* b, const DwShap
 // One output row (n, oh) of the channels_last forward, C a multiple of the vector width: blocks of
 // 8 pixels and one of the 1-7 left (dw_pixels; the first and last blocks skip the columns outside
 // the image). Each block of 8 first prefetches the newest input row's columns of the block after
-// it (the two other rows were read by the row above, and are in L2). Until 2026-11-28 maps of at
+// it (at stride 1 the two other rows were read by the row above, and are in L2; at stride 2 only
+// the top one was, and the middle row is prefetched too: 0.92-0.98x the time at batch 16 128@112,
+// 256@56, 512@28 and batch 8 128@112, 1 and 2 threads, AVX-512, 2026-11-28,
+// benchmarks/results/2026-11-28-cpu-avx512/ab/dwab.py). Until 2026-11-28 maps of at
 // most 64 pixels (stride 1, C % 16 == 0) took a padded-plane kernel in repso_moments.cpp; against
 // it this measured 0.72-0.89x the time at 1024@7, 512@7, 256@8 and 128@8 (batch 8-128), 1.00x at
 // batch 4 and 1.40x at batch 2 (1024@7: 91 vs 64 us), so it was removed.
@@ -308,6 +311,7 @@ void dw_row_blocks(const A* x, const A* wt, const A* b, const DwShape& s, int64_
     rows[dy] = ih >= 0 && ih < s.H ? x + (n * s.H + ih) * s.W * C : nullptr;
   }
   const A* newest = rows[2] ? rows[2] : rows[1];
+  const A* middle = S == 2 && rows[2] ? rows[1] : nullptr;  // stride 2: not read by the row above either
   int64_t ow = 0;
   for (; ow + 8 <= s.Wo; ow += 8) {
     if (newest) {  // byte offsets within the row, so no pointer is formed past it
@@ -315,6 +319,8 @@ void dw_row_blocks(const A* x, const A* wt, const A* b, const DwShape& s, int64_
       const int64_t to = std::min<int64_t>(from + 8 * S * C * static_cast<int64_t>(sizeof(A)),
                                            s.W * C * static_cast<int64_t>(sizeof(A)));
       for (int64_t o = from; o < to; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(newest) + o, 0, 3);
+      if (middle)
+        for (int64_t o = from; o < to; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(middle) + o, 0, 3);
     }
     dw_block<A, 8, S>(rows, wt, b, s, ow, act, out_row);
   }

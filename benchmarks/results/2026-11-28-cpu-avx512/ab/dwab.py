@@ -40,6 +40,7 @@ def get(spec):
     t = open(src).read().replace(RENAME[0], RENAME[1].replace('NS', ns))
     if mode == 'fwd':
         t = t.replace(FWD_REG[0], FWD_REG[1].replace('NS', ns)) + FWD_TAIL.replace('NS', ns)
+        t = t.replace('  m.impl("dw_conv3x3_backward", &falconnet::cpu::dw_conv3x3_backward_cpu);\n', '')
         flags = []
     else:
         t += BWD_TAIL.replace('NS', ns)
