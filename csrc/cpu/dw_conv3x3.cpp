@@ -318,9 +318,9 @@ void dw_row_blocks(const A* x, const A* wt, const A* b, const DwShape& s, int64_
       const int64_t from = ((ow + 8) * S + 1) * C * static_cast<int64_t>(sizeof(A));
       const int64_t to = std::min<int64_t>(from + 8 * S * C * static_cast<int64_t>(sizeof(A)),
                                            s.W * C * static_cast<int64_t>(sizeof(A)));
-      for (int64_t o = from; o < to; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(newest) + o, 0, 3);
-      if (middle)
-        for (int64_t o = from; o < to; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(middle) + o, 0, 3);
+      for (const A* row : {newest, middle})
+        if (row)
+          for (int64_t o = from; o < to; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + o, 0, 3);
     }
     dw_block<A, 8, S>(rows, wt, b, s, ow, act, out_row);
   }

@@ -414,6 +414,22 @@ inline int64_t slots(int64_t n, std::vector<int64_t>& slot) {
 // (measured: float32 statistics within 4e-7 of the float64 reference, as with double throughout).
 constexpr int64_t kFlush = 64;
 
+// Whether a row-by-row walk of an H x W plane adds its float sums into the double totals after row
+// i: about every kFlush positions, and after the last row.
+inline bool flush_after_row(int64_t i, int64_t H, int64_t W) { return i + 1 == H || ((i + 1) * W) % kFlush < W; }
+
+// total[t * kCB + c] += acc[t][c] in double for t < n and every lane c, then acc[t] = 0.
+template <typename V>
+inline void flush_sums(V* acc, int n, double* total) {
+  constexpr int64_t lanes = sizeof(V) / sizeof(acc[0][0]);
+  for (int t = 0; t < n; ++t) {
+    std::remove_reference_t<decltype(acc[0][0])> tmp[lanes];
+    std::memcpy(tmp, &acc[t], sizeof(V));
+    for (int64_t c = 0; c < lanes; ++c) total[t * kCB + c] += static_cast<double>(tmp[c]);
+    acc[t] = V{};
+  }
+}
+
 // NP adjacent positions of one padded row (u: the first) into the 13 lag accumulators and the sum
 // s: the NP values stay in registers, and each partner value is loaded once for every position
 // and lag that uses it (3 NP + 10 loads for 14 NP products, instead of 14 NP).
@@ -980,14 +996,7 @@ void conv_weight_grad(const scalar_t* grad_y, const scalar_t* x, int64_t N, int6
               };
               with_run_length<kRun>(np, run);
             }
-            if (i + 1 == H || ((i + 1) * W) % kFlush < W) {  // about every kFlush positions, and at the end
-              for (int64_t t = 0; t < 10; ++t) {
-                A tmp[L];
-                std::memcpy(tmp, &acc[t], sizeof(V));
-                for (int64_t c = 0; c < L; ++c) total[t * kCB + h + c] += static_cast<double>(tmp[c]);
-                acc[t] = V{};
-              }
-            }
+            if (flush_after_row(i, H, W)) flush_sums(acc, 10, total.data() + h);
           }
         }
       }
@@ -1078,13 +1087,7 @@ void dw3x3_backward(const scalar_t* grad_y, const scalar_t* x, const scalar_t* w
             }
             // float sums into double about every kFlush positions and at the end (every row, the
             // flush took more time than the sums at 7x7 maps: 160 conversions and adds a row of 7)
-            if (i + 1 < H && ((i + 1) * W) % kFlush >= W) continue;
-            for (int t = 0; t < 10; ++t) {
-              A tmp[L];
-              std::memcpy(tmp, &acc[t], sizeof(V));
-              for (int64_t c = 0; c < L; ++c) total[t * kCB + h * L + c] += static_cast<double>(tmp[c]);
-              acc[t] = V{};
-            }
+            if (flush_after_row(i, H, W)) flush_sums(acc, 10, total + h * L);
           }
           // grad_x(v) = sum_taps w[ki][kj] grad_z(v - (ki - 1, kj - 1))
           for (int64_t i = 0; i < H; ++i)

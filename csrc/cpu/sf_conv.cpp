@@ -576,7 +576,8 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
     const at::Tensor b = bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
     bias_c.assign(b.data_ptr<A>(), b.data_ptr<A>() + s.C_out);
   }
-  const bool stream = use_streaming_stores((x.numel() + y.numel()) * static_cast<int64_t>(sizeof(S)));
+  const int64_t footprint = (x.numel() + y.numel()) * static_cast<int64_t>(sizeof(S));
+  const bool stream = use_streaming_stores(footprint);
   // channels_last output without a transpose: stage 2 with lanes over output channels when m
   // fills whole vectors (and the residual, if any, is channels_last too). It pays off when the
   // output side dominates, i.e. few MACs (G) per output value; with G > 16 the pixel-lane kernel's
@@ -594,7 +595,7 @@ void sf_forward_impl(const at::Tensor& x, const at::Tensor& w1c, const at::Tenso
   // NCHW inputs (and residuals) are read a super-tile at a time (touch_rows), in AVX2 builds
   const int64_t super = super_tile(T, xin.layout == Layout::kNCHW ? s.C_in : 0,
                                    rp && rin.layout == Layout::kNCHW ? s.C_out : 0, sizeof(S));
-  const int64_t ahead = spread_ahead((x.numel() + y.numel()) * static_cast<int64_t>(sizeof(S)));
+  const int64_t ahead = spread_ahead(footprint);
   // channels_last: the input tile `ahead` tiles on is prefetched a slice at a time while this one
   // computes (slices: before stage 1 and after each hidden channel's stage 2); a channels_last
   // residual alongside (an NCHW one: super-tiles)
